@@ -1,0 +1,32 @@
+# The two commands a new user needs:
+#   make demo   - create .venv, install zeroconv, run the whole job end to end on this machine
+#   make test   - create .venv, install zeroconv + test tools, run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# DeepSpeed's ops are JIT-built on demand; building none at install keeps it a pure-Python wheel.
+export DS_BUILD_OPS := 0
+
+.PHONY: demo test install bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, so nothing downstream resolves a different build.
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/zeroconv demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
