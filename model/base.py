@@ -1,0 +1,234 @@
+"""Load the base Stable Diffusion model, one way for every stage.
+
+A base model is a diffusers-format directory (``model_index.json`` + ``unet/ vae/ text_encoder/
+tokenizer/ scheduler/``). :func:`load_base` accepts:
+
+* ``tiny`` - a tiny SD built from configs in code with a fixed seed and CLIP's real tokenizer,
+  saved once in diffusers format under the cache dir, then loaded like any other directory;
+* a local directory;
+* ``s3://bucket/prefix`` - copied to the cache dir first;
+* a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (needs network).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY = "tiny"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class BaseModel:
+    """The frozen parts of Stable Diffusion plus where they came from."""
+
+    unet: "diffusers.UNet2DConditionModel"  # noqa: F821
+    vae: "diffusers.AutoencoderKL"  # noqa: F821
+    text_encoder: "transformers.CLIPTextModel"  # noqa: F821
+    tokenizer: "transformers.CLIPTokenizer"  # noqa: F821
+    noise_scheduler: "diffusers.DDPMScheduler"  # noqa: F821
+    source: str
+    local_dir: Path
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Native image size: UNet sample size times the VAE's downsampling."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float in [-1, 1], NCHW -> scaled latents (sampled from the posterior, as in training)."""
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.sample() * self.vae.config.scaling_factor
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZEROCONV_CACHE", Path.home() / ".cache" / "zeroconv"))
+
+
+def resolve_base_dir(source: str, storage=None) -> Path:
+    """Turn any accepted ``source`` into a local diffusers directory (building or copying as needed)."""
+    if source == TINY:
+        return ensure_tiny(cache_dir() / "tiny-sd")
+    if source.startswith("s3://"):
+        from pipelines.storage import download_dir  # the one S3 helper; imported only when needed
+
+        dest = cache_dir() / "s3" / hashlib.sha256(source.encode()).hexdigest()[:16]
+        if not (dest / "model_index.json").exists():
+            download_dir(source, dest, storage)
+        _check_diffusers_dir(dest, source)
+        return dest
+    path = Path(source).expanduser()
+    if path.exists():
+        _check_diffusers_dir(path, source)
+        return path.resolve()
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source, allow_patterns=[f"{c}/*" for c in COMPONENTS] + ["model_index.json"]))
+        except Exception as exc:  # offline, unknown repo, gated...
+            raise FileNotFoundError(
+                f"base model {source!r} is not a local directory and could not be fetched from the hub "
+                f"({type(exc).__name__}). Use 'tiny', a local diffusers directory or an s3:// URI."
+            ) from None
+    raise FileNotFoundError(
+        f"base model {source!r} does not exist. Use 'tiny', a local diffusers directory, "
+        f"an s3:// URI or a hub id like 'org/name'."
+    )
+
+
+def _check_diffusers_dir(path: Path, source: str) -> None:
+    if not path.is_dir():
+        raise ValueError(f"base model {source!r} is a file, not a diffusers model directory")
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
+    if missing:
+        raise ValueError(
+            f"base model {source!r} is not a diffusers Stable Diffusion directory: "
+            f"missing {', '.join(missing)}/ (expected model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+        )
+
+
+def load_base(source: str = TINY, storage=None, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> BaseModel:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = resolve_base_dir(source, storage)
+    unet = UNet2DConditionModel.from_pretrained(local, subfolder="unet", torch_dtype=dtype).to(device)
+    vae = AutoencoderKL.from_pretrained(local, subfolder="vae", torch_dtype=dtype).to(device)
+    text_encoder = CLIPTextModel.from_pretrained(local, subfolder="text_encoder", torch_dtype=dtype).to(device)
+    tokenizer = CLIPTokenizer.from_pretrained(local, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(local, subfolder="scheduler")
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False).eval()
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, source, local)
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in tiny model
+# ---------------------------------------------------------------------------------------------
+
+TINY_SEED = 0
+TINY_VERSION = "1"  # bump when the configs below change, so stale caches are rebuilt
+
+
+def ensure_tiny(dest: Path) -> Path:
+    """Build the tiny SD into ``dest`` once (atomically) and return it."""
+    marker = dest / "zeroconv_tiny.json"
+    if marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
+        return dest
+    import shutil
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-sd-", dir=dest.parent))
+    build_tiny(tmp)
+    (tmp / "zeroconv_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process won the race; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A ~3M-parameter SD 1.x look-alike: same structure and interfaces, 64x64 images, 8x8 latents."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        block_out_channels=(8, 16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=49408, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, prediction_type="epsilon", steps_offset=1,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out_dir / "unet")
+    vae.save_pretrained(out_dir / "vae")
+    text_encoder.save_pretrained(out_dir / "text_encoder")
+    scheduler.save_pretrained(out_dir / "scheduler")
+    save_clip_tokenizer(out_dir / "tokenizer")
+    (out_dir / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }, indent=2))
+
+
+def save_clip_tokenizer(out_dir: Path) -> None:
+    """CLIP's real BPE tokenizer, rebuilt from the vocabulary file that open_clip_torch ships."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
+    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    # Positional paths: transformers 5.23 ignores the keyword forms here.
+    tokenizer = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))

@@ -1,0 +1,36 @@
+"""Save trained weights in the format stock diffusers loads.
+
+``ControlNetModel.from_pretrained(dir)`` and ``StableDiffusionControlNetPipeline`` read what
+:func:`export_controlnet` writes (config.json + diffusion_pytorch_model.safetensors); an unlocked
+UNet is written the same way so a pipeline can swap it in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+
+def export_controlnet(controlnet: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write ``controlnet`` (optionally with gathered full weights ``state_dict``) in diffusers format."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    controlnet.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    return out_dir
+
+
+def export_unet(unet: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    return out_dir
+
+
+def load_controlnet(path: str | Path):
+    from diffusers import ControlNetModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not an exported ControlNet (no config.json)")
+    return ControlNetModel.from_pretrained(path)

@@ -1,0 +1,170 @@
+"""Shared test fixtures: real servers on 127.0.0.1, started once per session, stopped by PID.
+
+* ``ray_session``   - a local Ray (2 CPUs, no dashboard, temp dir under the test tmp)
+* ``mlflow_server`` - a real ``mlflow server`` process on a free loopback port (SQLite + local artifacts)
+* ``s3_server``     - a moto S3 server on 127.0.0.1 with credentials in the environment
+* ``tiny_base_dir`` - the built-in tiny Stable Diffusion, built once into a session cache
+* ``fill50k_parquet`` - a small annotated dataset in the training schema
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports ray/mlflow/huggingface: loopback only, offline, fail fast.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="zc-test-"))
+os.environ["ZEROCONV_CACHE"] = str(_SESSION_TMP / "cache")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a server we started, and its children, by its own process group."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    yield _SESSION_TMP
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(session_tmp):
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    # Unix socket paths must stay short: a short temp dir, not pytest's deep one.
+    temp_dir = tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(session_tmp):
+    """A real MLflow tracking server on 127.0.0.1; yields its URI."""
+    root = session_tmp / "mlflow-server"
+    root.mkdir()
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=90, proc=proc)
+        yield uri
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; credentials and endpoint in the environment. Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket per test; yields its name."""
+    import uuid
+
+    import boto3
+
+    name = f"zc-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(session_tmp) -> Path:
+    from model.base import TINY, resolve_base_dir
+
+    return resolve_base_dir(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_base_dir):
+    from model.base import load_base
+
+    return load_base(str(tiny_base_dir))
+
+
+@pytest.fixture(scope="session")
+def fill50k_parquet(session_tmp) -> Path:
+    from pipelines.synthetic import write_fill50k_parquet
+
+    return write_fill50k_parquet(session_tmp / "fill50k", n=32, size=64, seed=0)
