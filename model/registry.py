@@ -1,0 +1,200 @@
+"""MLflow: connect, log a trained ControlNet as a pyfunc model, register it, move aliases, resolve it back.
+
+A registered zeroconv model is an MLflow pyfunc whose artifacts are
+
+    controlnet/      the exported ControlNet (diffusers format)
+    unet/            only when a policy unlocked the UNet
+    zeroconv.json    base model reference, annotator spec, inference defaults, resolution
+
+so anything that can resolve ``models:/NAME@ALIAS`` can rebuild the exact pipeline: the pyfunc's own
+``predict`` (for MLflow users) and the Ray Serve deployment (which reads the same artifacts).
+Stages are deprecated in MLflow 3: promotion is an alias move (``candidate`` -> ``champion``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+METADATA_FILE = "zeroconv.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Connecting
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(tracking_uri: str | None, work_dir: str) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else an embedded SQLite store under ``work_dir``."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(work_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear error when a remote tracking server is down (MLflow itself retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            problem = f"HTTP {r.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise ValueError(f"MLflow tracking server {uri} is not reachable ({problem}); start it or fix mlflow.tracking_uri")
+
+
+def connect(tracking_uri: str, experiment: str, artifact_root: str | None = None) -> str:
+    """Point this process at ``tracking_uri`` and ``experiment`` (created if missing); returns the experiment id."""
+    check_tracking_server(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        if artifact_root is None and tracking_uri.startswith("sqlite:"):
+            # Without a server, artifacts must be told where to live (next to the database).
+            artifact_root = Path(tracking_uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_root)
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The pyfunc model
+# ---------------------------------------------------------------------------------------------
+
+
+def _png_to_array(data: str | bytes) -> np.ndarray:
+    from PIL import Image
+
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    with Image.open(io.BytesIO(raw)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _array_to_png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
+    """``predict`` takes a DataFrame with ``prompt`` and ``condition`` (base64 PNG) columns, and
+    optionally ``seed``, ``steps``, ``guidance_scale``, ``conditioning_scale``, ``negative_prompt``;
+    it returns a DataFrame with an ``image`` column (base64 PNG)."""
+
+    def load_context(self, context) -> None:
+        from model.inference import load_pipeline
+
+        self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
+        self.pipe = load_pipeline(
+            self.metadata["base_model"], [context.artifacts["controlnet"]], context.artifacts.get("unet"),
+        )
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        from model.inference import generate
+
+        defaults = self.metadata.get("inference", {})
+        images = []
+        for row in model_input.to_dict("records"):
+            image = generate(
+                self.pipe, [row["prompt"]], _png_to_array(row["condition"])[None],
+                seed=int(row.get("seed", 0)), steps=int(row.get("steps", defaults.get("steps", 20))),
+                guidance_scale=float(row.get("guidance_scale", defaults.get("guidance_scale", 9.0))),
+                conditioning_scale=float(row.get("conditioning_scale", 1.0)),
+                negative_prompt=row.get("negative_prompt") or None,
+            )[0]
+            images.append(_array_to_png_b64(image))
+        return pd.DataFrame({"image": images})
+
+
+def log_controlnet_model(controlnet_dir: str | Path, metadata: dict, registered_name: str | None = None,
+                         unet_dir: str | Path | None = None, alias: str | None = "candidate",
+                         name: str = "model"):
+    """Log the export as a pyfunc model on the active run; register it and set ``alias`` if a name is given.
+
+    ``metadata`` must name ``base_model``; it should carry ``annotator`` and ``inference`` defaults.
+    Returns the ModelInfo (``.registered_model_version`` is set when registered).
+    """
+    if "base_model" not in metadata:
+        raise ValueError("model metadata must include 'base_model'")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        meta_path = Path(tmp) / METADATA_FILE
+        meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        artifacts = {"controlnet": str(controlnet_dir), "metadata": str(meta_path)}
+        if unet_dir:
+            artifacts["unet"] = str(unet_dir)
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=ControlNetPyfunc(), artifacts=artifacts,
+            registered_model_name=registered_name,
+        )
+    if registered_name and alias:
+        mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(info.registered_model_version))
+    return info
+
+
+def set_alias(name: str, alias: str, version: int | str) -> None:
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a registered model back to files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+    controlnet_dir: Path
+    unet_dir: Path | None
+    metadata: dict
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata["base_model"]
+
+
+def resolve_model(name: str, alias: str | None = "champion", version: str | int | None = None,
+                  dest: str | Path | None = None) -> ResolvedModel:
+    """Download ``models:/name@alias`` (or a version) and describe it. Unknown names/aliases: ValueError."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        mv = client.get_model_version(name, str(version)) if version is not None else client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        ref = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise ValueError(f"registered model {name!r} has no {ref} ({exc.error_code})") from None
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(dest) if dest else None))
+    artifacts = local / "artifacts"
+    metadata = json.loads((artifacts / METADATA_FILE).read_text())
+    unet = artifacts / "unet"
+    return ResolvedModel(name, str(mv.version), alias if version is None else None, mv.run_id,
+                         artifacts / "controlnet", unet if unet.is_dir() else None, metadata)
