@@ -110,7 +110,7 @@ def _check_diffusers_dir(path: Path, source: str) -> None:
     if missing:
         raise ValueError(
             f"base model {source!r} is not a diffusers Stable Diffusion directory: "
-            f"missing {', '.join(missing)}/ (expected model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+            f"missing {', '.join(m + '/' for m in missing)} (expected model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
         )
 
 
