@@ -11,7 +11,6 @@ export DS_BUILD_OPS := 0
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	# torch first, so nothing downstream resolves a different build.
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -e '.[dev]'

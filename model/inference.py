@@ -62,14 +62,15 @@ def condition_tensor(condition: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], conditions: Sequence[np.ndarray] | np.ndarray, seed: int = 0,
+def generate(pipe, prompts: Sequence[str], conditions: Sequence[np.ndarray] | np.ndarray, seed: int | Sequence[int] = 0,
              steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
              conditioning_scale: float | Sequence[float] = 1.0, negative_prompt: str | None = None,
              guess_mode: bool = False) -> np.ndarray:
     """Images for ``prompts`` under ``conditions`` -> uint8 (N, H, W, 3).
 
     ``conditions``: for one ControlNet, uint8 (N, H, W, C); for several, a list with one such array
-    per ControlNet. Each image i is generated with its own generator seeded ``seed + i`` so a
+    per ControlNet. Each image i is generated with its own generator seeded ``seed + i`` (or
+    ``seed[i]`` when ``seed`` is a sequence, e.g. a served batch of independent requests) so a
     batch gives the same images as one-by-one calls.
     """
     multi = isinstance(conditions, (list, tuple))
@@ -78,7 +79,10 @@ def generate(pipe, prompts: Sequence[str], conditions: Sequence[np.ndarray] | np
     n = len(prompts)
     h, w = tensors[0].shape[-2:]
     device = pipe.unet.device
-    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(n)]
+    seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     # Draw initial latents per image on the CPU: identical on any device and any batch size.
     shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)
