@@ -11,6 +11,7 @@ short ``reason`` code (the annotate job writes it to its rejects table and goes 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 
@@ -38,6 +39,11 @@ class ImageRejected(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def content_id(data: bytes) -> str:
+    """A row's stable id: the first 32 hex digits of the SHA-256 of the source image bytes."""
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

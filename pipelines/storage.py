@@ -57,7 +57,8 @@ class Location:
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
             return
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        # A hidden temp name ("." prefix): dataset readers (pyarrow, Ray Data) skip it if it is ever left behind.
+        tmp = posixpath.join(parent, f".{posixpath.basename(self.path)}.tmp-{uuid.uuid4().hex}")
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, self.path)

@@ -1,0 +1,286 @@
+"""The annotate stage end to end on a real local Ray (and a moto S3 server): schema, ids, rejects,
+counts, captions, input formats, resume, and the errors a user can make."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from annotators import Annotator, create
+from pipelines import images, sources
+from pipelines.annotate import (ANNOTATOR_ERROR, MANIFEST, REJECTS_DIR, AnnotateConfig, AnnotateShards, ShardJob,
+                                condition_columns, run_annotate)
+from pipelines.cli import main as cli_main
+from pipelines.config import ConfigError, load_config
+from pipelines.images import decode_training_image, encode_jpeg, encode_png
+from pipelines.sources import Source
+from pipelines.storage import resolve
+from pipelines.synthetic import fill50k, write_image_folder
+
+RES = 64
+COLUMNS = ["id", "image", "text", "conditioning_image", "width", "height", "original_width", "original_height", "source"]
+EXPECTED_REASONS = {
+    "broken_empty.jpg": images.EMPTY, "broken_truncated.jpg": images.TRUNCATED,
+    "broken_not_an_image.jpg": images.NOT_AN_IMAGE, "broken_too_small.png": images.TOO_SMALL,
+    "notes.json": sources.UNSUPPORTED_FILE,
+}
+
+
+def make_config(input_uri, output_uri, **overrides) -> AnnotateConfig:
+    values = {"input": str(input_uri), "output": str(output_uri), "resolution": RES, "min_side": 32, "shard_size": 8}
+    return AnnotateConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """20 captioned JPEGs, the four broken kinds, a non-image file and an uncaptioned RGBA PNG: 26 inputs."""
+    folder = write_image_folder(tmp_path_factory.mktemp("annotate") / "in", n=20, size=RES, broken=True)
+    (folder / "notes.json").write_text("{}")
+    (folder / "extra").mkdir()
+    rgba = np.zeros((RES, 80, 4), np.uint8)
+    rgba[:, 40:] = (200, 30, 30, 255)  # left half transparent
+    (folder / "extra" / "no_caption.png").write_bytes(encode_png(rgba))
+    return folder
+
+
+def read_output(uri: str, storage=None) -> tuple[pa.Table, pa.Table]:
+    loc = resolve(uri, storage)
+    data = pq.read_table(loc.path, filesystem=loc.fs)  # the dataset folder reads as plain Parquet
+    rejects_dir = loc.join(REJECTS_DIR)
+    rejects = (pq.read_table(rejects_dir.path, filesystem=loc.fs) if rejects_dir.exists()
+               else pa.table({"id": [], "source": [], "reason": []}))
+    return data, rejects
+
+
+def test_folder_to_parquet_schema_ids_captions_rejects(ray_session, image_folder, tmp_path):
+    result = run_annotate(make_config(image_folder, tmp_path / "out"))
+    data, rejects = read_output(result.output)
+
+    assert data.column_names == COLUMNS
+    assert (result.read, result.accepted, result.rejected) == (26, 21, 5)
+    assert result.read == result.accepted + result.rejected == data.num_rows + rejects.num_rows
+    assert {Path(s).name: r for s, r in zip(rejects["source"].to_pylist(), rejects["reason"].to_pylist())} \
+        == EXPECTED_REASONS
+    assert result.reasons == {r: 1 for r in EXPECTED_REASONS.values()}
+
+    rows = data.to_pylist()
+    assert len({r["id"] for r in rows}) == len(rows)
+    canny = create("canny")
+    for row in rows:
+        source_bytes = Path(row["source"]).read_bytes()
+        assert row["id"] == hashlib.sha256(source_bytes).hexdigest()[:32]  # content hash of the source
+        caption = Path(row["source"]).with_suffix(".txt")
+        assert row["text"] == (caption.read_text() if caption.exists() else "")
+        assert (row["width"], row["height"]) == (RES, RES)
+        image = Image.open(io.BytesIO(row["image"]))
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (RES, RES))
+        condition = Image.open(io.BytesIO(row["conditioning_image"]))
+        assert (condition.format, condition.mode, condition.size) == ("PNG", "L", (RES, RES))  # 1 channel stays 1
+        pixels, original = decode_training_image(source_bytes, RES)
+        assert np.array_equal(np.asarray(condition), canny(pixels[None])[0, ..., 0])
+        assert (row["original_width"], row["original_height"]) == original
+    uncaptioned = next(r for r in rows if r["source"].endswith("no_caption.png"))
+    assert uncaptioned["text"] == "" and (uncaptioned["original_width"], uncaptioned["original_height"]) == (80, RES)
+    assert np.asarray(Image.open(io.BytesIO(uncaptioned["image"])))[RES // 2, 2].min() > 240  # alpha -> white
+
+    field_meta = data.schema.field("conditioning_image").metadata
+    assert json.loads(field_meta[b"zeroconv.annotator"]) == canny.spec()
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"] == {"read": 26, "accepted": 21, "rejected": 5}
+    assert manifest["job"]["columns"] == {"conditioning_image": canny.spec()}
+    assert ray_session.data.read_parquet(result.output).count() == 21  # Ray skips _rejects and the manifest
+    summary = str(result)
+    assert "accepted 21, rejected 5" in summary and "images/s" in summary and REJECTS_DIR in summary
+
+
+def test_resume_after_interruption_writes_each_row_once(ray_session, image_folder, tmp_path):
+    out = tmp_path / "out"
+    config = make_config(image_folder, out, shard_size=5)
+    first = run_annotate(config)
+    assert (first.shards, first.shards_written) == (6, 6)
+    before, rejects_before = read_output(first.output)
+
+    # Interrupt: the shard holding the broken files is gone (data and rejects); a half-written temp
+    # file is left behind; the manifest still says "running".
+    (out / "part-000004.parquet").unlink()
+    (out / REJECTS_DIR / "part-000004.parquet").unlink()
+    (out / ".part-000004.parquet.tmp-0123").write_bytes(b"half a file")
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
+
+    second = run_annotate(config)
+    assert (second.shards_written, second.shards_skipped) == (1, 5)
+    assert second.processed == 5  # only the missing shard was read again
+    assert not (out / ".part-000004.parquet.tmp-0123").exists()
+    after, rejects_after = read_output(second.output)
+    ids = after["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 21
+    assert sorted(ids) == sorted(before["id"].to_pylist())  # content-hash ids: the same on every run
+    assert sorted(rejects_after["source"].to_pylist()) == sorted(rejects_before["source"].to_pylist())
+    assert (second.read, second.accepted, second.rejected) == (first.read, first.accepted, first.rejected)
+    assert json.loads((out / MANIFEST).read_text())["status"] == "complete"
+
+    third = run_annotate(config)  # nothing left to do: Ray is not even asked
+    assert (third.shards_written, third.processed, third.accepted) == (0, 0, 21)
+
+    with pytest.raises(ConfigError, match="different annotation job.*resolution"):
+        run_annotate(make_config(image_folder, out, shard_size=5, resolution=128))
+
+
+def test_s3_input_and_output(ray_session, s3_server, s3_bucket, tmp_path):
+    import boto3
+
+    folder = write_image_folder(tmp_path / "in", n=6, size=RES, broken=True)
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for path in sorted(folder.iterdir()):
+        s3.put_object(Bucket=s3_bucket, Key=f"raw/{path.name}", Body=path.read_bytes())
+    config = make_config(f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/annotated", shard_size=4)
+
+    result = run_annotate(config)
+    assert (result.read, result.accepted, result.rejected) == (10, 6, 4)
+    data, rejects = read_output(result.output)
+    assert data.num_rows == 6 and rejects.num_rows == 4
+    assert all(s.startswith(f"s3://{s3_bucket}/raw/") for s in data["source"].to_pylist())
+    assert sorted(data["text"].to_pylist()) == sorted((folder / f"{i:06d}.txt").read_text() for i in range(6))
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="annotated/")["Contents"]}
+    assert {"annotated/part-000000.parquet", f"annotated/{MANIFEST}"} <= keys
+
+    s3.delete_object(Bucket=s3_bucket, Key="annotated/part-000001.parquet")
+    again = run_annotate(config)
+    assert (again.shards_written, again.shards_skipped, again.accepted) == (1, 2, 6)
+    assert sorted(read_output(again.output)[0]["id"].to_pylist()) == sorted(data["id"].to_pylist())
+
+
+def test_parquet_input_with_named_columns(ray_session, tmp_path):
+    samples = fill50k(7, size=RES, seed=3)
+    image_bytes = [encode_jpeg(s.image) for s in samples] + [None, b"garbage"]
+    captions = [s.text for s in samples] + ["no image", "bad image"]
+    pq.write_table(pa.table({"jpg": pa.array(image_bytes, pa.binary()), "caption": captions}),
+                   tmp_path / "train.parquet", row_group_size=3)
+
+    result = run_annotate(make_config(tmp_path / "train.parquet", tmp_path / "out", image_column="jpg",
+                                      caption_column="caption", shard_size=4))
+    data, rejects = read_output(result.output)
+    assert (result.read, result.accepted, result.rejected) == (9, 7, 2)
+    by_row = {int(s.rsplit("=", 1)[1]): t for s, t in zip(data["source"].to_pylist(), data["text"].to_pylist())}
+    assert by_row == {i: s.text for i, s in enumerate(samples)}
+    assert dict(zip(rejects["source"].to_pylist(), rejects["reason"].to_pylist())) == {
+        f"{tmp_path}/train.parquet#row=7": sources.MISSING_IMAGE, f"{tmp_path}/train.parquet#row=8": images.NOT_AN_IMAGE}
+
+
+def test_webdataset_input(ray_session, tmp_path):
+    samples = fill50k(5, size=RES, seed=4)
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for shard, keys in enumerate([(0, 1, 2), (3, 4)]):
+        with tarfile.open(folder / f"shard-{shard:03d}.tar", "w") as tar:
+            for k in keys:
+                members = [(f"{k:05d}.jpg", encode_jpeg(samples[k].image))]
+                if k != 4:  # the last sample has no caption
+                    members.append((f"{k:05d}.txt", samples[k].text.encode()))
+                for name, payload in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+    result = run_annotate(make_config(folder, tmp_path / "out"))
+    data, _ = read_output(result.output)
+    assert (result.read, result.accepted, result.shards) == (5, 5, 2)
+    texts = dict(zip(data["source"].to_pylist(), data["text"].to_pylist()))
+    assert texts[f"{folder}/shard-000.tar#00001"] == samples[1].text
+    assert texts[f"{folder}/shard-001.tar#00004"] == ""
+
+
+class Invert(Annotator):
+    name, version, channels = "invert", "7", 3
+
+    def annotate(self, batch: np.ndarray) -> np.ndarray:
+        return 255 - batch
+
+
+class FailsOnBright(Annotator):
+    """Raises on very bright images only, like a model that chokes on one kind of input."""
+
+    name, channels = "fragile", 1
+
+    def annotate(self, batch: np.ndarray) -> np.ndarray:
+        if any(img.mean() > 150 for img in batch):
+            raise RuntimeError("cannot handle bright images")
+        return batch[..., :1]
+
+
+def test_several_annotators_get_a_column_each_and_annotator_errors_are_rejects(tmp_path):
+    # The actor class, run in this process on a shard of a real folder (the Ray plumbing is tested above).
+    samples = fill50k(6, size=RES, seed=5)
+    (tmp_path / "in").mkdir()
+    for i, s in enumerate(samples):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(encode_jpeg(s.image))
+    bright = np.full((RES, RES, 3), 250, np.uint8)
+    (tmp_path / "in" / "9_bright.png").write_bytes(encode_png(bright))
+    source = Source(str(tmp_path / "in"))
+    annotators = [create("canny"), Invert(), FailsOnBright()]
+    columns = dict(zip(condition_columns([a.name for a in annotators]), [a.spec() for a in annotators]))
+    assert list(columns) == ["cond_canny", "cond_invert", "cond_fragile"]
+    job = ShardJob(source=source, output=str(tmp_path / "out"), storage=source.storage,
+                   annotators=(("canny", {}),), columns=columns, resolution=RES, min_side=32, jpeg_quality=90,
+                   batch_size=4, threads=2)
+    actor = AnnotateShards(job)
+    actor.annotators = annotators
+    [shard] = source.plan(shard_size=100)
+
+    summary = actor.annotate_shard(shard)
+    assert (summary["read"], summary["accepted"], summary["rejected"]) == (7, 6, 1)
+    data, rejects = read_output(str(tmp_path / "out"))
+    assert data.column_names == ["id", "image", "text", "cond_canny", "cond_invert", "cond_fragile", "width",
+                                 "height", "original_width", "original_height", "source"]
+    assert rejects["reason"].to_pylist() == [ANNOTATOR_ERROR] and "bright" in rejects["detail"][0].as_py()
+    row = data.to_pylist()[0]
+    assert Image.open(io.BytesIO(row["cond_canny"])).mode == "L"
+    assert Image.open(io.BytesIO(row["cond_invert"])).mode == "RGB"
+    pixels, _ = decode_training_image((tmp_path / "in" / "0.jpg").read_bytes(), RES)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["cond_invert"]))), 255 - pixels)
+    for column, spec in columns.items():
+        assert json.loads(data.schema.field(column).metadata[b"zeroconv.annotator"]) == json.loads(json.dumps(spec))
+
+
+def test_user_mistakes_are_clear_errors(tmp_path, capsys):
+    assert cli_main(["annotate", f"input={tmp_path}/missing", f"output={tmp_path}/out"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["annotate", f"output={tmp_path}/out"]) == 2
+    assert "no input given" in capsys.readouterr().err
+
+    with pytest.raises(ConfigError, match="resolution: .*multiple of 8"):
+        load_config(AnnotateConfig, overrides=["input=x", "resolution=60"])
+    with pytest.raises(ConfigError, match="canny appears more than once"):
+        load_config(AnnotateConfig, overrides=["input=x", "annotators=[{name: canny}, {name: canny}]"])
+    with pytest.raises(ConfigError, match=r"compute\.batch_size"):
+        load_config(AnnotateConfig, overrides=["input=x", "compute.batch_size=0"])
+
+    folder = write_image_folder(tmp_path / "in", n=2, size=RES, broken=False)
+    with pytest.raises(ValueError, match="unknown annotator 'nope'"):
+        run_annotate(make_config(folder, tmp_path / "out", annotators=[{"name": "nope"}]))
+    with pytest.raises(ValueError, match="bad parameters"):
+        run_annotate(make_config(folder, tmp_path / "out", annotators=[{"name": "canny", "params": {"sigma": 2}}]))
+    with pytest.raises(ConfigError, match="inside the input"):
+        run_annotate(make_config(folder, folder / "annotated"))
+
+
+def test_use_gpu_without_gpus_is_refused(ray_session, tmp_path):
+    folder = write_image_folder(tmp_path / "in", n=2, size=RES, broken=False)
+    with pytest.raises(ValueError, match="no GPUs"):
+        run_annotate(make_config(folder, tmp_path / "out", compute={"use_gpu": True}))
+
+
+def test_condition_column_rule():
+    assert condition_columns(["canny"]) == ["conditioning_image"]
+    assert condition_columns(["canny", "hed"]) == ["cond_canny", "cond_hed"]
