@@ -1,0 +1,309 @@
+"""``zeroconv train``: train a ControlNet on annotated Parquet with Ray Train + DeepSpeed.
+
+The driver (this module) checks everything a user can get wrong before any worker starts (dataset,
+condition column, image sizes, policy, precision, tracking server), opens or resumes the MLflow run,
+then hands the dataset to a ``TorchTrainer`` whose workers run :func:`pipelines.train_loop.train_loop`.
+When the workers finish, the exported ControlNet is logged as a pyfunc model and registered with the
+alias ``candidate``.
+
+Re-running with the same ``run_name`` and ``storage_path`` resumes from the latest checkpoint (and the
+same MLflow run); a worker that dies mid-run is restarted from the latest checkpoint up to
+``max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from model.controlnet import Policy
+from pipelines.checkpoint import SUMMARY_FILE
+from pipelines.config import BaseModelConfig, ConfigError, JobConfig, MLflowConfig, flatten
+from pipelines.storage import Location, download_dir, is_s3, resolve
+
+LRSchedule = Literal["constant_with_warmup", "cosine"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class TrainConfig(JobConfig):
+    """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
+
+    data: str = Field(default="runs/annotated", description="Annotated Parquet dataset: a directory or file, local or s3://.")
+    condition_column: str = Field(
+        default="conditioning_image",
+        description="Column holding the condition PNGs: 'conditioning_image' for one annotator, 'cond_<annotator>' for several.",
+    )
+    base_model: BaseModelConfig = BaseModelConfig()
+    run_name: str = Field(default="controlnet", description="Run name: checkpoints live under storage_path/run_name; re-run the same name to resume.")
+    storage_path: str | None = Field(default=None, description="Checkpoints and exports, local or s3://. Default: <work_dir>/train.")
+    registered_model: str | None = Field(
+        default="zeroconv-controlnet", description="MLflow registered model name (alias 'candidate'); empty: log without registering.",
+    )
+    # Scale
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed); leave some for Ray Data.")
+    use_gpu: bool | None = Field(default=None, description="One GPU per worker. Default: yes if the Ray cluster has GPUs.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (2: shard optimizer state and grads; 3: also params).")
+    precision: TrainPrecision = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16 (GPU only).")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: less memory, ~30% slower.")
+    # Optimisation
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps to train for (in total, across resumes).")
+    batch_size: int = Field(default=4, ge=1, description="Micro-batch per worker.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum * num_workers).")
+    lr: float = Field(default=1e-5, gt=0, description="ControlNet learning rate (paper: 1e-5).")
+    unet_lr: float = Field(default=2e-6, gt=0, description="Learning rate of UNet weights a policy unlocks (paper: 2e-6).")
+    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
+    lr_schedule: LRSchedule = Field(default="constant_with_warmup", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0: off).")
+    policy: Policy = Field(default="locked", description="What trains: locked (ControlNet only), unlock_decoder, unlock_full.")
+    prompt_dropout: float = Field(default=0.5, ge=0, le=1, description="Probability of replacing a prompt by the empty prompt (paper: 0.5).")
+    ema: bool = Field(default=False, description="Keep an EMA of the trained weights and export it instead of the raw weights.")
+    ema_decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay (warmed up as min(decay, (1+n)/(10+n))).")
+    seed: int = Field(default=0, description="Random seed (noise, timesteps, prompt dropout, data order).")
+    # Checkpoints, logging, validation
+    checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints (a final one is always written).")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints to keep (oldest deleted first).")
+    max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the latest checkpoint before giving up.")
+    log_every: int = Field(default=10, ge=1, description="Steps between metric logs (loss, lr, grad norm, samples/s).")
+    validate_every: int = Field(default=500, ge=0, description="Steps between validation image grids (0: only at the end).")
+    num_validation: int = Field(default=4, ge=0, description="Validation images per grid: the dataset's first rows (0: no grids).")
+    validation_steps: int = Field(default=20, ge=1, description="DDIM steps for validation images.")
+    mlflow: MLflowConfig = MLflowConfig()
+    fail_at_step: int | None = Field(
+        default=None, description="Testing hook: the last rank exits abruptly once, before this step, to exercise recovery.",
+    )
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.num_workers
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    steps: int
+    metrics: dict
+    checkpoint: str | None
+    controlnet_dir: str
+    unet_dir: str | None
+    mlflow_run_id: str
+    registered_model: str | None = None
+    model_version: str | None = None
+    unet_params_changed: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"trained {self.run_name!r} for {self.steps} steps "
+            f"(loss {self.metrics.get('loss', float('nan')):.4f}, {self.metrics.get('samples_per_s', 0):.1f} samples/s)",
+            f"  controlnet: {self.controlnet_dir}",
+        ]
+        if self.unet_dir:
+            lines.append(f"  unet:       {self.unet_dir}")
+        lines.append(f"  checkpoint: {self.checkpoint}")
+        lines.append(f"  mlflow run: {self.mlflow_run_id}")
+        if self.registered_model:
+            lines.append(f"  registered: models:/{self.registered_model}@candidate (version {self.model_version})")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetInfo:
+    location: Location
+    rows: int
+    columns: list[str]
+    resolution: tuple[int, int]
+    annotator: dict | None
+    validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}
+
+
+def inspect_dataset(config: TrainConfig) -> DatasetInfo:
+    """Open the Parquet metadata (not the images) and check what training needs."""
+    import pyarrow.dataset as pads
+
+    loc = resolve(config.data, config.storage)
+    if not loc.exists():
+        raise FileNotFoundError(f"dataset {config.data!r} does not exist (expected annotated Parquet from 'zeroconv annotate')")
+    try:
+        dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", exclude_invalid_files=False)
+    except Exception as exc:  # pyarrow raises several types for "not parquet"
+        raise ValueError(f"dataset {config.data!r} is not readable Parquet: {exc}") from None
+    columns = dataset.schema.names
+    missing = [c for c in ("image", "text", config.condition_column) if c not in columns]
+    if missing:
+        raise ValueError(
+            f"dataset {config.data!r} has no column {', '.join(map(repr, missing))}; its columns are {', '.join(columns)}"
+            + ("" if config.condition_column in columns else " (set condition_column to one of the cond_* columns)")
+        )
+    rows = dataset.count_rows()
+    need = config.batch_size * config.num_workers
+    if rows < need:
+        raise ValueError(f"dataset {config.data!r} has {rows} rows; one batch across {config.num_workers} worker(s) needs {need}")
+    sizes: set[tuple[int, int]] = set()
+    if {"width", "height"} <= set(columns):
+        table = dataset.to_table(columns=["width", "height"])
+        sizes = set(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
+    if len(sizes) > 1:
+        raise ValueError(f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; training needs one size (re-annotate with a fixed resolution)")
+    head = dataset.head(max(config.num_validation, 1), columns=["text", config.condition_column])
+    return DatasetInfo(
+        location=loc, rows=rows, columns=columns, resolution=next(iter(sizes), (0, 0)),
+        annotator=annotator_spec(dataset.schema, config.condition_column, loc),
+        validation={"text": head.column("text").to_pylist()[: config.num_validation],
+                    "condition": head.column(config.condition_column).to_pylist()[: config.num_validation]},
+    )
+
+
+def annotator_spec(schema, column: str, loc: Location) -> dict | None:
+    """How the condition column was made: its Parquet field metadata, else the dataset's manifest.json."""
+    meta = schema.field(column).metadata or {}
+    for key in (b"annotator", b"zeroconv.annotator"):
+        if key in meta:
+            return json.loads(meta[key])
+    manifest = loc.join("manifest.json")
+    if loc.is_dir() and manifest.exists():
+        data = json.loads(manifest.read_bytes())
+        annotators = data.get("annotators") or data.get("annotator")
+        name = column.removeprefix("cond_")
+        if isinstance(annotators, dict):
+            return annotators.get(name) or annotators.get(column) or (annotators if "name" in annotators else None)
+        if isinstance(annotators, list):
+            return next((a for a in annotators if a.get("name") in (name, column) or a.get("column") == column),
+                        annotators[0] if len(annotators) == 1 else None)
+    return None
+    if any(w % 64 or h % 64 for w, h in sizes):
+        raise ValueError(f"dataset {config.data!r} has images of {sorted(sizes)[0]} px; training needs sides that are multiples of 64")
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_config(config: TrainConfig, cluster_gpus: float) -> TrainConfig:
+    """Fill in the automatic fields, so the workers and MLflow see exactly what runs."""
+    from model.registry import resolve_tracking_uri
+
+    use_gpu = cluster_gpus > 0 if config.use_gpu is None else config.use_gpu
+    if use_gpu and cluster_gpus < config.num_workers:
+        raise ConfigError(f"use_gpu needs {config.num_workers} GPU(s); the Ray cluster has {cluster_gpus:g}")
+    precision = ("bf16" if use_gpu else "fp32") if config.precision == "auto" else config.precision
+    if precision == "fp16" and not use_gpu:
+        raise ConfigError("precision fp16 is not supported on CPU (DeepSpeed refuses it); use fp32 or bf16")
+    tracking_uri = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri is None and is_s3(config.work_dir):
+        raise ConfigError("work_dir is on S3: set mlflow.tracking_uri (the default SQLite store needs a local work_dir)")
+    return config.model_copy(update={
+        "use_gpu": use_gpu, "precision": precision,
+        "storage_path": config.storage_path or f"{config.work_dir.rstrip('/')}/train",
+        "mlflow": config.mlflow.model_copy(update={"tracking_uri": resolve_tracking_uri(tracking_uri, config.work_dir)}),
+    })
+
+
+def run_train(config: TrainConfig) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from model.registry import check_tracking_server, resolve_tracking_uri
+    from pipelines import tracking
+    from pipelines.ray_utils import ensure_ray, storage_runtime_env
+    from pipelines.train_loop import decode_batch, train_loop
+
+    # Everything a user can get wrong fails here, before a worker starts.
+    data = inspect_dataset(config)
+    check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir))
+    ensure_ray(config.ray)
+    config = resolve_config(config, ray.cluster_resources().get("GPU", 0))
+    storage = resolve(config.storage_path, config.storage)
+    run_dir = storage.join(config.run_name)
+    tracking_uri = config.mlflow.tracking_uri
+    run_id = tracking.open_run(tracking_uri, config.mlflow.experiment, run_dir, config.run_name, flatten(config))
+
+    try:
+        columns = ["image", "text", config.condition_column]
+        dataset = ray.data.read_parquet(data.location.path, filesystem=data.location.fs, columns=columns).map_batches(
+            decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy")
+        resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
+                "validation": data.validation, "export_uri": run_dir.join("export").uri,
+                "failure_marker": failure_marker(config, run_dir),
+            },
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=config.run_name,
+                storage_path=storage.path if is_s3(storage.uri) else storage.uri,
+                storage_filesystem=storage.fs if is_s3(storage.uri) else None,
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                worker_runtime_env=storage_runtime_env(),
+            ),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
+        export = run_dir.join("export")
+        final = json.loads(export.join(SUMMARY_FILE).read_bytes())  # rank 0 wrote it with the export
+        unet_dir = export.join("unet").uri if config.policy != "locked" else None
+        version = register(config, data, final["step"], run_id, export.join("controlnet").uri, unet_dir)
+    except BaseException:
+        tracking.close_run(tracking_uri, run_id, ok=False)
+        raise
+    tracking.close_run(tracking_uri, run_id, ok=True)
+    return TrainResult(
+        run_name=config.run_name, steps=int(final.pop("step")), metrics=final,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        controlnet_dir=export.join("controlnet").uri, unet_dir=unet_dir, mlflow_run_id=run_id,
+        registered_model=config.registered_model or None, model_version=version,
+        unet_params_changed=final.pop("unet_params_changed"),
+    )
+
+
+def failure_marker(config: TrainConfig, run_dir: Location) -> str | None:
+    """Where the ``fail_at_step`` hook records that it fired (so it fires once per run)."""
+    if config.fail_at_step is None:
+        return None
+    if is_s3(run_dir.uri):
+        return str(Path(tempfile.gettempdir()) / f"zeroconv-failure-{abs(hash(run_dir.uri))}")
+    return str(Path(run_dir.path) / "failure_injected")
+
+
+def register(config: TrainConfig, data: DatasetInfo, steps: int, run_id: str, controlnet_uri: str,
+             unet_uri: str | None) -> str | None:
+    """Log the export as a pyfunc model on the training run; register it with alias 'candidate'."""
+    import mlflow
+
+    from model.inference import InferenceDefaults
+    from model.registry import log_controlnet_model
+
+    source = config.base_model.source
+    metadata = {
+        "base_model": str(Path(source).resolve()) if Path(source).expanduser().exists() else source,
+        "annotator": data.annotator,
+        "condition_column": config.condition_column,
+        "inference": vars(InferenceDefaults()),
+        "resolution": list(data.resolution),
+        "policy": config.policy,
+        "training": {"run_name": config.run_name, "steps": steps, "mlflow_run_id": run_id},
+    }
+    with tempfile.TemporaryDirectory(prefix="zeroconv-register-") as tmp:
+        def local(uri: str | None) -> str | None:  # MLflow logs artifacts from local files
+            return str(download_dir(uri, Path(tmp) / Path(uri).name, config.storage)) if uri and is_s3(uri) else uri
+
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = log_controlnet_model(local(controlnet_uri), metadata, config.registered_model or None,
+                                        unet_dir=local(unet_uri))
+    return str(info.registered_model_version) if config.registered_model else None
