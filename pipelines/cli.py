@@ -1,6 +1,8 @@
 """The ``zeroconv`` command. It only parses and prints: each stage is ``run_<stage>(config)``.
 
     zeroconv STAGE [--config FILE.yaml] [key=value ...]
+    zeroconv submit STAGE [--config FILE.yaml] [key=value ...] [submit.KEY=VALUE ...]
+    zeroconv pipeline run CONFIG.yaml [key=value ...]
 
 Every stage takes a YAML config and/or dotted overrides (``train.lr=2e-5``); ``zeroconv STAGE
 --help`` lists every field with its default and meaning, generated from the stage's typed config.
@@ -24,6 +26,7 @@ class Stage:
     config: str
     run: str
     help: str
+    usage: str = "[--config FILE.yaml] [--print-config] [key=value ...]"
 
 
 # One line per stage. The module defines the config class and the run function.
@@ -36,6 +39,12 @@ STAGES: dict[str, Stage] = {
                    "train a ControlNet on annotated Parquet (Ray Train + DeepSpeed), log and register in MLflow"),
     "serve": Stage("deploy.serve_app", "ServeConfig", "run_serve",
                    "serve registered ControlNets over HTTP (Ray Serve)"),
+    "pipeline": Stage("pipelines.pipeline", "PipelineConfig", "run_pipeline",
+                      "the recurring pipeline: annotate new images, train, evaluate, promote",
+                      "run CONFIG.yaml [key=value ...]"),
+    "submit": Stage("pipelines.submit", "SubmitConfig", "run_submit",
+                    "run any stage on a Ray cluster as a Ray Job and follow it",
+                    "STAGE [--config FILE.yaml] [key=value ...] [submit.KEY=VALUE ...]"),
 }
 
 
@@ -53,7 +62,7 @@ def _field_help(model: type[BaseModel], prefix: str = "") -> list[str]:
     return lines
 
 
-def _load_stage(name: str):
+def load_stage(name: str):
     stage = STAGES[name]
     try:
         module = importlib.import_module(stage.module)
@@ -62,6 +71,29 @@ def _load_stage(name: str):
             raise SystemExit(f"error: stage {name!r} is not available in this version of zeroconv") from None
         raise
     return getattr(module, stage.config), getattr(module, stage.run)
+
+
+def stage_arguments(stage: str, config: str | None, words: list[str]) -> tuple[str | None, list[str], dict]:
+    """What follows the stage name, as load_config's (config file, overrides, keyword values).
+
+    Two stages take positionals before their key=value overrides:
+      zeroconv submit STAGE [--config FILE] [key=value ...]  FILE and key=value belong to STAGE and travel
+                                                             with the job; submit.KEY=VALUE configure the submission.
+      zeroconv pipeline run CONFIG [key=value ...]           the same as: zeroconv pipeline --config CONFIG
+    """
+    from pipelines.config import ConfigError
+
+    if stage == "submit":
+        if not words or "=" in words[0]:
+            raise ConfigError(f"usage: zeroconv submit {STAGES['submit'].usage}")
+        own = [w.removeprefix("submit.") for w in words[1:] if w.startswith("submit.")]
+        theirs = [w for w in words[1:] if not w.startswith("submit.")]
+        return None, own, {"stage": words[0], "stage_config": config, "stage_overrides": theirs}
+    if stage == "pipeline" and words[:1] == ["run"]:
+        if len(words) < 2 or "=" in words[1] or config:
+            raise ConfigError(f"usage: zeroconv pipeline {STAGES['pipeline'].usage}")
+        return words[1], words[2:], {}
+    return config, words, {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,16 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep local Ray on loopback
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Known args, then the rest: argparse stops filling `overrides` at the first option, and
+    # key=value pairs after --config are overrides all the same.
+    args, extra = parser.parse_known_args(argv)
+    if any(word.startswith("-") for word in extra):
+        parser.error(f"unrecognized arguments: {' '.join(w for w in extra if w.startswith('-'))}")
     if not args.stage:
         parser.print_help()
         return 0
     from pipelines.config import ConfigError, dump_config, load_config
 
-    config_cls, run = _load_stage(args.stage)
+    config_cls, run = load_stage(args.stage)
     if args.help:
         stage = STAGES[args.stage]
-        print(f"usage: zeroconv {args.stage} [--config FILE.yaml] [--print-config] [key=value ...]\n")
+        print(f"usage: zeroconv {args.stage} {stage.usage}\n")
         print(stage.help + ".\n")
         if config_cls.__doc__:
             print(textwrap.dedent(config_cls.__doc__).strip() + "\n")
@@ -106,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(_field_help(config_cls)))
         return 0
     try:
-        config = load_config(config_cls, args.config, args.overrides)
+        config_file, overrides, values = stage_arguments(args.stage, args.config, args.overrides + extra)
+        config = load_config(config_cls, config_file, overrides, **values)
         if args.print_config:
             print(dump_config(config), end="")
             return 0
@@ -122,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result is not None:
         print(result)
-    return 0
+    return getattr(result, "exit_code", 0)  # e.g. a submitted job's own exit status
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ class RayConfig(Section):
         default=None, description="Ray cluster address; None starts a local Ray on this machine."
     )
     num_cpus: int | None = Field(default=None, description="CPUs for a local Ray (None: all).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each of this stage's workers requests (annotator actors, train workers, "
+                    "serve replicas), e.g. {train_gpu: 1}: pins the stage to the node type that offers them "
+                    "(see ray_cluster.yaml). Empty: anywhere.",
+    )
 
 
 class BaseModelConfig(Section):

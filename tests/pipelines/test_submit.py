@@ -1,0 +1,142 @@
+"""`zeroconv submit`: stages run as Ray Jobs on a real Ray head (started here, on 127.0.0.1) and the
+command's exit status is the job's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipelines.config import ConfigError
+from pipelines.submit import SubmitConfig, build_entrypoint, run_submit
+from tests.conftest import free_port, wait_http
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """Kill the `ray start --block` process and every process it started (found by parentage, by PID)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=15)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A separate one-node Ray cluster with the Jobs API (dashboard) on loopback ports of its own.
+
+    The head sees the venv's `zeroconv` on PATH, as a cluster node that installed the project does."""
+    temp_dir = tempfile.mkdtemp(prefix="zc-head-", dir="/tmp")  # short: Unix socket paths are limited
+    dashboard = free_port()
+    ports = {flag: free_port() for flag in (
+        "--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+        "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port")}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", str(256 * 2**20),
+               *[str(x) for pair in ports.items() for x in pair]]
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp_dir) / "head.log", "wb")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_http(f"{address}/api/version", timeout=120, proc=proc)
+        yield address
+    finally:
+        _stop_tree(proc)
+        log.close()
+        subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes caught before anything is submitted (no cluster needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_entrypoint_is_the_local_command_with_the_config_inside_working_dir(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("train_steps: 2\n")
+    config = SubmitConfig(stage="demo", stage_config=str(tmp_path / "configs" / "demo.yaml"),
+                          stage_overrides=["work_dir=out dir"], working_dir=str(tmp_path))
+    assert build_entrypoint(config) == "zeroconv demo --config configs/demo.yaml 'work_dir=out dir'"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"stage": "submit"}, "cannot submit stage 'submit'"),
+    ({"stage": "nope"}, "cannot submit stage 'nope'; choose one of demo"),
+    ({"stage": "demo", "stage_overrides": ["no_such_field=1"]}, "no_such_field: unknown field"),
+    ({"stage": "demo", "stage_config": "/no/such/file.yaml"}, "does not exist"),
+])
+def test_mistakes_fail_before_submitting(values, message):
+    with pytest.raises((ConfigError, FileNotFoundError), match=message):
+        run_submit(SubmitConfig(address="http://127.0.0.1:1", working_dir=str(REPO), **values))
+
+
+def test_config_outside_working_dir_is_refused(tmp_path):
+    (tmp_path / "demo.yaml").write_text("train_steps: 1\n")
+    with pytest.raises(ConfigError, match="outside working_dir"):
+        build_entrypoint(SubmitConfig(stage="demo", stage_config=str(tmp_path / "demo.yaml"), working_dir=str(REPO)))
+
+
+def test_credentials_never_travel_with_a_job():
+    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY must not travel"):
+        SubmitConfig(stage="demo", env={"AWS_SECRET_ACCESS_KEY": "x", "MLFLOW_TRACKING_URI": "http://m"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Real jobs on a real head
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_submits_a_stage_follows_it_and_exits_with_its_status(ray_head, tmp_path):
+    """`zeroconv submit demo ...`: the project ships as working_dir, the job runs the real stage,
+    its log lines stream back and the command exits 0."""
+    out = tmp_path / "demo-out"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "submit", "demo", "train_steps=1", f"work_dir={out}",
+         f"submit.address={ray_head}", f"submit.working_dir={REPO}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[demo] identity" in done.stdout  # the job's own output, streamed back
+    assert "SUCCEEDED" in done.stdout
+    assert json.loads((out / "demo_summary.json").read_text())["identity"]["identity_max_abs_diff"] == 0.0
+    jobs = json.load(urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10))
+    job = next(j for j in jobs if j["metadata"].get("zeroconv_stage") == "demo")
+    assert job["entrypoint"] == f"zeroconv demo train_steps=1 work_dir={out}"
+    assert job["runtime_env"]["working_dir"].startswith("gcs://")  # the project travelled with the job
+
+
+@pytest.mark.slow
+def test_a_failing_job_returns_its_non_zero_status(ray_head, tmp_path, capsys):
+    """The config file travels in working_dir; the stage fails on the cluster with a user error (exit 2)."""
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "bad.yaml").write_text(f"work_dir: {tmp_path / 'out'}\nbase_model:\n  source: /no/such/base\n")
+    started = time.time()
+    result = run_submit(SubmitConfig(stage="demo", stage_config=str(project / "configs" / "bad.yaml"),
+                                     address=ray_head, working_dir=str(project)))
+    logs = capsys.readouterr().out
+    assert (result.status, result.exit_code) == ("FAILED", 2), logs
+    assert "error:" in logs and "/no/such/base" in logs  # read from the shipped config, reported by the job
+    assert "exit status 2" in str(result)
+    assert time.time() - started < 120
