@@ -193,8 +193,16 @@ def resolve_model(name: str, alias: str | None = "champion", version: str | int 
         ref = f"version {version}" if version is not None else f"alias {alias!r}"
         raise ValueError(f"registered model {name!r} has no {ref} ({exc.error_code})") from None
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(dest) if dest else None))
-    artifacts = local / "artifacts"
-    metadata = json.loads((artifacts / METADATA_FILE).read_text())
-    unet = artifacts / "unet"
+    paths = _artifact_paths(local)
+    metadata = json.loads(paths["metadata"].read_text())
     return ResolvedModel(name, str(mv.version), alias if version is None else None, mv.run_id,
-                         artifacts / "controlnet", unet if unet.is_dir() else None, metadata)
+                         paths["controlnet"], paths.get("unet"), metadata)
+
+
+def _artifact_paths(local: Path) -> dict[str, Path]:
+    """Artifact name -> downloaded path. MLflow stores each artifact under its source's basename
+    (``artifacts/<export dir name>``), not under its key, so read the mapping from the MLmodel file."""
+    import yaml
+
+    spec = yaml.safe_load((local / "MLmodel").read_text())
+    return {key: local / entry["path"] for key, entry in spec["flavors"]["python_function"]["artifacts"].items()}
