@@ -74,8 +74,10 @@ class ComputeConfig(Section):
         default=0.9, gt=0,
         description="CPUs each actor reserves. Keep it fractional: whole CPUs per actor can leave nothing for "
                     "Ray Data's own tasks on small machines, and the job hangs.")
-    threads_per_actor: int = Field(
-        default=1, ge=1, description="Decode/encode threads inside each actor; raise it on GPU nodes so the GPU is fed.")
+    threads_per_actor: int | None = Field(
+        default=None, ge=1,
+        description="Decode/encode threads inside each actor. Default: 1 on CPUs (one actor per CPU already), "
+                    "the node's CPUs per GPU actor when GPUs are used, so decoding keeps the GPU fed.")
 
 
 class AnnotateConfig(JobConfig):
@@ -394,7 +396,14 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     _check_not_inside(output, source)
 
     # Built here once to validate names/params and to record exactly what makes each column.
-    specs = [create(a.name, **a.params).spec() for a in config.annotators]
+    built = [create(a.name, **a.params) for a in config.annotators]
+    for annotator in built:
+        multiple = getattr(annotator, "size_multiple", 1)
+        if config.resolution % multiple:
+            raise ConfigError(f"annotator {annotator.name!r} needs sides that are multiples of {multiple}; "
+                              f"resolution={config.resolution} is not")
+    specs = [a.spec() for a in built]
+    del built  # the actors build their own
     columns = dict(zip(condition_columns([a.name for a in config.annotators]), specs))
     shards = source.plan(config.shard_size)
     if not shards:
@@ -435,23 +444,28 @@ def _run_shards(config: AnnotateConfig, source: Source, output: Location, column
 
     ensure_ray(config.ray)
     compute = config.compute
-    gpus = ray.cluster_resources().get("GPU", 0)
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
     use_gpu = compute.use_gpu if compute.use_gpu is not None else gpus > 0
     if use_gpu and gpus <= 0:
         raise ValueError("compute.use_gpu=true but the Ray cluster has no GPUs")
     if use_gpu:
         actors = compute.num_actors or max(1, int(gpus // compute.gpus_per_actor))
+        threads = compute.threads_per_actor or max(1, int(cpus // actors))
         resources = {"num_gpus": compute.gpus_per_actor, "num_cpus": compute.cpus_per_actor}
     else:
-        actors = compute.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        actors = compute.num_actors or max(1, int(cpus))
+        threads = compute.threads_per_actor or 1
         resources = {"num_cpus": compute.cpus_per_actor}
+    if config.ray.resources:  # pins the actors to the node type that offers them (see ray_cluster.yaml)
+        resources["resources"] = dict(config.ray.resources)
     actors = min(actors, len(pending))
 
     job = ShardJob(
         source=source, output=output.uri, storage=config.storage,
         annotators=tuple((a.name, a.params) for a in config.annotators), columns=columns,
         resolution=config.resolution, min_side=config.min_side, jpeg_quality=config.jpeg_quality,
-        batch_size=compute.batch_size, threads=compute.threads_per_actor,
+        batch_size=compute.batch_size, threads=threads,
     )
     uses_s3 = is_s3(source.uri) or is_s3(output.uri)
     # One shard per block, one shard in flight per actor: shards take seconds, so this costs
@@ -541,9 +555,14 @@ def _finished_shards(output: Location, shards: list[Shard]) -> dict[int, dict]:
     by_index = {s.index: s for s in shards}
     files = [f for f in output.list_files(recursive=False) if _SHARD_FILE.match(f.base_name)]
 
-    def summary(info) -> tuple[int, dict]:
-        with output.fs.open_input_file(info.path) as f:
-            meta = pq.read_schema(f).metadata or {}
+    def summary(info) -> tuple[int, dict] | None:
+        try:
+            with output.fs.open_input_file(info.path) as f:
+                meta = pq.read_schema(f).metadata or {}
+        except (pa.ArrowInvalid, OSError):
+            # No readable footer: an upload cut short (S3 completes a multipart upload even when the
+            # writer failed mid-way). Not finished: this run writes it again.
+            return None
         if _FOOTER_KEY not in meta:
             raise ValueError(f"{output.uri}/{info.base_name} was not written by zeroconv annotate; choose another output")
         s = json.loads(meta[_FOOTER_KEY])
@@ -554,7 +573,7 @@ def _finished_shards(output: Location, shards: list[Shard]) -> dict[int, dict]:
         return s["shard"], s
 
     with ThreadPoolExecutor(16) as pool:  # one footer read each; round trips on S3
-        return dict(pool.map(summary, files))
+        return dict(s for s in pool.map(summary, files) if s is not None)
 
 
 def _remove_temp_files(output: Location) -> None:

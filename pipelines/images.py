@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+import zlib
 
 import cv2
 import numpy as np
@@ -56,7 +57,9 @@ def encode_png(image: np.ndarray) -> bytes:
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # speed over a few % of size
+    # Level 1 with zlib's run-length strategy: zlib documents it as made for PNG image data; on
+    # condition maps (edges, depth) it is both faster and smaller than the default strategy.
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 
 

@@ -110,17 +110,20 @@ def test_resume_after_interruption_writes_each_row_once(ray_session, image_folde
     assert (first.shards, first.shards_written) == (6, 6)
     before, rejects_before = read_output(first.output)
 
-    # Interrupt: the shard holding the broken files is gone (data and rejects); a half-written temp
-    # file is left behind; the manifest still says "running".
+    # Interrupt: the shard holding the broken files is gone (data and rejects); another was cut short
+    # (an S3 upload that failed mid-way); a half-written temp file is left behind; the manifest still
+    # says "running".
     (out / "part-000004.parquet").unlink()
+    whole = (out / "part-000001.parquet").read_bytes()
+    (out / "part-000001.parquet").write_bytes(whole[: len(whole) // 2])
     (out / REJECTS_DIR / "part-000004.parquet").unlink()
     (out / ".part-000004.parquet.tmp-0123").write_bytes(b"half a file")
     manifest = json.loads((out / MANIFEST).read_text())
     (out / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
 
     second = run_annotate(config)
-    assert (second.shards_written, second.shards_skipped) == (1, 5)
-    assert second.processed == 5  # only the missing shard was read again
+    assert (second.shards_written, second.shards_skipped) == (2, 4)
+    assert second.processed == 10  # only the two unfinished shards were read again
     assert not (out / ".part-000004.parquet.tmp-0123").exists()
     after, rejects_after = read_output(second.output)
     ids = after["id"].to_pylist()
