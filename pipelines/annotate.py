@@ -293,25 +293,28 @@ class AnnotateShards:
 
     def _annotate(self, images: np.ndarray) -> tuple[list[np.ndarray], dict[int, str]]:
         """Every annotator on the batch. If a batch call fails, retry image by image so one bad
-        image costs only itself; if every image fails alone too, the annotator is broken: raise."""
+        image costs only itself; if every image of a batch fails alone too, the annotator is
+        broken, not the images: raise (finished shards stay; a re-run resumes)."""
         outputs, failures = [], {}
         for annotator in self.annotators:
             try:
                 outputs.append(annotator(images))
                 continue
-            except Exception:
-                if len(images) == 1:
-                    raise
+            except Exception as exc:
+                batch_error = exc
             one_by_one = np.zeros((*images.shape[:3], annotator.channels), np.uint8)
-            errors = {}
-            for i in range(len(images)):
-                try:
-                    one_by_one[i] = annotator(images[i:i + 1])[0]
-                except Exception as exc:
-                    errors[i] = f"{annotator.name}: {type(exc).__name__}: {exc}"
-            if len(errors) == len(images):
-                raise RuntimeError(f"annotator {annotator.name!r} failed on every image of a batch: "
-                                   f"{next(iter(errors.values()))}")
+            if len(images) == 1:  # nothing to retry: the one image is the batch
+                errors = {0: f"{annotator.name}: {type(batch_error).__name__}: {batch_error}"}
+            else:
+                errors = {}
+                for i in range(len(images)):
+                    try:
+                        one_by_one[i] = annotator(images[i:i + 1])[0]
+                    except Exception as exc:
+                        errors[i] = f"{annotator.name}: {type(exc).__name__}: {exc}"
+                if len(errors) == len(images):
+                    raise RuntimeError(f"annotator {annotator.name!r} failed on every image of a batch: "
+                                       f"{next(iter(errors.values()))}") from batch_error
             for i, message in errors.items():
                 failures.setdefault(i, message)
             outputs.append(one_by_one)

@@ -255,6 +255,18 @@ def test_several_annotators_get_a_column_each_and_annotator_errors_are_rejects(t
     for column, spec in columns.items():
         assert json.loads(data.schema.field(column).metadata[b"zeroconv.annotator"]) == json.loads(json.dumps(spec))
 
+    # An annotator that fails on every image is broken, not the images: the shard stops loudly.
+    actor.annotators = [create("canny"), Invert(), BrokenAnnotator()]
+    with pytest.raises(RuntimeError, match="'broken' failed on every image"):
+        actor.annotate_shard(shard)
+
+
+class BrokenAnnotator(Annotator):
+    name, channels = "broken", 1
+
+    def annotate(self, batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("weights missing")
+
 
 def test_user_mistakes_are_clear_errors(tmp_path, capsys):
     assert cli_main(["annotate", f"input={tmp_path}/missing", f"output={tmp_path}/out"]) == 2
