@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -81,10 +82,13 @@ class ComputeConfig(Section):
 
 
 class AnnotateConfig(JobConfig):
-    """Annotate images into ControlNet training data: one condition map per annotator, plus the
-    resized image and its caption, as Parquet shards. Re-running on the same output resumes.
+    """
+    Annotate images into ControlNet training data: one condition map per annotator, plus the
+    resized image and its caption, as Parquet shards (docs/data-schema.md). Re-running the same
+    command on the same output resumes where it stopped.
 
-    Example: zeroconv annotate input=./photos 'annotators=[{name: canny, params: {low_threshold: 50}}]'"""
+    Example: zeroconv annotate input=./photos 'annotators=[{name: canny, params: {low_threshold: 50}}]'
+    """
 
     input: str = Field(default="", description="Images: a folder, s3:// prefix, .parquet file(s) or WebDataset .tar(s).")
     input_format: InputFormat = Field(default="auto", description="How to read the input; auto looks at the files.")
@@ -424,9 +428,12 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     try:
         if pending:
             _run_shards(config, source, output, columns, pending, summaries)
+    except BaseException:
+        print(f"annotate stopped with {len(summaries)} of {len(shards)} shards written to {output.uri}; "
+              "finished shards are kept: re-run the same command to resume", file=sys.stderr)
+        raise
     finally:
-        complete = len(summaries) == len(shards)
-        manifest.write("complete" if complete else "incomplete", summaries)
+        manifest.write("complete" if len(summaries) == len(shards) else "incomplete", summaries)
 
     totals = _totals(summaries.values())
     processed = sum(s["read"] for i, s in summaries.items() if i not in finished)

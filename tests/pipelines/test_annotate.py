@@ -147,7 +147,8 @@ def test_s3_input_and_output(ray_session, s3_server, s3_bucket, tmp_path):
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     for path in sorted(folder.iterdir()):
         s3.put_object(Bucket=s3_bucket, Key=f"raw/{path.name}", Body=path.read_bytes())
-    config = make_config(f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/annotated", shard_size=4)
+    config = make_config(f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/annotated", shard_size=4,
+                         compute={"num_actors": 1})  # fewer worker processes: a faster test
 
     result = run_annotate(config)
     assert (result.read, result.accepted, result.rejected) == (10, 6, 4)
@@ -172,7 +173,7 @@ def test_parquet_input_with_named_columns(ray_session, tmp_path):
                    tmp_path / "train.parquet", row_group_size=3)
 
     result = run_annotate(make_config(tmp_path / "train.parquet", tmp_path / "out", image_column="jpg",
-                                      caption_column="caption", shard_size=4))
+                                      caption_column="caption", shard_size=4, compute={"num_actors": 1}))
     data, rejects = read_output(result.output)
     assert (result.read, result.accepted, result.rejected) == (9, 7, 2)
     by_row = {int(s.rsplit("=", 1)[1]): t for s, t in zip(data["source"].to_pylist(), data["text"].to_pylist())}
@@ -196,7 +197,7 @@ def test_webdataset_input(ray_session, tmp_path):
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
 
-    result = run_annotate(make_config(folder, tmp_path / "out"))
+    result = run_annotate(make_config(folder, tmp_path / "out", compute={"num_actors": 1}))
     data, _ = read_output(result.output)
     assert (result.read, result.accepted, result.shards) == (5, 5, 2)
     texts = dict(zip(data["source"].to_pylist(), data["text"].to_pylist()))
