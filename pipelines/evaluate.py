@@ -1,0 +1,407 @@
+"""``zeroconv evaluate``: does a registered ControlNet obey its conditions? Measured, logged to MLflow.
+
+    zeroconv evaluate model=zeroconv-controlnet alias=candidate data=runs/heldout limit=64
+
+For each of the first ``limit`` rows of a held-out annotated dataset, the model generates an image
+from the row's condition and caption (seed ``seed + i`` for row i, fixed), the model's own annotator
+(the spec stored with the model) re-annotates the image, and :mod:`pipelines.fidelity` scores the
+re-annotation against the input condition. The same rows, prompts and seeds go through the base
+model without control - the baseline, which shows how much of the score the ControlNet earns.
+
+The baseline is the same pipeline with the base UNet and ``conditioning_scale=0``: zero residuals,
+so it computes exactly what ``StableDiffusionPipeline`` computes from the same initial latents (a
+test checks this), with no second copy of the sampling code.
+
+Generation runs on Ray Data: batches of rows stream through an actor pool, each actor holding the
+pipeline and the annotator (GPU actors where the cluster has GPUs). Results go to the model's own
+MLflow run: ``fidelity/*`` metrics, a grid image (condition | generated | re-annotated | baseline |
+baseline re-annotated) and a per-sample table; and the model version gets ``fidelity.*`` tags, which
+``zeroconv promote`` reads. How to read the numbers: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from pipelines import fidelity
+from pipelines.config import JobConfig, MLflowConfig, Section, StorageConfig
+from pipelines.images import decode_condition, decode_rgb, encode_png
+from pipelines.precompute import ActorCompute, actor_device
+from pipelines.storage import resolve
+
+SINGLE_CONDITION_COLUMN = "conditioning_image"
+TAG_PREFIX = "fidelity."
+GRID_ARTIFACT = "evaluation/grid.png"
+TABLE_ARTIFACT = "evaluation/scores.json"
+PROTOCOL_ARTIFACT = "evaluation/protocol.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+class EvaluationSettings(Section):
+    """What is measured and how: two scores are comparable only if these agree (see ``protocol``)."""
+
+    data: str = Field(default="runs/heldout", description="Held-out annotated Parquet (not trained on), local or s3://.")
+    condition_column: str | None = Field(
+        default=None, description="Condition column. Default: conditioning_image, else cond_<the model's annotator>.")
+    limit: int = Field(default=64, ge=1, description="Evaluate the dataset's first N rows.")
+    seed: int = Field(default=0, description="Row i is generated with seed + i, for the model and the baseline alike.")
+    steps: int | None = Field(default=None, ge=1, description="DDIM steps. Default: the model's inference default.")
+    guidance_scale: float | None = Field(default=None, ge=0, description="CFG scale. Default: the model's inference default.")
+    edge_tolerance: int = Field(default=2, ge=0, description="Edge annotators: pixels an edge may be off and still match.")
+    edge_threshold: int = Field(default=128, ge=1, le=255, description="Edge annotators: a map value >= this is an edge.")
+    pose_tolerance: float = Field(
+        default=0.05, gt=0, description="Pose annotators: a keypoint matches within this fraction of the image size.")
+    baseline: bool = Field(default=True, description="Also score the base model without control, same seeds and prompts.")
+    grid_samples: int = Field(default=8, ge=0, description="Samples shown in the logged grid image.")
+    compute: ActorCompute = ActorCompute()
+
+
+class EvaluateConfig(EvaluationSettings, JobConfig):
+    """Generate from held-out conditions, re-annotate, score the agreement; log it on the model's MLflow
+    run and tag the model version (what 'zeroconv promote' compares)."""
+
+    model: str = Field(default="zeroconv-controlnet", description="Registered model name.")
+    alias: str = Field(default="candidate", description="Alias of the version to evaluate (ignored if version is set).")
+    version: str | None = Field(default=None, description="Model version to evaluate. Default: the one alias points to.")
+    mlflow: MLflowConfig = MLflowConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# The score a model version carries (model version tags)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FidelityRecord:
+    """A version's headline fidelity: ``score`` of ``metric`` (higher is better) under ``protocol``."""
+
+    score: float
+    metric: str
+    protocol: str
+    samples: int
+    baseline_score: float | None = None
+
+    def tags(self) -> dict[str, str]:
+        tags = {"score": repr(self.score), "metric": self.metric, "protocol": self.protocol, "samples": str(self.samples)}
+        if self.baseline_score is not None:
+            tags["baseline_score"] = repr(self.baseline_score)
+        return {TAG_PREFIX + k: v for k, v in tags.items()}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> "FidelityRecord | None":
+        if TAG_PREFIX + "score" not in tags:
+            return None
+        baseline = tags.get(TAG_PREFIX + "baseline_score")
+        return cls(score=float(tags[TAG_PREFIX + "score"]), metric=tags[TAG_PREFIX + "metric"],
+                   protocol=tags[TAG_PREFIX + "protocol"], samples=int(tags[TAG_PREFIX + "samples"]),
+                   baseline_score=float(baseline) if baseline is not None else None)
+
+
+def record_fidelity(name: str, version: str, record: FidelityRecord) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in record.tags().items():
+        client.set_model_version_tag(name, str(version), key, value)
+
+
+def read_fidelity(name: str, version: str) -> FidelityRecord | None:
+    import mlflow
+
+    return FidelityRecord.from_tags(mlflow.MlflowClient().get_model_version(name, str(version)).tags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: an actor holding the pipelines and the annotator
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Everything an actor needs; pickled once per actor."""
+
+    model_name: str
+    model_version: str
+    controlnet_dir: str
+    unet_dir: str | None
+    base_model: str
+    tracking_uri: str
+    annotator: dict
+    family: str
+    steps: int
+    guidance_scale: float
+    baseline: bool
+    edge_tolerance: int
+    edge_threshold: int
+    pose_tolerance: float
+    storage: StorageConfig
+
+
+class FidelityScorer:
+    """Ray Data actor: generate -> re-annotate -> score, for the model and (optionally) the baseline."""
+
+    def __init__(self, job: EvalJob):
+        from annotators import create
+        from model.inference import load_pipeline
+
+        self.job = job
+        if not Path(job.controlnet_dir).is_dir():  # an actor on another node: fetch the model there
+            job = self._download(job)
+        device = actor_device()
+        self.pipe = load_pipeline(job.base_model, [job.controlnet_dir], job.unet_dir, device=str(device),
+                                  storage=job.storage)
+        # The baseline needs the base UNet; only a model that unlocked the UNet has another one.
+        self.baseline_pipe = None
+        if job.baseline:
+            self.baseline_pipe = self.pipe if job.unet_dir is None else load_pipeline(
+                job.base_model, [job.controlnet_dir], None, device=str(device), storage=job.storage)
+        spec = job.annotator
+        self.annotator = create(spec["name"], **spec.get("params", {}))
+        self.channels = int(spec.get("channels", self.annotator.channels))
+
+    @staticmethod
+    def _download(job: EvalJob) -> EvalJob:
+        import mlflow
+
+        from model.registry import resolve_model
+
+        mlflow.set_tracking_uri(job.tracking_uri)
+        local = resolve_model(job.model_name, version=job.model_version, dest=tempfile.mkdtemp(prefix="zc-eval-"))
+        return replace(job, controlnet_dir=str(local.controlnet_dir),
+                       unet_dir=str(local.unet_dir) if local.unet_dir else None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from model.inference import generate
+
+        job = self.job
+        conditions = np.stack([decode_condition(b, channels=self.channels) for b in batch["condition"]])
+        prompts = [str(t) for t in batch["text"]]
+        seeds = [int(s) for s in batch["seed"]]
+        out: dict[str, np.ndarray] = {"index": batch["index"]}
+        runs = [("", self.pipe, 1.0)] + ([("baseline_", self.baseline_pipe, 0.0)] if self.baseline_pipe else [])
+        for prefix, pipe, conditioning_scale in runs:
+            images = generate(pipe, prompts, conditions, seed=seeds, steps=job.steps,
+                              guidance_scale=job.guidance_scale, conditioning_scale=conditioning_scale)
+            maps = self.annotator(images)
+            scores = [fidelity.score(job.family, m, c, job.edge_tolerance, job.edge_threshold, job.pose_tolerance)
+                      for m, c in zip(maps, conditions)]
+            for key in scores[0]:
+                out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)
+            out[prefix + "generated"] = np.array([encode_png(i) for i in images], dtype=object)
+            out[prefix + "reannotated"] = np.array([encode_png(m) for m in maps], dtype=object)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateResult:
+    model: str
+    version: str
+    run_id: str
+    annotator: str
+    metric: str
+    score: float
+    baseline_score: float | None
+    metrics: dict[str, float]  # mean of every per-sample score; baseline ones prefixed baseline_
+    samples: int
+    protocol: str
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"evaluated {self.model} v{self.version} on {self.samples} held-out samples "
+                 f"({self.annotator} conditions; protocol {self.protocol}) in {self.seconds:.1f} s",
+                 f"  {'metric':<16}{'model':>9}{'no control':>12}"]
+        for key, value in self.metrics.items():
+            if key.startswith("baseline_"):
+                continue
+            base = self.metrics.get("baseline_" + key)
+            mark = "  <- headline (promotion compares this)" if key == self.metric else ""
+            lines.append(f"  {key:<16}{value:>9.4f}{'' if base is None else f'{base:>12.4f}'}{mark}")
+        lines.append(f"  logged on MLflow run {self.run_id}: metrics fidelity/*, {GRID_ARTIFACT}, {TABLE_ARTIFACT}")
+        return "\n".join(lines)
+
+
+def protocol_of(settings: dict) -> str:
+    """A short id of everything that decides a score's value; equal ids mean comparable scores."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def condition_column_for(columns: list[str], annotator: str, wanted: str | None, data: str) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise ValueError(f"dataset {data!r} has no column {wanted!r}; its columns are {', '.join(columns)}")
+        return wanted
+    for column in (SINGLE_CONDITION_COLUMN, f"cond_{annotator}"):
+        if column in columns:
+            return column
+    raise ValueError(f"dataset {data!r} has neither {SINGLE_CONDITION_COLUMN!r} nor 'cond_{annotator}' "
+                     f"(the model's annotator); its columns are {', '.join(columns)}. Set condition_column.")
+
+
+def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageConfig):
+    """The first ``limit`` rows (id, text, condition) of the held-out dataset, in file order."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    location = resolve(config.data, storage)
+    if not location.exists():
+        raise FileNotFoundError(f"held-out dataset {config.data!r} does not exist (annotated Parquet, e.g. from "
+                                "'zeroconv annotate' on images kept out of training)")
+    try:
+        dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
+    except Exception as exc:  # pyarrow raises several types for "not parquet"
+        raise ValueError(f"held-out dataset {config.data!r} is not readable Parquet: {exc}") from None
+    column = condition_column_for(dataset.schema.names, annotator, config.condition_column, config.data)
+    missing = [c for c in ("id", "text") if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"held-out dataset {config.data!r} has no column {', '.join(missing)}")
+    table = dataset.head(config.limit, columns=["id", "text", column])
+    if table.num_rows == 0:
+        raise ValueError(f"held-out dataset {config.data!r} has no rows")
+    n = table.num_rows
+    return column, pa.table({
+        "index": pa.array(range(n), pa.int64()), "id": table.column("id"), "text": table.column("text"),
+        "condition": table.column(column).cast(pa.binary()), "seed": pa.array([config.seed + i for i in range(n)], pa.int64()),
+    })
+
+
+def evaluation_grid(columns: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Rows of equally sized uint8 maps (1 or 3 channels) -> one RGB image with ``pad`` px gaps."""
+    def rgb(cell: np.ndarray) -> np.ndarray:
+        cell = cell if cell.ndim == 3 else cell[..., None]
+        return np.repeat(cell, 3, axis=-1) if cell.shape[-1] == 1 else cell
+
+    rows = [[rgb(c) for c in row] for row in columns]
+    h, w = rows[0][0].shape[:2]
+    n_rows, n_cols = len(rows), len(rows[0])
+    grid = np.full((n_rows * (h + pad) + pad, n_cols * (w + pad) + pad, 3), 128, np.uint8)
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            top, left = pad + r * (h + pad), pad + c * (w + pad)
+            grid[top:top + h, left:left + w] = cell
+    return grid
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
+    import mlflow
+    from mlflow.entities import Metric
+
+    from model.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from model.registry import connect, resolve_model, resolve_tracking_uri
+
+    started = time.perf_counter()
+    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
+    connect(tracking_uri, config.mlflow.experiment)
+    download = tempfile.mkdtemp(prefix="zc-evaluate-")
+    try:
+        resolved = resolve_model(config.model, alias=config.alias, version=config.version, dest=download)
+        spec = resolved.metadata.get("annotator")
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"{config.model} v{resolved.version} does not say which annotator made its conditions "
+                             "(no 'annotator' in its metadata), so its outputs cannot be re-annotated and scored")
+        column, rows = read_heldout(config, spec["name"], config.storage)
+        defaults = resolved.metadata.get("inference", {})
+        steps = config.steps or int(defaults.get("steps", DEFAULT_STEPS))
+        guidance = config.guidance_scale if config.guidance_scale is not None else float(
+            defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+        kind = fidelity.family(spec["name"])
+        settings = {
+            "data": resolve(config.data, config.storage).uri, "condition_column": column, "samples": rows.num_rows,
+            "ids_sha256": hashlib.sha256("\n".join(rows.column("id").to_pylist()).encode()).hexdigest(),
+            "seed": config.seed, "steps": steps, "guidance_scale": guidance,
+            "annotator": {k: spec.get(k) for k in ("name", "version", "params")}, "family": kind,
+            **({"edge_tolerance": config.edge_tolerance, "edge_threshold": config.edge_threshold} if kind == "edge" else {}),
+            **({"pose_tolerance": config.pose_tolerance} if kind == "pose" else {}),
+        }
+        protocol = protocol_of(settings)
+        job = EvalJob(
+            model_name=config.model, model_version=resolved.version, controlnet_dir=str(resolved.controlnet_dir),
+            unet_dir=str(resolved.unet_dir) if resolved.unet_dir else None, base_model=resolved.base_model,
+            tracking_uri=tracking_uri, annotator=spec, family=kind, steps=steps, guidance_scale=guidance,
+            baseline=config.baseline, edge_tolerance=config.edge_tolerance, edge_threshold=config.edge_threshold,
+            pose_tolerance=config.pose_tolerance, storage=config.storage,
+        )
+        results = _score_on_ray(config, job, rows)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+
+    headline = fidelity.HEADLINE[kind]
+    score_keys = [k for k in results if k not in ("index",) and not k.endswith(("generated", "reannotated"))]
+    metrics = {k: _mean(results[k]) for k in score_keys}
+    record = FidelityRecord(score=metrics[headline], metric=headline, protocol=protocol, samples=rows.num_rows,
+                            baseline_score=metrics.get("baseline_" + headline))
+
+    table = {"index": results["index"], "id": rows.column("id").to_pylist(), "text": rows.column("text").to_pylist(),
+             "seed": rows.column("seed").to_pylist(), **{k: results[k] for k in score_keys}}
+    shown = range(min(config.grid_samples, rows.num_rows))
+    conditions = rows.column("condition").to_pylist()
+    image_columns = ["generated", "reannotated"] + (["baseline_generated", "baseline_reannotated"] if config.baseline else [])
+    grid_rows = [[decode_condition(conditions[i], channels=int(spec.get("channels", 3)))]
+                 + [decode_rgb(results[c][i]) for c in image_columns] for i in shown]
+
+    mlflow_metrics = {f"fidelity/{k}": v for k, v in metrics.items()}
+    mlflow_metrics.update({"fidelity/score": record.score, "fidelity/samples": float(record.samples)})
+    if record.baseline_score is not None:
+        mlflow_metrics["fidelity/baseline_score"] = record.baseline_score
+    # On the model's own run, by id (not the fluent active run): the model and its scores stay together.
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(resolved.run_id, metrics=[Metric(k, v, now, 0) for k, v in mlflow_metrics.items()])
+    client.log_dict(resolved.run_id, {"protocol": protocol, "headline": headline, **settings}, PROTOCOL_ARTIFACT)
+    client.log_table(resolved.run_id, table, artifact_file=TABLE_ARTIFACT)
+    if grid_rows:
+        client.log_image(resolved.run_id, evaluation_grid(grid_rows), artifact_file=GRID_ARTIFACT)
+    record_fidelity(config.model, resolved.version, record)
+    return EvaluateResult(
+        model=config.model, version=resolved.version, run_id=resolved.run_id, annotator=spec["name"], metric=headline,
+        score=record.score, baseline_score=record.baseline_score, metrics=metrics, samples=rows.num_rows,
+        protocol=protocol, seconds=time.perf_counter() - started,
+    )
+
+
+def _score_on_ray(config: EvaluateConfig, job: EvalJob, rows) -> dict[str, list]:
+    """Stream the rows through the scorer actors; collect every output column, in row order."""
+    import ray
+    from tqdm import tqdm
+
+    from pipelines.precompute import actor_pool
+    from pipelines.ray_utils import ensure_ray, storage_runtime_env
+
+    ensure_ray(config.ray)
+    size = config.compute.batch_size
+    blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]  # one block per batch: actors share work
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        FidelityScorer, batch_size=size, fn_constructor_kwargs={"job": job},
+        runtime_env=storage_runtime_env() or None, **actor_pool(config.compute, len(blocks), config.ray.resources),
+    )
+    collected: dict[str, list] = {}
+    with tqdm(total=rows.num_rows, unit="sample", desc="evaluate", disable=None) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for key, values in batch.items():
+                collected.setdefault(key, []).extend(values.tolist())
+            bar.update(len(batch["index"]))
+    order = np.argsort(collected["index"])
+    return {k: [v[i] for i in order] for k, v in collected.items()}

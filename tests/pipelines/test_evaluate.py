@@ -1,0 +1,270 @@
+"""Fidelity scores on hand-made maps, the no-control baseline, and an end-to-end evaluate of a
+registered tiny model against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipelines import fidelity
+from pipelines.fidelity import depth_scores, edge_scores, pose_scores, score
+
+# ---------------------------------------------------------------------------------------------
+# Scoring functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _square_outline(size=32, top=8, side=16, shift=(0, 0)) -> np.ndarray:
+    edges = np.zeros((size, size), np.uint8)
+    y, x = top + shift[0], top + shift[1]
+    cv2.rectangle(edges, (x, y), (x + side, y + side), 255, 1)
+    return edges
+
+
+def test_edge_f1_perfect_shifted_and_empty():
+    ref = _square_outline()
+    assert edge_scores(ref, ref, tolerance=0) == {"edge_precision": 1.0, "edge_recall": 1.0, "edge_f1": 1.0}
+    one_px = _square_outline(shift=(0, 1))
+    assert edge_scores(one_px, ref, tolerance=1)["edge_f1"] == 1.0  # within tolerance
+    assert edge_scores(one_px, ref, tolerance=0)["edge_f1"] < 0.6  # only the horizontal sides still overlap
+    diagonal = _square_outline(shift=(1, 1))  # sqrt(2) px away: outside a Euclidean tolerance of 1
+    assert edge_scores(diagonal, ref, tolerance=1)["edge_f1"] < 1.0
+    assert edge_scores(diagonal, ref, tolerance=2)["edge_f1"] == 1.0
+    far = _square_outline(shift=(3, 3))
+    assert edge_scores(far, ref, tolerance=1)["edge_f1"] < 0.2
+
+    empty, full = np.zeros_like(ref), np.full_like(ref, 255)
+    assert edge_scores(empty, full)["edge_f1"] == 0.0
+    assert edge_scores(full, empty)["edge_f1"] == 0.0
+    assert edge_scores(empty, empty)["edge_f1"] == 1.0  # nothing to draw, nothing drawn
+
+
+def test_edge_precision_and_recall_are_asymmetric():
+    ref = _square_outline()
+    extra = ref.copy()
+    extra[28, :] = 255  # a line the condition does not have
+    s = edge_scores(extra, ref, tolerance=1)
+    assert s["edge_recall"] == 1.0 and 0.5 < s["edge_precision"] < 1.0
+    missing = _square_outline()
+    missing[:, :16] = 0  # half of the square not drawn
+    s = edge_scores(missing, ref, tolerance=1)
+    assert s["edge_precision"] == 1.0 and 0.3 < s["edge_recall"] < 0.8
+    # Soft maps (HED) are binarised at the threshold; colour maps use their brightest channel.
+    soft = (ref // 255 * 140).astype(np.uint8)
+    assert edge_scores(soft, ref, threshold=128)["edge_f1"] == 1.0
+    assert edge_scores(soft, ref, threshold=200)["edge_f1"] == 0.0
+    assert edge_scores(np.stack([ref, 0 * ref, 0 * ref], -1), ref)["edge_f1"] == 1.0
+
+
+def test_depth_is_scale_and_shift_invariant():
+    yy, xx = np.mgrid[0:32, 0:32]
+    depth = (20 + 2 * xx + 3 * yy).astype(np.float64)  # a tilted plane, all positive
+    same = depth_scores(depth, depth)
+    assert same["depth_corr"] == pytest.approx(1.0) and same["depth_si_log"] == pytest.approx(0.0, abs=1e-12)
+    scaled = depth_scores(0.5 * depth, depth)  # relative depth: a scale factor is no error
+    assert scaled["depth_corr"] == pytest.approx(1.0) and scaled["depth_si_log"] == pytest.approx(0.0, abs=1e-12)
+    shifted = depth_scores(depth + 40, depth)  # MiDaS maps are min-max normalised: shift-invariant correlation
+    assert shifted["depth_corr"] == pytest.approx(1.0) and shifted["depth_si_log"] > 0.01
+    inverted = depth_scores(depth.max() + depth.min() - depth, depth)  # near and far swapped
+    assert inverted["depth_corr"] == pytest.approx(-1.0)
+    noise = np.random.default_rng(0).uniform(1, 255, depth.shape)
+    assert abs(depth_scores(noise, depth)["depth_corr"]) < 0.2
+    # uint8 maps with zeros: the log error uses the pixels where both are positive.
+    as_uint8 = np.clip(depth, 0, 255).astype(np.uint8)
+    assert depth_scores(as_uint8, as_uint8)["depth_si_log"] == pytest.approx(0.0, abs=1e-12)
+
+
+def _pose_map(points: dict[int, tuple[float, float]], size: int = 128) -> np.ndarray:
+    """A body map drawn by controlnet_aux itself, keypoints given as {index: (x, y)} in [0, 1]."""
+    from controlnet_aux.open_pose.body import Keypoint
+    from controlnet_aux.open_pose.util import draw_bodypose
+
+    keypoints = [Keypoint(*points[i]) if i in points else None for i in range(18)]
+    return draw_bodypose(np.zeros((size, size, 3), np.uint8), keypoints)
+
+
+def test_pose_keypoints_from_rendered_skeleton():
+    person = {0: (0.5, 0.2), 1: (0.5, 0.35), 2: (0.35, 0.35), 5: (0.65, 0.35), 8: (0.42, 0.7), 11: (0.58, 0.7)}
+    ref = _pose_map(person)
+    found = fidelity.pose_keypoints(ref)
+    assert sum(len(k) for k in found) == len(person)  # limbs (0.6 x colour) are not mistaken for joints
+    assert np.allclose(found[0][0], (0.5 * 128, 0.2 * 128), atol=1.5)
+    assert pose_scores(ref, ref) == {"pose_pck": 1.0, "pose_distance": 0.0}
+    nudged = _pose_map({k: (x + 2 / 128, y) for k, (x, y) in person.items()})  # 2 px, within 5% of 128 px
+    assert pose_scores(nudged, ref)["pose_pck"] == 1.0
+    moved = _pose_map({k: (x + 0.2, y) for k, (x, y) in person.items()})
+    assert pose_scores(moved, ref)["pose_pck"] == 0.0
+    half = _pose_map({k: v for k, v in person.items() if k in (0, 1, 2)})
+    assert pose_scores(half, ref)["pose_pck"] == pytest.approx(0.5)
+    blank = np.zeros_like(ref)
+    assert pose_scores(blank, blank)["pose_pck"] == 1.0 and pose_scores(ref, blank)["pose_pck"] == 0.0
+
+
+def test_generic_scores_and_dispatch():
+    ref = _square_outline()
+    assert fidelity.ssim(ref, ref) == pytest.approx(1.0) and fidelity.correlation(ref, ref) == pytest.approx(1.0)
+    assert fidelity.ssim(ref, 255 - ref) < 0
+    assert set(score("generic", ref, ref)) == {"ssim", "corr"}
+    assert set(score("edge", ref, ref)) == {"ssim", "corr", "edge_precision", "edge_recall", "edge_f1"}
+    assert [fidelity.family(n) for n in ("canny", "hed", "midas", "openpose", "content_shuffle")] == [
+        "edge", "edge", "depth", "pose", "generic"]
+    with pytest.raises(ValueError, match="differ in size"):
+        score("edge", ref, ref[:16])
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline: the ControlNet pipeline at conditioning scale 0 is the plain base model
+# ---------------------------------------------------------------------------------------------
+
+
+def test_baseline_is_the_base_model_without_control(tiny_base):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from model.inference import build_pipeline, generate
+
+    controlnet = _perturbed_controlnet(tiny_base, seed=3)
+    prompts, seeds = ["red circle with blue background", "a green circle"], [5, 6]
+    conditions = np.zeros((2, 64, 64, 1), np.uint8)
+    conditions[:, 20:40, 20:40] = 255
+    with_control = generate(build_pipeline(tiny_base, [controlnet]), prompts, conditions, seed=seeds, steps=3)
+    baseline = generate(build_pipeline(tiny_base, [controlnet]), prompts, conditions, seed=seeds, steps=3,
+                        conditioning_scale=0.0)
+
+    plain = StableDiffusionPipeline(
+        vae=tiny_base.vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=tiny_base.unet,
+        scheduler=DDIMScheduler.from_config(tiny_base.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    latents = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    expected = plain(prompts, num_inference_steps=3, guidance_scale=9.0, latents=latents, height=64, width=64,
+                     output_type="np").images
+    expected = (np.clip(expected, 0, 1) * 255).round().astype(np.uint8)
+    assert np.abs(baseline.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(with_control.astype(int) - expected.astype(int)).max() > 5  # the control does change the image
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a registered tiny model, a real MLflow server, Ray Data actors
+# ---------------------------------------------------------------------------------------------
+
+
+def _perturbed_controlnet(base, seed: int, scale: float = 0.05):
+    """A fresh ControlNet is the identity (zero convs); perturbed weights make versions differ."""
+    from model.controlnet import controlnet_from_unet
+
+    net = controlnet_from_unet(base.unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return net
+
+
+def register_controlnet(base, base_dir: Path, name: str, seed: int, export_root: Path, steps: int = 2) -> str:
+    """Register a perturbed tiny ControlNet (canny conditions) as a new version of ``name``, alias candidate."""
+    import mlflow
+
+    from annotators import create
+    from model.export import export_controlnet
+    from model.registry import log_controlnet_model
+
+    out = export_controlnet(_perturbed_controlnet(base, seed), export_root / f"{name}-seed{seed}")
+    metadata = {"base_model": str(base_dir), "annotator": create("canny").spec(),
+                "inference": {"steps": steps, "guidance_scale": 9.0}}
+    with mlflow.start_run():
+        info = log_controlnet_model(out, metadata=metadata, registered_name=name, alias="candidate")
+    return str(info.registered_model_version)
+
+
+def evaluate_config(tracking_uri: str, data: Path, model: str, **extra):
+    from pipelines.config import load_config
+    from pipelines.evaluate import EvaluateConfig
+
+    overrides = {"mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "evaluate-tests", "data": str(data),
+                 "model": model, "limit": 4, "grid_samples": 3, "compute.batch_size": 2, **extra}
+    return load_config(EvaluateConfig, None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_session, mlflow_server, tiny_base, tiny_base_dir, fill50k_parquet, tmp_path_factory):
+    from model.registry import connect
+    from pipelines.evaluate import run_evaluate
+
+    connect(mlflow_server, "evaluate-tests")
+    version = register_controlnet(tiny_base, tiny_base_dir, "eval-model", seed=0, export_root=tmp_path_factory.mktemp("x"))
+    return version, run_evaluate(evaluate_config(mlflow_server, fill50k_parquet, "eval-model"))
+
+
+def test_evaluate_logs_scores_grid_and_table_on_the_model_run(evaluated, mlflow_server, tmp_path):
+    import mlflow
+
+    version, result = evaluated
+    client = mlflow.MlflowClient(mlflow_server)
+    mv = client.get_model_version("eval-model", version)
+    assert (result.version, result.run_id, result.samples, result.metric) == (version, mv.run_id, 4, "edge_f1")
+    assert 0.0 <= result.score <= 1.0 and 0.0 <= result.baseline_score <= 1.0
+    assert "edge_f1" in str(result) and "headline" in str(result)
+
+    metrics = client.get_run(mv.run_id).data.metrics
+    for key in ("fidelity/edge_f1", "fidelity/baseline_edge_f1", "fidelity/edge_precision", "fidelity/ssim",
+                "fidelity/score", "fidelity/baseline_score"):
+        assert key in metrics, key
+    assert metrics["fidelity/score"] == pytest.approx(result.score)
+    assert metrics["fidelity/samples"] == 4
+
+    files = {a.path for a in client.list_artifacts(mv.run_id, "evaluation")}
+    assert files == {"evaluation/grid.png", "evaluation/scores.json", "evaluation/protocol.json"}
+    grid_path = client.download_artifacts(mv.run_id, "evaluation/grid.png", str(tmp_path))
+    grid = cv2.imread(grid_path)
+    # 3 samples x (condition | generated | re-annotated | baseline | baseline re-annotated), 64 px + 2 px gaps.
+    assert grid.shape == (3 * 66 + 2, 5 * 66 + 2, 3)
+
+    table = json.loads(Path(client.download_artifacts(mv.run_id, "evaluation/scores.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and [r["seed"] for r in rows] == [0, 1, 2, 3]
+    assert np.mean([r["edge_f1"] for r in rows]) == pytest.approx(result.score)
+    assert np.mean([r["baseline_edge_f1"] for r in rows]) == pytest.approx(result.baseline_score)
+
+    tags = mv.tags
+    assert float(tags["fidelity.score"]) == pytest.approx(result.score)
+    assert tags["fidelity.metric"] == "edge_f1" and tags["fidelity.protocol"] == result.protocol
+
+
+def test_evaluate_scores_are_reproducible_outside_ray(evaluated, mlflow_server, fill50k_parquet, tmp_path):
+    """Sample 2 again by hand: same pipeline, seed 0 + 2, canny, edge F1 -> the logged per-sample score."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from annotators import create
+    from model.inference import generate, load_pipeline
+    from model.registry import resolve_model
+    from pipelines.images import decode_condition
+
+    version, result = evaluated
+    mlflow.set_tracking_uri(mlflow_server)
+    resolved = resolve_model("eval-model", version=version, dest=tmp_path / "m")
+    pipe = load_pipeline(resolved.base_model, [resolved.controlnet_dir])
+    row = pq.read_table(fill50k_parquet).slice(2, 1).to_pylist()[0]
+    condition = decode_condition(row["conditioning_image"], channels=1)[None]
+    image = generate(pipe, [row["text"]], condition, seed=2, steps=2, guidance_scale=9.0)
+    expected = edge_scores(create("canny")(image)[0], condition[0], tolerance=2)["edge_f1"]
+
+    client = mlflow.MlflowClient(mlflow_server)
+    table = json.loads(Path(client.download_artifacts(result.run_id, "evaluation/scores.json", str(tmp_path))).read_text())
+    logged = dict(zip(table["columns"], table["data"][2]))
+    assert logged["edge_f1"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_evaluate_user_mistakes(evaluated, mlflow_server, fill50k_parquet, tmp_path):
+    from pipelines.evaluate import run_evaluate
+
+    with pytest.raises(ValueError, match="has no alias 'candidate'"):
+        run_evaluate(evaluate_config(mlflow_server, fill50k_parquet, "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="held-out dataset .* does not exist"):
+        run_evaluate(evaluate_config(mlflow_server, tmp_path / "missing", "eval-model"))
+    with pytest.raises(ValueError, match="has no column 'cond_depth'"):
+        run_evaluate(evaluate_config(mlflow_server, fill50k_parquet, "eval-model", condition_column="cond_depth"))
