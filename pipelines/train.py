@@ -126,6 +126,7 @@ class DatasetInfo:
     resolution: tuple[int, int]
     annotator: dict | None
     validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}
+    files: list[str]  # the Parquet files (pyarrow's rules: "_" and "." paths, e.g. annotate's _rejects, are not data)
 
 
 def inspect_dataset(config: TrainConfig) -> DatasetInfo:
@@ -162,6 +163,7 @@ def inspect_dataset(config: TrainConfig) -> DatasetInfo:
         annotator=annotator_spec(dataset.schema, config.condition_column, loc),
         validation={"text": head.column("text").to_pylist()[: config.num_validation],
                     "condition": head.column(config.condition_column).to_pylist()[: config.num_validation]},
+        files=list(dataset.files),
     )
 
 
@@ -233,9 +235,9 @@ def run_train(config: TrainConfig) -> TrainResult:
 
     try:
         columns = ["image", "text", config.condition_column]
-        dataset = ray.data.read_parquet(data.location.path, filesystem=data.location.fs, columns=columns).map_batches(
+        dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs, columns=columns).map_batches(
             decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy")
-        resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+        resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {}), **config.ray.resources}
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={

@@ -1,0 +1,158 @@
+"""`zeroconv pipeline run`: the stages in order, shared settings inherited, scheduled re-runs doing only
+what is new, a failed run resuming at the step that failed - on real Ray, DeepSpeed and MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_config
+from pipelines.pipeline import PipelineConfig, input_batches, resolved_stages, run_pipeline
+from pipelines.synthetic import write_image_folder
+
+RES = 64  # the tiny base model's resolution
+
+
+def pipeline_config(tmp_path: Path, incoming: Path, heldout: str, **overrides) -> PipelineConfig:
+    """Everything tiny: 2 train steps per generation, 2 held-out samples at 2 DDIM steps."""
+    tree = {
+        "work_dir": str(tmp_path / "work"),
+        "mlflow": {"experiment": "test-pipeline"},  # default store: SQLite under work_dir
+        "annotate": {"input": str(incoming), "resolution": RES, "min_side": 32, "shard_size": 4},
+        "train": {"base_model": {"source": "tiny"}, "run_name": "ctrl", "registered_model": "pipeline-test",
+                  "num_workers": 1, "cpus_per_worker": 0.5, "batch_size": 2, "max_steps": 2, "checkpoint_every": 2,
+                  "log_every": 1, "validate_every": 0, "num_validation": 0},
+        "evaluate": {"data": heldout, "limit": 2, "steps": 2, "baseline": False, "grid_samples": 1,
+                     "compute": {"batch_size": 2}},
+        "promote": {"margin": 0.0},
+    }
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return PipelineConfig.model_validate(tree)
+
+
+def annotated_files(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("part-*.parquet"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: one place for shared settings, stages wired to each other
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shared_settings_are_inherited_unless_a_stage_sets_its_own(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "work_dir": "s3://bucket/zc", "storage": {"s3_endpoint_url": "http://127.0.0.1:9"},
+        "ray": {"address": "auto"}, "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment": "nightly"},
+        "annotate": {"input": "s3://bucket/incoming", "ray": {"resources": {"decode": 1}}},
+        "train": {"registered_model": "cn", "ray": {"resources": {"train_gpu": 1}}, "mlflow": {"experiment": "own"}},
+        "evaluate": {"work_dir": "s3://bucket/eval", "model": "ignored"},
+    }))
+    config = resolved_stages(load_config(PipelineConfig, path))
+    for stage in (config.annotate, config.train, config.promote):
+        assert stage.work_dir == "s3://bucket/zc"
+        assert stage.storage.s3_endpoint_url == "http://127.0.0.1:9"
+        assert stage.ray.address == "auto"  # inherited field by field, next to the stage's own resources
+    assert config.evaluate.work_dir == "s3://bucket/eval"  # set by the stage itself: kept
+    assert config.annotate.ray.resources == {"decode": 1} and config.train.ray.resources == {"train_gpu": 1}
+    assert config.evaluate.ray.resources == {}
+    assert (config.train.mlflow.tracking_uri, config.train.mlflow.experiment) == ("http://127.0.0.1:5000", "own")
+    assert config.promote.mlflow.experiment == "nightly"
+    assert config.evaluate.model == config.promote.model == "cn"  # what train registers is what is judged
+    assert config.annotate.output_uri() == "s3://bucket/zc/annotated"
+
+
+def test_cli_form_and_config_mistakes(tmp_path):
+    from pipelines.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text("annotate: {input: /data/incoming}\ntrain: {max_steps: 7}\n")
+    assert main(["pipeline", "run", str(path), "train.lr=2e-5", "--print-config"]) == 0
+    with pytest.raises(ConfigError, match="train.registered_model is empty"):
+        load_config(PipelineConfig, None, ["train.registered_model="])
+    with pytest.raises(ConfigError, match="annotate.resolutoin: unknown field"):
+        load_config(PipelineConfig, None, ["annotate.resolutoin=64"])
+
+
+def test_input_batches(tmp_path):
+    from pipelines.annotate import AnnotateConfig
+
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        input_batches(AnnotateConfig(input=str(tmp_path / "missing")))
+    (tmp_path / "in").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no batches"):
+        input_batches(AnnotateConfig(input=str(tmp_path / "in")))
+    (tmp_path / "in" / "b").mkdir()
+    (tmp_path / "in" / "a.parquet").write_bytes(b"")
+    (tmp_path / "in" / "_tmp").mkdir()  # hidden: not a batch
+    assert [b.uri.rsplit("/", 1)[1] for b in input_batches(AnnotateConfig(input=str(tmp_path / "in")))] == ["a.parquet", "b"]
+    (tmp_path / "in" / "stray.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="put new images in a new sub-folder"):
+        input_batches(AnnotateConfig(input=str(tmp_path / "in")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline, scheduled twice over a growing input
+# ---------------------------------------------------------------------------------------------
+
+
+def annotate_heldout(tmp_path: Path) -> str:
+    from pipelines.annotate import AnnotateConfig, run_annotate
+
+    images = write_image_folder(tmp_path / "heldout-images", n=2, size=RES, seed=99, broken=False)
+    out = tmp_path / "heldout"
+    run_annotate(AnnotateConfig(input=str(images), output=str(out), resolution=RES, min_side=32))
+    return str(out)
+
+
+@pytest.mark.slow
+def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(tmp_path, ray_session, tiny_base_dir):
+    import mlflow
+
+    incoming = tmp_path / "incoming"
+    write_image_folder(incoming / "2026-11-01", n=6, size=RES, seed=0)  # + 4 broken inputs (rejected)
+    config = pipeline_config(tmp_path, incoming, annotate_heldout(tmp_path))
+
+    first = run_pipeline(config)
+    assert first.batches == {"2026-11-01": 10}
+    assert first.ran == ["annotate", "train", "evaluate", "promote"]
+    ledger = json.loads((tmp_path / "work" / "pipeline" / "state.json").read_text())
+    assert ledger["train"]["version"] == "1" and ledger["trained_steps"] == 2
+    assert "promoted pipeline-test v1 to champion" in str(first)
+    annotated = tmp_path / "work" / "annotated"
+    before = annotated_files(annotated)
+
+    # The next scheduled run with nothing new: no image read, nothing trained, evaluated or promoted.
+    idle = run_pipeline(config)
+    assert idle.batches == {"2026-11-01": 0} and idle.ran == ["annotate"] and idle.generation == first.generation
+
+    # New images arrive as a new batch. This run fails at evaluation (its held-out set is missing) ...
+    write_image_folder(incoming / "2026-11-02", n=4, size=RES, seed=1, broken=False)
+    broken = pipeline_config(tmp_path, incoming, str(tmp_path / "no-heldout"))
+    with pytest.raises(FileNotFoundError):
+        run_pipeline(broken)
+    # ... and the re-run resumes there: the batch and the training of that run are not done again.
+    second = run_pipeline(config)
+    assert second.batches == {"2026-11-01": 0, "2026-11-02": 0}  # annotated by the failed run, once
+    assert second.ran == ["annotate", "evaluate", "promote"]
+    assert second.generation != first.generation
+    after = annotated_files(annotated)
+    assert {k: v for k, v in after.items() if k in before} == before  # old shards never rewritten
+    new_files = set(after) - set(before)
+    assert new_files and {f.split("/")[0] for f in new_files} == {"2026-11-02"}
+
+    ledger = json.loads((tmp_path / "work" / "pipeline" / "state.json").read_text())
+    assert ledger["train"]["version"] == "2" and ledger["trained_steps"] == 4  # continued: 2 more steps
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    v2 = client.get_model_version("pipeline-test", "2")
+    assert "fidelity.score" in v2.tags and "promotion.decision" in v2.tags
+    assert len(client.search_model_versions("name='pipeline-test'")) == 2  # one version per generation
