@@ -141,21 +141,29 @@ TINY_VERSION = "1"  # bump when the configs below change, so stale caches are re
 def ensure_tiny(dest: Path) -> Path:
     """Build the tiny SD into ``dest`` once (atomically) and return it."""
     marker = dest / "zeroconv_tiny.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
+
+    def built() -> bool:
+        return marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION
+
+    if built():
         return dest
+    import fcntl
     import shutil
     import tempfile
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tiny-sd-", dir=dest.parent))
-    build_tiny(tmp)
-    (tmp / "zeroconv_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
-    if dest.exists():
-        shutil.rmtree(dest, ignore_errors=True)
-    try:
+    # Several processes (e.g. Ray Train workers) may arrive at once: one builds, the others wait for it,
+    # so nobody replaces a directory another process is already loading from.
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if built():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-sd-", dir=dest.parent))
+        build_tiny(tmp)
+        (tmp / "zeroconv_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
+        if dest.exists():  # stale (older TINY_VERSION)
+            shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
-    except OSError:  # another process won the race; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -189,7 +197,13 @@ def build_tiny(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir / "unet")
     vae.save_pretrained(out_dir / "vae")
-    text_encoder.save_pretrained(out_dir / "text_encoder")
+    # Not text_encoder.save_pretrained: transformers writes weights only on torch.distributed rank 0,
+    # and the tiny model may be built by any rank of a training job.
+    from safetensors.torch import save_file
+
+    (out_dir / "text_encoder").mkdir(parents=True, exist_ok=True)
+    text_encoder.config.save_pretrained(out_dir / "text_encoder")
+    save_file(text_encoder.state_dict(), out_dir / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
     scheduler.save_pretrained(out_dir / "scheduler")
     save_clip_tokenizer(out_dir / "tokenizer")
     (out_dir / "model_index.json").write_text(json.dumps({

@@ -29,6 +29,7 @@ from pipelines.storage import Location, download_dir, is_s3, resolve
 
 LRSchedule = Literal["constant_with_warmup", "cosine"]
 TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+ANNOTATOR_KEY = b"zeroconv.annotator"  # condition field metadata written by pipelines.annotate
 
 
 class TrainConfig(JobConfig):
@@ -160,32 +161,17 @@ def inspect_dataset(config: TrainConfig) -> DatasetInfo:
     head = dataset.head(max(config.num_validation, 1), columns=["text", config.condition_column])
     return DatasetInfo(
         location=loc, rows=rows, columns=columns, resolution=next(iter(sizes), (0, 0)),
-        annotator=annotator_spec(dataset.schema, config.condition_column, loc),
+        annotator=annotator_spec(dataset.schema, config.condition_column),
         validation={"text": head.column("text").to_pylist()[: config.num_validation],
                     "condition": head.column(config.condition_column).to_pylist()[: config.num_validation]},
         files=list(dataset.files),
     )
 
 
-def annotator_spec(schema, column: str, loc: Location) -> dict | None:
-    """How the condition column was made: its Parquet field metadata, else the dataset's manifest.json."""
+def annotator_spec(schema, column: str) -> dict | None:
+    """How the condition column was made: the spec ``zeroconv annotate`` stores in the field's metadata."""
     meta = schema.field(column).metadata or {}
-    for key in (b"annotator", b"zeroconv.annotator"):
-        if key in meta:
-            return json.loads(meta[key])
-    manifest = loc.join("manifest.json")
-    if loc.is_dir() and manifest.exists():
-        data = json.loads(manifest.read_bytes())
-        annotators = data.get("annotators") or data.get("annotator")
-        name = column.removeprefix("cond_")
-        if isinstance(annotators, dict):
-            return annotators.get(name) or annotators.get(column) or (annotators if "name" in annotators else None)
-        if isinstance(annotators, list):
-            return next((a for a in annotators if a.get("name") in (name, column) or a.get("column") == column),
-                        annotators[0] if len(annotators) == 1 else None)
-    return None
-    if any(w % 64 or h % 64 for w, h in sizes):
-        raise ValueError(f"dataset {config.data!r} has images of {sorted(sizes)[0]} px; training needs sides that are multiples of 64")
+    return json.loads(meta[ANNOTATOR_KEY]) if ANNOTATOR_KEY in meta else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,8 +177,10 @@ def train_step(engine, base, batches, empty_prompt: torch.Tensor, config: TrainC
 
 
 def maybe_fail(config: TrainConfig, step: int, rank: int, world: int, marker: str | None) -> None:
-    """Testing hook: the last rank dies like a lost node before ``fail_at_step``, once per run (marker file)."""
+    """Testing hook: the last rank dies like a lost node before ``fail_at_step``, once per run (marker file).
+    It waits until Ray has committed the latest checkpoint, so where the run resumes is known exactly."""
     if config.fail_at_step == step and rank == world - 1 and marker and not os.path.exists(marker):
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         Path(marker).touch()
         os._exit(1)
 

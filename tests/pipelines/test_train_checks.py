@@ -1,0 +1,123 @@
+"""`zeroconv train` refuses what cannot work, clearly and before any worker starts (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.config import ConfigError, MLflowConfig, load_config
+from pipelines.synthetic import fill50k_table
+from pipelines.train import TrainConfig, inspect_dataset, resolve_config, run_train
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist.*does not exist"):
+        run_train(TrainConfig(data=str(tmp_path / "does-not-exist"), work_dir=str(tmp_path)))
+
+
+def test_missing_condition_column_lists_the_columns(tmp_path, fill50k_parquet):
+    with pytest.raises(ValueError, match=r"no column 'cond_canny'.*columns are id, image, conditioning_image, text"):
+        run_train(TrainConfig(data=str(fill50k_parquet), condition_column="cond_canny", work_dir=str(tmp_path)))
+
+
+def test_bad_policy_names_the_choices():
+    with pytest.raises(ConfigError, match=r"policy: 'unlock_everything' is not allowed.*locked.*unlock_decoder.*unlock_full"):
+        load_config(TrainConfig, overrides=["policy=unlock_everything"])
+
+
+def test_dead_tracking_server_fails_before_training(tmp_path, fill50k_parquet):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    config = TrainConfig(data=str(fill50k_parquet), work_dir=str(tmp_path), mlflow=MLflowConfig(tracking_uri=dead))
+    with pytest.raises(ValueError, match=f"MLflow tracking server {dead} is not reachable"):
+        run_train(config)
+    assert not (tmp_path / "train").exists()  # nothing started
+
+
+def test_fp16_on_cpu_is_refused_and_auto_precision_resolves(tmp_path):
+    config = TrainConfig(work_dir=str(tmp_path), precision="fp16")
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        resolve_config(config, cluster_gpus=0)
+    assert resolve_config(config.model_copy(update={"precision": "auto"}), cluster_gpus=0).precision == "fp32"
+    gpu = resolve_config(config.model_copy(update={"precision": "auto", "num_workers": 2}), cluster_gpus=2)
+    assert (gpu.precision, gpu.use_gpu) == ("bf16", True)
+    with pytest.raises(ConfigError, match="needs 4 GPU"):
+        resolve_config(config.model_copy(update={"use_gpu": True, "num_workers": 4}), cluster_gpus=2)
+
+
+def test_resolved_config_fills_storage_and_tracking(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    resolved = resolve_config(TrainConfig(work_dir=str(tmp_path)), cluster_gpus=0)
+    assert resolved.storage_path == f"{tmp_path}/train"
+    assert resolved.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(ConfigError, match="set mlflow.tracking_uri"):
+        resolve_config(TrainConfig(work_dir="s3://bucket/runs"), cluster_gpus=0)
+
+
+def test_dataset_checks_sizes_rows_and_reads_the_annotator_spec(tmp_path):
+    table = fill50k_table(6, size=64)
+    spec = {"name": "canny", "version": "1", "params": {"low_threshold": 100}}
+    field = table.schema.field("conditioning_image").with_metadata({b"zeroconv.annotator": json.dumps(spec).encode()})
+    table = table.cast(table.schema.set(table.schema.get_field_index("conditioning_image"), field))
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    info = inspect_dataset(TrainConfig(data=str(tmp_path), num_validation=2, batch_size=2, num_workers=3))
+    assert (info.rows, info.resolution, info.annotator) == (6, (64, 64), spec)
+    assert info.validation["text"] == table.column("text").to_pylist()[:2]
+
+    with pytest.raises(ValueError, match="has 6 rows; one batch across 4 worker"):
+        inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=2, num_workers=4))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    pq.write_table(fill50k_table(2, size=64), mixed / "a.parquet")
+    pq.write_table(fill50k_table(2, size=128), mixed / "b.parquet")
+    with pytest.raises(ValueError, match=r"mixes image sizes \[\(64, 64\), \(128, 128\)\]"):
+        inspect_dataset(TrainConfig(data=str(mixed), batch_size=1))
+
+
+def test_decode_and_tensors_match_the_model_conventions():
+    from pipelines.train_loop import decode_batch, to_tensors
+
+    table = fill50k_table(3, size=64)
+    batch = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("image", "conditioning_image", "text")}
+    decoded = decode_batch(batch, "conditioning_image")
+    assert decoded["image"].shape == decoded["condition"].shape == (3, 64, 64, 3)
+    images, conditions, prompts = to_tensors(decoded, torch.device("cpu"))
+    assert images.shape == conditions.shape == (3, 3, 64, 64)
+    assert images.min() >= -1 and images.max() <= 1 and conditions.min() == 0 and conditions.max() == 1
+    assert set(conditions.unique().tolist()) == {0.0, 1.0}  # the outline is binary, one channel repeated
+    assert prompts == table.column("text").to_pylist()
+
+
+def test_ema_tracks_the_weights_with_warmup():
+    from pipelines.train_loop import EMA
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([weight], decay=0.99)
+    with torch.no_grad():
+        weight.fill_(1.0)
+    ema.update()  # warmup: decay = min(0.99, 2/11)
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 1 - 2 / 11))
+    state = ema.state_dict()
+    ema.copy_to_model()
+    assert torch.equal(weight.detach(), ema.shadow[0])
+    fresh = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.99)
+    fresh.load_state_dict(state)
+    assert fresh.updates == 1 and torch.equal(fresh.shadow[0], ema.shadow[0])
+
+
+def test_image_grid_puts_condition_beside_generated():
+    from pipelines.tracking import image_grid
+
+    conditions = np.zeros((2, 4, 4, 3), np.uint8)
+    images = np.full((2, 4, 4, 3), 255, np.uint8)
+    grid = image_grid(conditions, images)
+    assert grid.shape == (8, 8, 3)
+    assert (grid[:, :4] == 0).all() and (grid[:, 4:] == 255).all()
