@@ -75,7 +75,9 @@ class ReplicasConfig(Section):
 class BatchingConfig(Section):
     max_batch_size: int = Field(default=8, ge=1, description="Most requests run as one pipeline call (1: no batching).")
     batch_wait_timeout_s: float = Field(
-        default=0.01, ge=0, description="How long a forming batch waits for more requests while the model is busy."
+        default=0.01, ge=0,
+        description="Extra wait for more requests while the model is busy or right after a multi-request batch; "
+                    "a lone request on an idle server never waits.",
     )
 
 
@@ -400,8 +402,9 @@ def annotator_for(name: str | None, model: ServedModel, field: str, store: Model
 
 
 def run_batch(store: ModelStore, jobs: list[Job]) -> list:
-    """Run ``jobs`` as few pipeline calls as their settings allow; per job an (image, versions) or an error."""
+    """Run ``jobs`` as few pipeline calls as their settings allow; per job (PNG bytes, versions) or an error."""
     from model.inference import generate
+    from pipelines.images import encode_png
 
     models = store.models  # one snapshot for the whole batch: a reload mid-batch cannot mix versions
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -424,12 +427,42 @@ def run_batch(store: ModelStore, jobs: list[Job]) -> list:
             )
             versions = [ModelVersion(name=m.name, version=m.version) for m in served]
             for i, image in zip(indices, images):
-                results[i] = (image, versions)
+                results[i] = (encode_png(image), versions)
         except Exception as exc:  # one group's failure must not fail the other requests in the batch
             logger.exception("generation failed for a group of %d request(s)", len(group))
             for i in indices:
                 results[i] = exc
     return results
+
+
+class BatchWait:
+    """How long a forming batch waits for company; Serve reads it when a batch's first request arrives.
+
+    A fixed wait either adds its full length to every lone request or, when short, splits a group
+    of concurrent requests into several batches. Instead:
+
+    * idle after single requests: no wait; nobody else is coming, so waiting only adds latency;
+    * a batch is running: wait until it should end, plus ``window``; arrivals could not run before
+      then anyway, and gathering them all makes one batch instead of several;
+    * idle right after a batch of several: ``window``; the rest of that group is about to re-send.
+    """
+
+    def __init__(self, window: float):
+        self.window = window
+        self.running_since: float | None = None
+        self.last_duration = 0.0
+        self.last_size = 0
+
+    def wait_s(self, now: float) -> float:
+        if self.running_since is not None:
+            return max(self.last_duration - (now - self.running_since), 0.0) + self.window
+        return self.window if self.last_size > 1 else 0.0
+
+    def started(self, now: float) -> None:
+        self.running_since = now
+
+    def finished(self, now: float, size: int) -> None:
+        self.last_duration, self.running_since, self.last_size = now - self.running_since, None, size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +516,7 @@ class ControlNetServer:
         refs = [ModelRef.parse(m, config.alias) for m in config.models]
         self.store = ModelStore(refs, config.base_model, device, config.replicas.dtype, config.storage)
         self.generate_batch.set_max_batch_size(config.batching.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)
+        self._batch_wait = BatchWait(config.batching.batch_wait_timeout_s)
         # One pipeline call at a time: torch already spreads each call over the replica's threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zc-pipeline")
         self._stop = threading.Event()
@@ -521,16 +554,14 @@ class ControlNetServer:
         started = time.perf_counter()
         req = parse_request(await read_body(request, self.config.limits.max_request_bytes))
         job = await asyncio.to_thread(prepare_job, req, self.store, self.config.limits)
+        self.generate_batch.set_batch_wait_timeout_s(self._batch_wait.wait_s(time.monotonic()))
         try:
             result = await asyncio.wait_for(self.generate_batch(job), self.config.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(None, f"generation took longer than {self.config.request_timeout_s}s", 504) from None
         if isinstance(result, Exception):
             raise result
-        image, versions = result
-        from pipelines.images import encode_png
-
-        png = await asyncio.to_thread(encode_png, image)
+        png, versions = result
         if req.response_format == "png" or (req.response_format is None and "image/png" in request.headers.get("accept", "")):
             return Response(png, media_type="image/png", headers={
                 "X-Seed": str(job.seed), "X-Models": ",".join(f"{v.name}/{v.version}" for v in versions),
@@ -540,10 +571,13 @@ class ControlNetServer:
             guidance_scale=job.guidance_scale, models=versions, elapsed_ms=round((time.perf_counter() - started) * 1e3, 2),
         ).model_dump()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced from the config in __init__
+    @serve.batch(max_batch_size=8)  # size from the config (__init__), wait from BatchWait (per request)
     async def generate_batch(self, jobs: list[Job]) -> list:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, run_batch, self.store, jobs)
+        self._batch_wait.started(time.monotonic())
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run_batch, self.store, jobs)
+        finally:
+            self._batch_wait.finished(time.monotonic(), len(jobs))
 
     def __del__(self):
         self._stop.set()

@@ -1,0 +1,85 @@
+"""The serving app's pieces that need no server: request parsing, image checks, model references,
+the batch-wait policy and config validation."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from deploy.schemas import LimitsConfig, RequestError, decode_image, parse_request
+from deploy.serve_app import BatchWait, ModelRef, ServeConfig, build_app, validate_config
+from pipelines.config import ConfigError
+from pipelines.images import encode_png
+
+
+def test_parse_request_names_the_field():
+    with pytest.raises(RequestError) as err:
+        parse_request(b'{"prompt": "x", "controls": [{"image": "a", "scale": "big"}]}')
+    assert (err.value.field, err.value.status) == ("controls[0].scale", 422)
+    with pytest.raises(RequestError) as err:
+        parse_request(b"[1, 2")
+    assert err.value.status == 400 and err.value.field is None
+    with pytest.raises(RequestError) as err:
+        parse_request(b'{"controls": []}')
+    assert err.value.field == "prompt" and "required" in err.value.message
+
+
+def test_decode_image_accepts_data_urls_and_wrapped_base64_and_refuses_the_rest():
+    image = np.arange(32 * 16 * 3, dtype=np.uint8).reshape(32, 16, 3)
+    text = base64.b64encode(encode_png(image)).decode()
+    limits = LimitsConfig()
+    np.testing.assert_array_equal(decode_image(text, "f", limits), image)
+    np.testing.assert_array_equal(decode_image("data:image/png;base64," + text, "f", limits), image)
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))  # what `base64` prints
+    np.testing.assert_array_equal(decode_image(wrapped, "f", limits), image)
+
+    cases = [("@@@", 400), (base64.b64encode(b"GIF89a nope").decode(), 400)]
+    for data, status in cases:
+        with pytest.raises(RequestError) as err:
+            decode_image(data, "controls[0].image", limits)
+        assert (err.value.status, err.value.field) == (status, "controls[0].image")
+    with pytest.raises(RequestError) as err:
+        decode_image(text, "f", LimitsConfig(max_image_pixels=32 * 16 - 1))
+    assert err.value.status == 413 and "pixels" in err.value.message
+    with pytest.raises(RequestError) as err:
+        decode_image(text, "f", LimitsConfig(max_image_bytes=10))
+    assert err.value.status == 413
+
+
+def test_model_refs():
+    assert ModelRef.parse("cn", "champion") == ModelRef("cn", "champion", None)
+    assert ModelRef.parse("models:/cn@candidate", "champion") == ModelRef("cn", "candidate", None)
+    assert ModelRef.parse("cn/3", "champion") == ModelRef("cn", None, "3")
+    assert str(ModelRef("cn", None, "3")) == "models:/cn/3"
+    for bad in ("", "cn@", "@a", "cn/latest"):
+        with pytest.raises(ConfigError):
+            ModelRef.parse(bad, "champion")
+
+
+def test_batch_wait_policy():
+    wait = BatchWait(window=0.01)
+    assert wait.wait_s(now=0.0) == 0.0  # idle, nothing before: a lone request runs at once
+    wait.started(now=1.0)
+    wait.finished(now=1.2, size=1)
+    assert wait.wait_s(now=1.21) == 0.0  # after single requests: still no wait
+    wait.started(now=2.0)
+    # While a batch runs: wait until it should end (it took 0.2 s last time), plus the window.
+    assert wait.wait_s(now=2.05) == pytest.approx(0.15 + 0.01)
+    assert wait.wait_s(now=2.5) == pytest.approx(0.01)
+    wait.finished(now=2.2, size=6)
+    assert wait.wait_s(now=2.21) == 0.01  # after a group: its members are about to re-send
+
+
+def test_config_validation_and_auth_env(monkeypatch):
+    with pytest.raises(ConfigError, match="batching.max_batch_size"):
+        validate_config({"batching": {"max_batch_size": 0}})
+    with pytest.raises(ConfigError, match="replicas.device"):
+        validate_config({"replicas": {"device": "tpu"}})
+    with pytest.raises(ConfigError, match="is not NAME"):
+        build_app({"models": ["a@"], "mlflow": {"tracking_uri": "sqlite:////tmp/x.db"}})
+    monkeypatch.delenv("ZC_UNSET_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="ZC_UNSET_TOKEN"):
+        build_app({"auth_token_env": "ZC_UNSET_TOKEN", "mlflow": {"tracking_uri": "sqlite:////tmp/x.db"}})
+    assert ServeConfig().host == "127.0.0.1" and ServeConfig().alias == "champion"
