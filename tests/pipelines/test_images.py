@@ -176,3 +176,14 @@ def test_encoders_roundtrip_and_content_id():
     assert decode_condition(png, channels=3).shape == (64, 64, 3)
     assert content_id(png) == hashlib.sha256(png).hexdigest()[:32]
     assert len(content_id(b"")) == 32
+
+
+@pytest.mark.parametrize("side", [300, 380, 600, 1000])  # shrink 1.2x, 1.5x (bilinear), 2.3x, 3.9x (area)
+def test_shrinking_stays_close_to_an_antialiased_reference(side):
+    import skimage.data
+
+    photo = cv2.resize(skimage.data.astronaut(), (side, side), interpolation=cv2.INTER_CUBIC).astype(float)
+    noisy = np.clip(photo + np.random.default_rng(0).normal(0, 6, photo.shape), 0, 255).astype(np.uint8)
+    reference = np.asarray(Image.fromarray(noisy).resize((256, 256), Image.LANCZOS)).astype(float)
+    mse = np.mean((resize_center_crop(noisy, 256) - reference) ** 2)
+    assert 10 * np.log10(255 ** 2 / mse) > 36  # nearest-neighbour (~23 dB), or bilinear at 2x and beyond, fall below
