@@ -1,6 +1,6 @@
 """The annotator protocol and registry.
 
-An annotator turns a batch of RGB images into a batch of condition maps:
+An annotator turns a batch of RGB images into a batch of condition maps of the same size:
 
     uint8 (N, H, W, 3)  ->  uint8 (N, H, W, C)      C = annotator.channels (1 or 3)
 
@@ -9,6 +9,9 @@ condition column in the dataset can say exactly how it was made. Create annotato
 
     canny = create("canny", low_threshold=100, high_threshold=200)
     edges = canny(images)
+
+Annotators are built once (per Ray actor) and called on many batches; networks load their weights
+in ``__init__``. Pickling ships only the construction arguments: the copy rebuilds itself.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class WeightsSpec:
     files: tuple[str, ...]
     default_source: str = "lllyasviel/Annotators"
     sha256: dict[str, str] = field(default_factory=dict)  # file -> hash, when pinned
+    licence: str = ""  # the licence the weights' authors state
 
 
 class Annotator:
@@ -36,9 +40,12 @@ class Annotator:
     channels: ClassVar[int] = 3
     weights: ClassVar[WeightsSpec | None] = None
     commercial_use: ClassVar[bool] = True  # False for e.g. OpenPose (CMU, non-commercial)
+    size_multiple: ClassVar[int] = 1  # H and W must be multiples of this (network strides)
+    # Construction arguments that change how it runs, not what it outputs: left out of spec().
+    runtime_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
-        self.params = params
+        self.params = params  # every construction argument: enough to rebuild this annotator
 
     def annotate(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -49,16 +56,34 @@ class Annotator:
             raise ValueError(
                 f"{self.name}: expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}"
             )
+        n, h, w, _ = images.shape
+        if h % self.size_multiple or w % self.size_multiple:
+            raise ValueError(
+                f"{self.name}: image height and width must be multiples of {self.size_multiple} "
+                f"(its network's stride), got {h}x{w}; choose a resolution that is a multiple of 64"
+            )
+        if n == 0:
+            return np.zeros((0, h, w, self.channels), np.uint8)
         out = self.annotate(images)
         if out.ndim == 3:
             out = out[..., None]
-        assert out.shape[:3] == images.shape[:3] and out.shape[-1] == self.channels, out.shape
+        if out.dtype != np.uint8 or out.shape != (n, h, w, self.channels):  # a bug in the annotator, not the input
+            raise RuntimeError(f"{self.name}: produced {out.dtype} {out.shape}, expected uint8 {(n, h, w, self.channels)}")
         return out
 
     def spec(self) -> dict[str, Any]:
-        """What goes into the dataset's column metadata and the model registry."""
-        return {"name": self.name, "version": self.version, "params": self.params,
+        """What goes into the dataset's column metadata and the model registry (JSON-serialisable)."""
+        params = {k: v for k, v in self.params.items() if k not in self.runtime_params}
+        return {"name": self.name, "version": self.version, "params": params,
                 "channels": self.channels, "commercial_use": self.commercial_use}
+
+    def __reduce__(self):
+        # Pickle by construction arguments, never by loaded weights: the copy rebuilds itself.
+        return (_construct, (type(self), self.params))
+
+
+def _construct(cls: type[Annotator], params: dict[str, Any]) -> Annotator:
+    return cls(**params)
 
 
 _REGISTRY: dict[str, Callable[..., Annotator]] = {}
