@@ -61,11 +61,14 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """``count`` photo-like JPEGs, made by one process per core."""
     from concurrent.futures import ProcessPoolExecutor
 
+    paths = [folder / f"{i:07d}.jpg" for i in range(count)]
+    if all(p.exists() for p in paths):  # --work-dir reused: the same seed made the same files
+        return paths
     workers = os.cpu_count() or 1
     chunks = [range(k, count, workers) for k in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_make_images, [folder] * workers, chunks, [seed + k for k in range(workers)]))
-    return [folder / f"{i:07d}.jpg" for i in range(count)]
+    return paths
 
 
 def _make_images(folder: Path, indices: range, seed: int) -> None:
@@ -171,19 +174,28 @@ def main() -> None:
                 os.link(path, target)
         made_s = time.perf_counter() - t0
 
-        base = baseline(all_paths[: args.n])
         ensure_ray(RayConfig())  # a local Ray on all cores; started once, outside the timings
         import ray
 
         cpus = int(ray.cluster_resources().get("CPU", 0))
+        load = [os.getloadavg()[0]]
+        # The baseline runs before and after (b), and the two are averaged: on a shared machine the
+        # load drifts, and this way both sides see the same conditions on average.
+        base = [baseline(all_paths[: args.n])]
         at_n = pipeline(small, work / "out-n", args.batch_size)
+        base.append(baseline(all_paths[: args.n]))
+        load.append(os.getloadavg()[0])
         at_4n = pipeline(work / "images-4n", work / "out-4n", args.batch_size)
+        load.append(os.getloadavg()[0])
+        base_mean = sum(base) / len(base)
         report = {
-            "n": args.n, "resolution": RESOLUTION, "cpus": cpus, "load_avg_1m": round(os.getloadavg()[0], 1),
+            "n": args.n, "resolution": RESOLUTION, "cpus": cpus,
+            "load_avg_1m_start_mid_end": [round(x, 1) for x in load],  # > cpus: others share the machine
             "image_generation_s": round(made_s, 1),
-            "baseline_single_process_images_per_s": round(base, 1),
+            "baseline_single_process_images_per_s": round(base_mean, 1),
+            "baseline_runs_images_per_s": [round(b, 1) for b in base],
             "zeroconv_images_per_s": at_n["images_per_s"],
-            "speedup": round(at_n["images_per_s"] / base, 2),
+            "speedup": round(at_n["images_per_s"] / base_mean, 2),
             "zeroconv_at_n": at_n,
             "zeroconv_at_4n": at_4n,
             "peak_rss_ratio_4n_over_n": round(at_4n["peak_rss_mib"] / at_n["peak_rss_mib"], 3),
