@@ -16,8 +16,8 @@ Entry points: :func:`build_app` (the import path ``serve run``/``serve deploy`` 
 ``deploy/serve_config.yaml``) and :func:`run_serve` (``zeroconv serve``).
 """
 
-# No `from __future__ import annotations` here: FastAPI must see the route methods' real `Request`
-# annotations (Serve re-creates the methods, and string annotations then read as query parameters).
+# No `from __future__ import annotations` here: Serve ships the ingress class by value, where FastAPI
+# cannot resolve string annotations, and `request: Request` would then read as a query parameter.
 import asyncio
 import base64
 import hmac
@@ -30,7 +30,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -299,7 +299,6 @@ class Job:
     width: int
     height: int
     guess_mode: bool
-    png: bool = field(default=False, compare=False)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys run in one pipeline call; prompts and seeds may differ."""
@@ -553,7 +552,12 @@ class ControlNetServer:
         self._authorize(request)
         started = time.perf_counter()
         req = parse_request(await read_body(request, self.config.limits.max_request_bytes))
-        job = await asyncio.to_thread(prepare_job, req, self.store, self.config.limits)
+        if any(control.source_image for control in req.controls):
+            # Annotators can take seconds: keep the event loop free for other requests meanwhile.
+            job = await asyncio.to_thread(prepare_job, req, self.store, self.config.limits)
+        else:
+            # Decoding condition maps takes milliseconds; a thread hop would cost more than it saves.
+            job = prepare_job(req, self.store, self.config.limits)
         self.generate_batch.set_batch_wait_timeout_s(self._batch_wait.wait_s(time.monotonic()))
         try:
             result = await asyncio.wait_for(self.generate_batch(job), self.config.request_timeout_s)
