@@ -12,9 +12,11 @@ import os
 
 from pipelines.config import RayConfig
 
-# Environment a worker needs to reach the same S3 as the driver: endpoint, region and the standard
-# AWS credential chain. Workers of a local Ray were started before the driver may have set these.
-_STORAGE_ENV_PREFIXES = ("AWS_",)
+# Where S3 is, for workers: endpoint, region, profile name. Never credentials: Ray writes runtime_env
+# verbatim to its logs, so secrets must reach workers the way they reach any process - the standard
+# AWS chain on each node (environment the node was started with, instance role, IRSA, profile).
+_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                "MLFLOW_S3_ENDPOINT_URL")
 
 
 def ensure_ray(config: RayConfig | None = None) -> bool:
@@ -34,10 +36,10 @@ def ensure_ray(config: RayConfig | None = None) -> bool:
 
 
 def storage_runtime_env() -> dict:
-    """A Ray ``runtime_env`` handing this process's S3 settings (AWS_* variables) to workers.
+    """A Ray ``runtime_env`` telling workers where this process's S3 is (endpoint, region, profile).
 
-    Values travel in the runtime env, never in configs or logs. On clusters whose nodes have their
-    own credentials (instance roles) the driver usually has none set, and nothing is forwarded.
+    Credentials are deliberately not forwarded (see _STORAGE_ENV): a local Ray started by zeroconv
+    inherits them from the environment, and cluster nodes get them from their own AWS chain.
     """
-    env = {k: v for k, v in os.environ.items() if k.startswith(_STORAGE_ENV_PREFIXES)}
+    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
     return {"env_vars": env} if env else {}

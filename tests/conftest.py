@@ -32,6 +32,10 @@ os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Dummy S3 credentials before the session's Ray starts, so its workers inherit them (zeroconv never
+# forwards secrets through runtime_env); the moto server accepts any.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="zc-test-"))
 os.environ["ZEROCONV_CACHE"] = str(_SESSION_TMP / "cache")
