@@ -152,6 +152,11 @@ def _conditions(batch: dict[str, np.ndarray], condition_column: str, device) -> 
     return condition_tensor(np.stack([decode_condition(b, channels=3) for b in batch[condition_column]])).to(device)
 
 
+def _float_tensor(values: np.ndarray, device) -> torch.Tensor:
+    # Arrays backed by Arrow buffers are read-only; torch wants writable memory (copies only if needed).
+    return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(device)
+
+
 def precomputed_tensors(batch: dict[str, np.ndarray], condition_column: str, scaling_factor: float,
                         device: torch.device | str = "cpu", generator: torch.Generator | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,10 +165,8 @@ def precomputed_tensors(batch: dict[str, np.ndarray], condition_column: str, sca
 
     Latents are sampled here, per step; prompt dropout is still the train loop's job.
     """
-    mean = torch.from_numpy(np.asarray(batch[LATENT_MEAN], dtype=np.float32)).to(device)
-    std = torch.from_numpy(np.asarray(batch[LATENT_STD], dtype=np.float32)).to(device)
+    mean, std, text = (_float_tensor(batch[name], device) for name in TENSOR_COLUMNS)
     latents = sample_latents(mean, std, scaling_factor, generator)
-    text = torch.from_numpy(np.asarray(batch[TEXT_EMBEDDING], dtype=np.float32)).to(device)
     return latents, text, _conditions(batch, condition_column, device)
 
 

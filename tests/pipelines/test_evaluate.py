@@ -131,9 +131,9 @@ def test_baseline_is_the_base_model_without_control(tiny_base):
     prompts, seeds = ["red circle with blue background", "a green circle"], [5, 6]
     conditions = np.zeros((2, 64, 64, 1), np.uint8)
     conditions[:, 20:40, 20:40] = 255
-    with_control = generate(build_pipeline(tiny_base, [controlnet]), prompts, conditions, seed=seeds, steps=3)
-    baseline = generate(build_pipeline(tiny_base, [controlnet]), prompts, conditions, seed=seeds, steps=3,
-                        conditioning_scale=0.0)
+    pipe = build_pipeline(tiny_base, [controlnet])
+    with_control = generate(pipe, prompts, conditions, seed=seeds, steps=3)
+    baseline = generate(pipe, prompts, conditions, seed=seeds, steps=3, conditioning_scale=0.0)
 
     plain = StableDiffusionPipeline(
         vae=tiny_base.vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=tiny_base.unet,
