@@ -4,14 +4,15 @@ In one run, against one registered ControlNet (embedded SQLite registry, Serve o
 
 * latency  - p50/p95 of sequential ``POST /v1/generate`` vs calling the same pipeline in-process
              (``model.inference.generate``), same steps, size and torch thread count, one of each
-             in turn;
+             in turn; plus the time the replica reports, ``GET /healthz`` (Serve's own HTTP
+             path) and the median of the per-pair differences;
 * throughput - requests/s at concurrency 8 against two deployments of the same model, one with
              batching on (``max_batch_size`` 8) and one with it off (``max_batch_size`` 1),
              alternating rounds.
 
 Targets: HTTP overhead p50 <= 15 ms over in-process; batching >= 1.5x throughput at concurrency 8.
 
-    python bench/bench_serve.py [--requests 60] [--steps 2] [--size 64] [--threads 1]
+    python bench/bench_serve.py [--requests 120] [--steps 2] [--size 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -62,10 +64,15 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50": round(float(np.percentile(ms, 50)), 2), "p95": round(float(np.percentile(ms, 95)), 2)}
 
 
-def latencies(url: str, n: int, condition: np.ndarray, body: dict, steps: int, threads: int) -> dict[str, list]:
+def latencies(port: int, path: str, n: int, condition: np.ndarray, body: dict, steps: int,
+              threads: int) -> dict[str, list]:
     """Seconds per call, in turn: in-process, over HTTP, the time the replica reports for that request,
     and GET /healthz (Serve's HTTP path with no work). Interleaving makes them all see the same load
-    (on a shared machine, load drifts more between phases than the overhead we measure)."""
+    (on a shared machine, load drifts more between phases than the overhead we measure). The client is
+    a bare keep-alive http.client connection with bodies encoded up front, so the numbers are the
+    server's, not a client library's."""
+    import http.client
+
     import torch
 
     from model.inference import generate, load_pipeline
@@ -74,22 +81,31 @@ def latencies(url: str, n: int, condition: np.ndarray, body: dict, steps: int, t
     torch.set_num_threads(threads)
     resolved = resolve_model(MODEL)
     pipe = load_pipeline(resolved.base_model, [resolved.controlnet_dir])
-    session = requests.Session()  # keep-alive, as a real client would
-    health = url.replace("/v1/generate", "/healthz")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    health = path.replace("/v1/generate", "/healthz")
+    bodies = {seed: json.dumps({**body, "seed": seed}).encode() for seed in range(n + 3)}
+
+    def call(method: str, target: str, payload: bytes | None = None) -> bytes:
+        conn.request(method, target, body=payload, headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        data = answer.read()
+        if answer.status != 200:
+            raise RuntimeError(f"{method} {target}: HTTP {answer.status}: {data[:200]!r}")
+        return data
+
     times: dict[str, list] = {"in_process": [], "http": [], "replica": [], "healthz": []}
-    for seed in tqdm(range(-3, n), desc="latency", file=sys.stderr):  # 3 warm-up rounds
+    for seed in tqdm(range(n + 3), desc="latency", file=sys.stderr):  # the first 3 rounds warm up
         start = time.perf_counter()
-        generate(pipe, [body["prompt"]], condition[None], seed=seed + 3, steps=steps)
+        generate(pipe, [body["prompt"]], condition[None], seed=seed, steps=steps)
         local = time.perf_counter() - start
         start = time.perf_counter()
-        answer = session.post(url, json={**body, "seed": seed + 3}, timeout=60)
+        answer = call("POST", path, bodies[seed])
         remote = time.perf_counter() - start
-        answer.raise_for_status()
         start = time.perf_counter()
-        session.get(health, timeout=60).raise_for_status()
+        call("GET", health)
         floor = time.perf_counter() - start
-        if seed >= 0:
-            for key, value in zip(times, (local, remote, answer.json()["elapsed_ms"] / 1e3, floor)):
+        if seed >= 3:
+            for key, value in zip(times, (local, remote, json.loads(answer)["elapsed_ms"] / 1e3, floor)):
                 times[key].append(value)
     return times
 
@@ -116,7 +132,7 @@ def throughputs(urls: dict[str, str], n: int, concurrency: int, body: dict, roun
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=60, help="requests per latency measurement")
+    parser.add_argument("--requests", type=int, default=120, help="requests per latency measurement")
     parser.add_argument("--throughput-requests", type=int, default=128, help="requests per throughput measurement")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps (tiny model: few steps)")
@@ -130,6 +146,7 @@ def main() -> None:
     from deploy.serve_app import build_app
     from pipelines.images import encode_png
 
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="zc-bench-serve-"))
     os.environ.setdefault("ZEROCONV_CACHE", str(work / "cache"))
     uri = register_tiny_controlnet(work)
@@ -138,8 +155,8 @@ def main() -> None:
     body = {"prompt": "a red circle", "steps": args.steps, "width": args.size, "height": args.size,
             "controls": [{"image": base64.b64encode(encode_png(condition)).decode()}]}
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp"))
+    ray_dir = tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=ray_dir)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -152,20 +169,24 @@ def main() -> None:
             serve.run(app, name=name, route_prefix=f"/{name}")
         batched, unbatched = (f"http://127.0.0.1:{port}/{name}/v1/generate" for name in ("batched", "unbatched"))
 
-        latency = {k: percentiles(v) for k, v in latencies(batched, args.requests, condition, body, args.steps,
-                                                           args.threads).items()}
+        times = latencies(port, "/batched/v1/generate", args.requests, condition, body, args.steps, args.threads)
+        latency = {k: percentiles(v) for k, v in times.items()}
+        paired = percentiles([h - i for h, i in zip(times["http"], times["in_process"])])["p50"]
         rps = throughputs({"on": batched, "off": unbatched}, args.throughput_requests, args.concurrency, body)
         on, off = rps["on"], rps["off"]
     finally:
         serve.shutdown()
         ray.shutdown()
+        for path in (work, ray_dir):
+            shutil.rmtree(path, ignore_errors=True)
 
     overhead = round(latency["http"]["p50"] - latency["in_process"]["p50"], 2)
     speedup = round(on / off, 2)
     print(json.dumps({
         "benchmark": "serve", "model": "tiny", "steps": args.steps, "size": args.size, "torch_threads": args.threads,
-        "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
-        "latency_ms": {**latency, "http_overhead_p50": overhead},
+        "cpus": os.cpu_count(),
+        "load_avg_1m": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
+        "latency_ms": {**latency, "http_overhead_p50": overhead, "paired_overhead_p50": paired},
         "throughput_rps": {"concurrency": args.concurrency, "batching_off": round(off, 2), "batching_on": round(on, 2),
                            "speedup": speedup},
         "targets": {"http_overhead_p50_ms<=15": overhead <= 15, "batching_speedup>=1.5": speedup >= 1.5},
