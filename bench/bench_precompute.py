@@ -10,7 +10,7 @@ The loop is plain PyTorch with ``model.objective.diffusion_loss`` on ``Controlle
 Train workers run per step, minus DeepSpeed and the data loader). Batches are read into memory first,
 so storage speed is not measured. The two paths alternate in rounds so machine noise hits both.
 
-    python bench/bench_precompute.py [--steps 10] [--rounds 3] [--batch 8] [--resolutions 64 128]
+    python bench/bench_precompute.py [--steps 10] [--rounds 4] [--batch 8] [--resolutions 64 128] [--threads 1]
 
 Prints one JSON object. Published reference: MosaicML measured VAE + CLIP in the loop costing 1.4x
 for SD2 on A100s (36 vs ~26 img/s/GPU at 512 px).
@@ -119,10 +119,14 @@ def bench_resolution(base, resolution: int, batch: int, steps: int, rounds: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per path per round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/precomputed rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating raw/precomputed rounds")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 keeps CPU time an honest measure of work on a shared machine "
+                             "(idle OpenMP threads spin and bill CPU time when another process has the core)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     import ray
 
