@@ -237,8 +237,9 @@ class ModelStore:
             if unets and len(models) > 1:
                 raise RequestError("controls", f"model {unets[0].name!r} has its own UNet and cannot be composed with others")
             pipe = build_pipeline(self.base, [m.controlnet for m in models], unets[0].unet if unets else None)
-            with self._lock:
-                self._pipes[key] = pipe
+            if all(self.models.get(m.name) is m for m in models):  # a batch still on replaced versions: don't keep
+                with self._lock:
+                    self._pipes[key] = pipe
         return pipe
 
     def annotator(self, name: str, params: dict):
