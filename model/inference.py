@@ -70,8 +70,9 @@ def generate(pipe, prompts: Sequence[str], conditions: Sequence[np.ndarray] | np
 
     ``conditions``: for one ControlNet, uint8 (N, H, W, C); for several, a list with one such array
     per ControlNet. Each image i is generated with its own generator seeded ``seed + i`` (or
-    ``seed[i]`` when ``seed`` is a sequence, e.g. a served batch of independent requests) so a
-    batch gives the same images as one-by-one calls.
+    ``seed[i]`` when ``seed`` is a sequence, e.g. a served batch of independent requests) and its
+    initial latents are drawn on the CPU, so a batch gives the same images as one-by-one calls, up to
+    float summation order (on CPU a few pixels may differ by one level between batch sizes).
     """
     multi = isinstance(conditions, (list, tuple))
     per_net = list(conditions) if multi else [conditions]

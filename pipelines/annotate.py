@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 
 from pipelines.config import ConfigError, JobConfig, Section, StorageConfig
 from pipelines.images import ImageRejected, content_id, decode_training_image, encode_jpeg, encode_png
+from pipelines.ray_utils import ActorCompute
 from pipelines.sources import InputFormat, Shard, Source
 from pipelines.storage import Location, is_s3, resolve
 
@@ -65,16 +66,10 @@ class AnnotatorEntry(Section):
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword parameters for the annotator.")
 
 
-class ComputeConfig(Section):
+class ComputeConfig(ActorCompute):
     batch_size: int = Field(default=16, ge=1, description="Images per annotator call.")
     num_actors: int | None = Field(
         default=None, ge=1, description="Annotator actors. Default: one per GPU when GPUs are used, else one per CPU.")
-    use_gpu: bool | None = Field(default=None, description="Run annotators on GPUs. Default: if the Ray cluster has any.")
-    gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs each actor reserves when GPUs are used.")
-    cpus_per_actor: float = Field(
-        default=0.9, gt=0,
-        description="CPUs each actor reserves. Keep it fractional: whole CPUs per actor can leave nothing for "
-                    "Ray Data's own tasks on small machines, and the job hangs.")
     threads_per_actor: int | None = Field(
         default=None, ge=1,
         description="Decode/encode threads inside each actor. Default: 1 on CPUs (one actor per CPU already), "
@@ -450,26 +445,15 @@ def _run_shards(config: AnnotateConfig, source: Source, output: Location, column
     import ray
     from tqdm import tqdm
 
-    from pipelines.ray_utils import ensure_ray, storage_runtime_env
+    from pipelines.ray_utils import actor_pool, ensure_ray, storage_runtime_env
 
     ensure_ray(config.ray)
     compute = config.compute
-    cluster = ray.cluster_resources()
-    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
-    use_gpu = compute.use_gpu if compute.use_gpu is not None else gpus > 0
-    if use_gpu and gpus <= 0:
-        raise ValueError("compute.use_gpu=true but the Ray cluster has no GPUs")
-    if use_gpu:
-        actors = compute.num_actors or max(1, int(gpus // compute.gpus_per_actor))
-        threads = compute.threads_per_actor or max(1, int(cpus // actors))
-        resources = {"num_gpus": compute.gpus_per_actor, "num_cpus": compute.cpus_per_actor}
-    else:
-        actors = compute.num_actors or max(1, int(cpus))
-        threads = compute.threads_per_actor or 1
-        resources = {"num_cpus": compute.cpus_per_actor}
-    if config.ray.resources:  # pins the actors to the node type that offers them (see ray_cluster.yaml)
-        resources["resources"] = dict(config.ray.resources)
-    actors = min(actors, len(pending))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # Annotation is single-threaded per image: one actor per CPU, or per GPU when actors get GPUs.
+    pool = actor_pool(compute, len(pending), config.ray.resources, cpu_actors=max(1, cpus))
+    actors = pool["compute"].min_size
+    threads = compute.threads_per_actor or (max(1, cpus // actors) if "num_gpus" in pool else 1)
 
     job = ShardJob(
         source=source, output=output.uri, storage=config.storage,
@@ -483,8 +467,7 @@ def _run_shards(config: AnnotateConfig, source: Source, output: Location, column
     dataset = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
     dataset = dataset.map_batches(
         AnnotateShards, batch_size=1, fn_constructor_kwargs={"job": job},
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        runtime_env=storage_runtime_env() if uses_s3 else None, **resources,
+        runtime_env=storage_runtime_env() if uses_s3 else None, **pool,
     )
     known = [s.count for s in pending]
     total = sum(known) if all(c is not None for c in known) else None

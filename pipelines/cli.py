@@ -86,6 +86,7 @@ def stage_arguments(stage: str, config: str | None, words: list[str]) -> tuple[s
       zeroconv submit STAGE [--config FILE] [key=value ...]  FILE and key=value belong to STAGE and travel
                                                              with the job; submit.KEY=VALUE configure the submission.
       zeroconv pipeline run CONFIG [key=value ...]           the same as: zeroconv pipeline --config CONFIG
+      zeroconv promote NAME [key=value ...]                  the same as: zeroconv promote model=NAME
     """
     from pipelines.config import ConfigError
 
@@ -95,6 +96,8 @@ def stage_arguments(stage: str, config: str | None, words: list[str]) -> tuple[s
         own = [w.removeprefix("submit.") for w in words[1:] if w.startswith("submit.")]
         theirs = [w for w in words[1:] if not w.startswith("submit.")]
         return None, own, {"stage": words[0], "stage_config": config, "stage_overrides": theirs}
+    if stage == "promote" and words and "=" not in words[0]:  # zeroconv promote NAME [key=value ...]
+        return config, words[1:], {"model": words[0]}
     if stage == "pipeline" and words[:1] == ["run"]:
         if len(words) < 2 or "=" in words[1] or config:
             raise ConfigError(f"usage: zeroconv pipeline {STAGES['pipeline'].usage}")

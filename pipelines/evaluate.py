@@ -37,7 +37,7 @@ from pydantic import Field
 from pipelines import fidelity
 from pipelines.config import JobConfig, MLflowConfig, Section, StorageConfig
 from pipelines.images import decode_condition, decode_rgb, encode_png
-from pipelines.precompute import ActorCompute, actor_device
+from pipelines.ray_utils import ActorCompute, actor_device
 from pipelines.storage import resolve
 
 SINGLE_CONDITION_COLUMN = "conditioning_image"
@@ -388,7 +388,7 @@ def _score_on_ray(config: EvaluateConfig, job: EvalJob, rows) -> dict[str, list]
     import ray
     from tqdm import tqdm
 
-    from pipelines.precompute import actor_pool
+    from pipelines.ray_utils import actor_pool
     from pipelines.ray_utils import ensure_ray, storage_runtime_env
 
     ensure_ray(config.ray)

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
+from pipelines.ray_utils import ActorCompute, actor_device, actor_pool
 from pipelines.config import BaseModelConfig, ConfigError, JobConfig, Section, StorageConfig
 from pipelines.images import decode_condition, decode_rgb
 from pipelines.storage import Location, is_s3, resolve
@@ -60,46 +61,6 @@ _ROW_GROUP_ROWS = 256
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-
-
-class ActorCompute(Section):
-    """How a stage's Ray Data actor pool is sized and placed (shared by precompute and evaluate)."""
-
-    batch_size: int = Field(default=16, ge=1, description="Rows per model call inside an actor.")
-    num_actors: int | None = Field(
-        default=None, ge=1,
-        description="Model actors. Default: one per GPU when GPUs are used, else one (torch already uses every core).")
-    use_gpu: bool | None = Field(default=None, description="Put actors on GPUs. Default: if the Ray cluster has any.")
-    gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs each actor reserves when GPUs are used.")
-    cpus_per_actor: float = Field(
-        default=0.9, gt=0,
-        description="CPUs each actor reserves. Keep it fractional: whole CPUs per actor can leave nothing for "
-                    "Ray Data's own tasks on small machines, and the job hangs.")
-
-
-def actor_pool(compute: ActorCompute, work_items: int, extra_resources: dict[str, float] | None = None) -> dict:
-    """``map_batches`` keyword arguments for an actor pool: size, GPUs or fractional CPUs."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = compute.use_gpu if compute.use_gpu is not None else gpus > 0
-    if use_gpu and gpus <= 0:
-        raise ValueError("use_gpu=true but the Ray cluster has no GPUs")
-    actors = compute.num_actors or (max(1, int(gpus // compute.gpus_per_actor)) if use_gpu else 1)
-    options = {
-        "compute": ray.data.ActorPoolStrategy(size=max(1, min(actors, work_items)), max_tasks_in_flight_per_actor=1),
-        "num_cpus": compute.cpus_per_actor,
-    }
-    if use_gpu:
-        options["num_gpus"] = compute.gpus_per_actor
-    if extra_resources:
-        options["resources"] = dict(extra_resources)
-    return options
-
-
-def actor_device() -> torch.device:
-    """The GPU Ray gave this actor, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 class PrecomputeConfig(JobConfig):

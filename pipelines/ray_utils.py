@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 
-from pipelines.config import RayConfig
+from pydantic import Field
+
+from pipelines.config import RayConfig, Section
 
 # Where S3 is, for workers: endpoint, region, profile name. Never credentials: Ray writes runtime_env
 # verbatim to its logs, so secrets must reach workers the way they reach any process - the standard
@@ -43,3 +45,50 @@ def storage_runtime_env() -> dict:
     """
     env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
     return {"env_vars": env} if env else {}
+
+
+class ActorCompute(Section):
+    """How a stage's Ray Data actor pool is sized and placed (annotate, precompute, evaluate)."""
+
+    batch_size: int = Field(default=16, ge=1, description="Rows per model call inside an actor.")
+    num_actors: int | None = Field(
+        default=None, ge=1,
+        description="Model actors. Default: one per GPU when GPUs are used, else one (torch already uses every core).")
+    use_gpu: bool | None = Field(default=None, description="Put actors on GPUs. Default: if the Ray cluster has any.")
+    gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs each actor reserves when GPUs are used.")
+    cpus_per_actor: float = Field(
+        default=0.9, gt=0,
+        description="CPUs each actor reserves. Keep it fractional: whole CPUs per actor can leave nothing for "
+                    "Ray Data's own tasks on small machines, and the job hangs.")
+
+
+def actor_pool(compute: ActorCompute, work_items: int, extra_resources: dict[str, float] | None = None,
+               cpu_actors: int = 1) -> dict:
+    """``map_batches`` keyword arguments for an actor pool: size, GPUs or fractional CPUs.
+
+    Without GPUs the pool has ``cpu_actors`` actors unless ``num_actors`` says otherwise: one for stages
+    whose model already uses every core, one per CPU for single-threaded work such as annotation.
+    """
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = compute.use_gpu if compute.use_gpu is not None else gpus > 0
+    if use_gpu and gpus <= 0:
+        raise ValueError("compute.use_gpu=true but the Ray cluster has no GPUs")
+    actors = compute.num_actors or (max(1, int(gpus // compute.gpus_per_actor)) if use_gpu else cpu_actors)
+    options = {
+        "compute": ray.data.ActorPoolStrategy(size=max(1, min(actors, work_items)), max_tasks_in_flight_per_actor=1),
+        "num_cpus": compute.cpus_per_actor,
+    }
+    if use_gpu:
+        options["num_gpus"] = compute.gpus_per_actor
+    if extra_resources:
+        options["resources"] = dict(extra_resources)
+    return options
+
+
+def actor_device() -> "torch.device":
+    """The GPU Ray gave this actor, else the CPU."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
