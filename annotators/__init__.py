@@ -1,6 +1,5 @@
-"""Batched condition extractors. Importing the package registers the built-in annotators."""
+"""Batched condition extractors. ``create(name)`` imports a built-in annotator's module on first use."""
 
 from annotators.base import Annotator, WeightsSpec, available, create, register
-from annotators import canny, hed, lineart, midas, mlsd, normalbae, openpose, shuffle  # noqa: F401  (registers)
 
 __all__ = ["Annotator", "WeightsSpec", "available", "create", "register"]

@@ -58,7 +58,7 @@ def fetch(files: Iterable[str], source: str, storage=None) -> Path:
 def _fetch_s3(files: list[str], source: str, storage) -> Path:
     import pyarrow.fs as pafs
 
-    from model.base import cache_dir  # the project's one cache location
+    from pipelines.storage import cache_dir  # the project's one cache location
     from pipelines.storage import resolve  # the one S3 helper; imported only when needed
 
     prefix = resolve(source, storage)

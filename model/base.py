@@ -15,12 +15,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import diffusers
+    import transformers
 
 TINY = "tiny"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -31,11 +35,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 class BaseModel:
     """The frozen parts of Stable Diffusion plus where they came from."""
 
-    unet: "diffusers.UNet2DConditionModel"  # noqa: F821
-    vae: "diffusers.AutoencoderKL"  # noqa: F821
-    text_encoder: "transformers.CLIPTextModel"  # noqa: F821
-    tokenizer: "transformers.CLIPTokenizer"  # noqa: F821
-    noise_scheduler: "diffusers.DDPMScheduler"  # noqa: F821
+    unet: "diffusers.UNet2DConditionModel"
+    vae: "diffusers.AutoencoderKL"
+    text_encoder: "transformers.CLIPTextModel"
+    tokenizer: "transformers.CLIPTokenizer"
+    noise_scheduler: "diffusers.DDPMScheduler"
     source: str
     local_dir: Path
 
@@ -67,16 +71,13 @@ class BaseModel:
         return dist.sample() * self.vae.config.scaling_factor
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZEROCONV_CACHE", Path.home() / ".cache" / "zeroconv"))
-
-
 def resolve_base_dir(source: str, storage=None) -> Path:
     """Turn any accepted ``source`` into a local diffusers directory (building or copying as needed)."""
+    from pipelines.storage import cache_dir
     if source == TINY:
         return ensure_tiny(cache_dir() / "tiny-sd")
     if source.startswith("s3://"):
-        from pipelines.storage import download_dir  # the one S3 helper; imported only when needed
+        from pipelines.storage import download_dir
 
         dest = cache_dir() / "s3" / hashlib.sha256(source.encode()).hexdigest()[:16]
         if not (dest / "model_index.json").exists():

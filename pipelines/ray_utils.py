@@ -87,7 +87,7 @@ def actor_pool(compute: ActorCompute, work_items: int, extra_resources: dict[str
     return options
 
 
-def actor_device() -> "torch.device":
+def actor_device():
     """The GPU Ray gave this actor, else the CPU."""
     import torch
 

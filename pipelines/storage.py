@@ -18,6 +18,11 @@ import pyarrow.fs as pafs
 from pipelines.config import StorageConfig
 
 
+def cache_dir() -> Path:
+    """The one local cache: built/copied base models, annotator weights. ZEROCONV_CACHE overrides it."""
+    return Path(os.environ.get("ZEROCONV_CACHE", Path.home() / ".cache" / "zeroconv"))
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
