@@ -41,9 +41,9 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
-from pipelines.ray_utils import ActorCompute, actor_device, actor_pool
 from pipelines.config import BaseModelConfig, ConfigError, JobConfig, StorageConfig
 from pipelines.images import decode_condition, decode_rgb
+from pipelines.ray_utils import ActorCompute, actor_device, actor_pool
 from pipelines.storage import Location, is_s3, resolve
 
 FORMAT_VERSION = "zeroconv.precomputed/1"
