@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -97,16 +98,15 @@ def ray_session(session_tmp):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(session_tmp):
-    """A real MLflow tracking server on 127.0.0.1; yields its URI."""
-    root = session_tmp / "mlflow-server"
-    root.mkdir()
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, artifacts_destination: str):
+    """A real ``mlflow server`` on a free 127.0.0.1 port (SQLite under ``root``); yields its URI, stops it by PID."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", artifacts_destination],
         env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
@@ -115,6 +115,14 @@ def mlflow_server(session_tmp):
         yield uri
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(session_tmp):
+    """A real MLflow tracking server on 127.0.0.1 (local artifacts); yields its URI."""
+    root = session_tmp / "mlflow-server"
+    with running_mlflow_server(root, str(root / "artifacts")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

@@ -174,24 +174,11 @@ SECRET = "zc-secret-4f1c9e"  # a distinctive secret key: moto accepts any, and a
 @pytest.fixture
 def s3_mlflow_server(s3_server, s3_bucket, tmp_path, monkeypatch):
     """Our own MLflow server on 127.0.0.1 whose artifacts go to s3://bucket/mlflow (proxied uploads)."""
-    from tests.conftest import free_port, stop_process, wait_http
+    from tests.conftest import running_mlflow_server
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    root = tmp_path / "mlflow-server"
-    root.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", f"s3://{s3_bucket}/mlflow"],
-        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=open(root / "server.log", "wb"),
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", timeout=90, proc=proc)
+    with running_mlflow_server(tmp_path / "mlflow-server", f"s3://{s3_bucket}/mlflow") as uri:
         yield uri
-    finally:
-        stop_process(proc)
 
 
 def zeroconv(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
