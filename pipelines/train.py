@@ -14,6 +14,7 @@ same MLflow run); a worker that dies mid-run is restarted from the latest checkp
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pipelines.storage import Location, download_dir, is_s3, resolve
 
 LRSchedule = Literal["constant_with_warmup", "cosine"]
 TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+IN_MEMORY_BYTES = 512 * 2**20  # decoded datasets up to this size are kept in the object store
 ANNOTATOR_KEY = b"zeroconv.annotator"  # condition field metadata written by pipelines.annotate
 
 
@@ -207,7 +209,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     from model.registry import check_tracking_server, resolve_tracking_uri
     from pipelines import tracking
     from pipelines.ray_utils import ensure_ray, storage_runtime_env
-    from pipelines.train_loop import decode_batch, train_loop
+    from pipelines.train_loop import train_loop
 
     # Everything a user can get wrong fails here, before a worker starts.
     data = inspect_dataset(config)
@@ -220,9 +222,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     run_id = tracking.open_run(tracking_uri, config.mlflow.experiment, run_dir, config.run_name, flatten(config))
 
     try:
-        columns = ["image", "text", config.condition_column]
-        dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs, columns=columns).map_batches(
-            decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy")
+        dataset = training_dataset(data, config)
         resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {}), **config.ray.resources}
         trainer = TorchTrainer(
             train_loop,
@@ -258,6 +258,27 @@ def run_train(config: TrainConfig) -> TrainResult:
         registered_model=config.registered_model or None, model_version=version,
         unet_params_changed=final.pop("unet_params_changed"),
     )
+
+
+def training_dataset(data: DatasetInfo, config: TrainConfig, max_in_memory: int = IN_MEMORY_BYTES):
+    """Ray Data: read the Parquet files, decode images and conditions (uint8 arrays) in Ray tasks.
+
+    A small dataset is decoded once, kept in the object store and chained for as many epochs as the
+    run needs: restarting a streaming read per epoch costs about a second, which dominates when an
+    epoch is a few batches. A large one streams; the train loop starts a new pass per epoch."""
+    import ray
+
+    from pipelines.train_loop import decode_batch
+
+    columns = ["image", "text", config.condition_column]
+    dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs, columns=columns).map_batches(
+        decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy")
+    width, height = data.resolution
+    if not width or data.rows * width * height * 3 * 2 > max_in_memory:
+        return dataset
+    epochs = math.ceil(config.max_steps * config.effective_batch / data.rows) + 1
+    dataset = dataset.materialize()
+    return dataset.union(*[dataset] * (epochs - 1)) if epochs > 1 else dataset
 
 
 def failure_marker(config: TrainConfig, run_dir: Location) -> str | None:
