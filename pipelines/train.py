@@ -13,6 +13,7 @@ same MLflow run); a worker that dies mid-run is restarted from the latest checkp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -286,7 +287,7 @@ def failure_marker(config: TrainConfig, run_dir: Location) -> str | None:
     if config.fail_at_step is None:
         return None
     if is_s3(run_dir.uri):
-        return str(Path(tempfile.gettempdir()) / f"zeroconv-failure-{abs(hash(run_dir.uri))}")
+        return str(Path(tempfile.gettempdir()) / f"zeroconv-failure-{hashlib.sha256(run_dir.uri.encode()).hexdigest()[:16]}")
     return str(Path(run_dir.path) / "failure_injected")
 
 

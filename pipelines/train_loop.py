@@ -281,17 +281,23 @@ def train_loop(loop_config: dict) -> None:
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             save_checkpoint(engine, step, {**metrics, "step": step}, ema)
 
-    # The end: gather the (EMA) weights once; check the locked UNet, log the final grid, export.
-    if ema is not None:
-        ema.copy_to_model()
-    state = full_state_dict(engine, rank)
-    if rank == 0:
-        from diffusers import UNet2DConditionModel
+    finish(engine, model, base, config, loop_config, ema, tracker, {**metrics, "step": step,
+           "steady_samples_per_s": meter.steady_samples_per_s(), "peak_rss_mb": peak_rss_mb()}, rank)
 
-        final = {**metrics, "step": step, "peak_rss_mb": peak_rss_mb(), "steady_samples_per_s": meter.steady_samples_per_s()}
-        base_unet = UNet2DConditionModel.from_pretrained(base.local_dir, subfolder="unet")
-        final["unet_params_changed"] = changed_params(sub_state_dict(state, "unet."), base_unet, DTYPES[config.precision])
-        if config.num_validation:
-            tracker.log_grid(validation_images(state, model, base, loop_config["validation"], config), step)
-        tracker.log_metrics({"peak_rss_mb": final["peak_rss_mb"], "steady_samples_per_s": final["steady_samples_per_s"]}, step)
-        export_model(state, model, config.policy != "locked", final, loop_config["export_uri"], config.storage)
+
+def finish(engine, model, base, config: TrainConfig, loop_config: dict, ema, tracker, final: dict, rank: int) -> None:
+    """All ranks gather the final (EMA) weights once; rank 0 checks the UNet against the base on disk,
+    logs the last grid and writes the export with ``final`` (the driver reads the metrics from it)."""
+    from diffusers import UNet2DConditionModel
+
+    if ema is not None:
+        ema.copy_to_model()  # the run is over: the module may hold the averaged weights now
+    state = full_state_dict(engine, rank)
+    if rank != 0:
+        return
+    base_unet = UNet2DConditionModel.from_pretrained(base.local_dir, subfolder="unet")
+    final["unet_params_changed"] = changed_params(sub_state_dict(state, "unet."), base_unet, DTYPES[config.precision])
+    if config.num_validation:
+        tracker.log_grid(validation_images(state, model, base, loop_config["validation"], config), final["step"])
+    tracker.log_metrics({k: final[k] for k in ("steady_samples_per_s", "peak_rss_mb")}, final["step"])
+    export_model(state, model, config.policy != "locked", final, loop_config["export_uri"], config.storage)
