@@ -63,7 +63,14 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
 def connect(tracking_uri: str, experiment: str, artifact_root: str | None = None) -> str:
     """Point this process at ``tracking_uri`` and ``experiment`` (created if missing); returns the experiment id."""
     check_tracking_server(tracking_uri)
+    user_value = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
+    # MLflow also exports the URI as MLFLOW_TRACKING_URI; undo that, or the next stage run in this
+    # process would take this stage's store for the user's setting instead of its own default.
+    if user_value is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_value
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:

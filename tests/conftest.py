@@ -76,6 +76,21 @@ def stop_process(proc: subprocess.Popen) -> None:
             pass
 
 
+@pytest.fixture(autouse=True)
+def isolated_mlflow_tracking_uri():
+    """mlflow.set_tracking_uri() in a test also exports MLFLOW_TRACKING_URI: restore both after each test,
+    so a later test's default (SQLite under its work_dir) is not silently another test's server."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(None)
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     yield _SESSION_TMP
