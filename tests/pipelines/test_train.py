@@ -27,6 +27,18 @@ def train_config(tmp_path: Path, data: Path, mlflow_uri: str, **overrides) -> Tr
     return TrainConfig(**values)
 
 
+def mlflow_run(mlflow_uri: str, run_id: str):
+    import mlflow
+
+    return mlflow.MlflowClient(mlflow_uri).get_run(run_id)
+
+
+def mlflow_artifacts(mlflow_uri: str, run_id: str, path: str):
+    import mlflow
+
+    return mlflow.MlflowClient(mlflow_uri).list_artifacts(run_id, path)
+
+
 def metric_steps(mlflow_uri: str, run_id: str, key: str = "loss") -> list[int]:
     import mlflow
 
@@ -53,14 +65,21 @@ def generate_with_stock_diffusers(base_dir: Path, controlnet_dir: str, unet_dir:
 
 
 @pytest.mark.slow
-def test_zero2_locked_trains_checkpoints_exports_and_registers(tmp_path, ray_session, mlflow_server, fill50k_parquet,
+def test_zero2_bf16_locked_trains_checkpoints_exports_and_registers(tmp_path, ray_session, mlflow_server, fill50k_parquet,
                                                                tiny_base_dir):
-    config = train_config(tmp_path, fill50k_parquet, mlflow_server, zero_stage=2, policy="locked")
+    config = train_config(tmp_path, fill50k_parquet, mlflow_server, zero_stage=2, policy="locked", precision="bf16")
     result = run_train(config)
 
     assert result.steps == 4
     assert metric_steps(mlflow_server, result.mlflow_run_id) == [1, 2, 3, 4]
-    assert result.unet_params_changed == []  # locked: the base UNet is bit-identical after training
+    assert metric_steps(mlflow_server, result.mlflow_run_id, "grad_norm") == [1, 2, 3, 4]
+    assert result.unet_params_changed == []  # locked: the base UNet is bit-identical (in bf16) after training
+    run = mlflow_run(mlflow_server, result.mlflow_run_id)
+    assert run.data.params["precision"] == "bf16" and run.data.params["policy"] == "locked"
+    assert run.data.params["storage_path"] == str(tmp_path / "work" / "train")
+    assert run.info.status == "FINISHED"
+    grids = [a.path for a in mlflow_artifacts(mlflow_server, result.mlflow_run_id, "images")]
+    assert any("validation" in p for p in grids), grids  # the condition | generated grids
     assert result.unet_dir is None
     ckpts = sorted(p.name for p in (tmp_path / "work" / "train" / "test-run").glob("checkpoint_*") if p.is_dir())
     assert ckpts == ["checkpoint_0000002", "checkpoint_0000004"]
@@ -104,7 +123,8 @@ def test_zero3_unlock_decoder_moves_only_decoder_and_exports_unet(tmp_path, ray_
     from model.controlnet import DECODER_PREFIXES
 
     config = train_config(tmp_path, fill50k_parquet, mlflow_server, zero_stage=3, policy="unlock_decoder",
-                          unet_lr=1e-4, ema=True, ema_decay=0.9)
+                          unet_lr=1e-4, ema=True, ema_decay=0.9, gradient_checkpointing=True, grad_accum=2,
+                          lr_schedule="cosine", warmup_steps=1)
     result = run_train(config)
 
     assert result.steps == 4
