@@ -27,6 +27,7 @@ from pydantic import Field
 from model.controlnet import Policy
 from pipelines.checkpoint import SUMMARY_FILE
 from pipelines.config import BaseModelConfig, ConfigError, JobConfig, MLflowConfig, flatten
+from pipelines.precompute import TENSOR_COLUMNS, read_manifest
 from pipelines.storage import Location, download_dir, is_s3, resolve
 
 LRSchedule = Literal["constant_with_warmup", "cosine"]
@@ -130,6 +131,8 @@ class DatasetInfo:
     resolution: tuple[int, int]
     annotator: dict | None
     validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}
+    scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
+    row_bytes: int  # what one row takes in the object store once decoded (0: unknown)
     files: list[str]  # the Parquet files (pyarrow's rules: "_" and "." paths, e.g. annotate's _rejects, are not data)
 
 
@@ -145,7 +148,8 @@ def inspect_dataset(config: TrainConfig) -> DatasetInfo:
     except Exception as exc:  # pyarrow raises several types for "not parquet"
         raise ValueError(f"dataset {config.data!r} is not readable Parquet: {exc}") from None
     columns = dataset.schema.names
-    missing = [c for c in ("image", "text", config.condition_column) if c not in columns]
+    precomputed = set(TENSOR_COLUMNS) <= set(columns)
+    missing = [c for c in ("text", config.condition_column, *(() if precomputed else ("image",))) if c not in columns]
     if missing:
         raise ValueError(
             f"dataset {config.data!r} has no column {', '.join(map(repr, missing))}; its columns are {', '.join(columns)}"
@@ -161,14 +165,34 @@ def inspect_dataset(config: TrainConfig) -> DatasetInfo:
         sizes = set(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
     if len(sizes) > 1:
         raise ValueError(f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; training needs one size (re-annotate with a fixed resolution)")
+    width, height = resolution = next(iter(sizes), (0, 0))
+    scaling_factor, row_bytes = None, width * height * 3 * 2  # decoded image + condition, uint8
+    if precomputed:
+        scaling_factor, row_bytes = check_precomputed(config, columns)
     head = dataset.head(max(config.num_validation, 1), columns=["text", config.condition_column])
     return DatasetInfo(
-        location=loc, rows=rows, columns=columns, resolution=next(iter(sizes), (0, 0)),
+        location=loc, rows=rows, columns=columns, resolution=resolution,
+        scaling_factor=scaling_factor, row_bytes=row_bytes,
         annotator=annotator_spec(dataset.schema, config.condition_column),
         validation={"text": head.column("text").to_pylist()[: config.num_validation],
                     "condition": head.column(config.condition_column).to_pylist()[: config.num_validation]},
         files=list(dataset.files),
     )
+
+
+def check_precomputed(config: TrainConfig, columns: list[str]) -> tuple[float, int]:
+    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling
+    factor and the bytes a row's tensors take."""
+    manifest = read_manifest(config.data, config.storage)
+    if manifest.get("status") != "complete":
+        raise ValueError(f"dataset {config.data!r} has precomputed tensor columns but no complete precompute manifest; "
+                         "finish 'zeroconv precompute' (re-run it to resume) or train on the annotated data")
+    made_with = manifest["job"]["base_model"]
+    if made_with != config.base_model.source:
+        raise ValueError(f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
+                         f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again")
+    shapes = [math.prod(t["shape"]) for t in manifest["tensors"].values()]
+    return float(manifest["scaling_factor"]), 4 * sum(shapes)
 
 
 def annotator_spec(schema, column: str) -> dict | None:
@@ -230,6 +254,7 @@ def run_train(config: TrainConfig) -> TrainResult:
             train_loop_config={
                 "config": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                 "validation": data.validation, "export_uri": run_dir.join("export").uri,
+                "scaling_factor": data.scaling_factor,
                 "failure_marker": failure_marker(config, run_dir),
             },
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
@@ -262,7 +287,8 @@ def run_train(config: TrainConfig) -> TrainResult:
 
 
 def training_dataset(data: DatasetInfo, config: TrainConfig, max_in_memory: int = IN_MEMORY_BYTES):
-    """Ray Data: read the Parquet files, decode images and conditions (uint8 arrays) in Ray tasks.
+    """Ray Data: read the Parquet files, decode images and conditions (uint8 arrays) in Ray tasks; or,
+    for a precomputed dataset, read its tensor columns.
 
     A small dataset is decoded once, kept in the object store and chained for as many epochs as the
     run needs: restarting a streaming read per epoch costs about a second, which dominates when an
@@ -271,11 +297,14 @@ def training_dataset(data: DatasetInfo, config: TrainConfig, max_in_memory: int 
 
     from pipelines.train_loop import decode_batch
 
-    columns = ["image", "text", config.condition_column]
-    dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs, columns=columns).map_batches(
-        decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy")
-    width, height = data.resolution
-    if not width or data.rows * width * height * 3 * 2 > max_in_memory:
+    if data.scaling_factor is not None:  # precomputed: tensors as stored; conditions are decoded per step
+        dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs,
+                                        columns=[*TENSOR_COLUMNS, "text", config.condition_column])
+    else:
+        dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs,
+                                        columns=["image", "text", config.condition_column]).map_batches(
+            decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy")
+    if not data.row_bytes or data.rows * data.row_bytes > max_in_memory:
         return dataset
     epochs = math.ceil(config.max_steps * config.effective_batch / data.rows) + 1
     dataset = dataset.materialize()

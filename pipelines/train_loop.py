@@ -24,6 +24,7 @@ from model.inference import condition_tensor
 from model.objective import diffusion_loss, drop_prompts
 from pipelines.checkpoint import changed_params, export_model, full_state_dict, restore_checkpoint, save_checkpoint, sub_state_dict
 from pipelines.images import decode_condition, decode_rgb
+from pipelines.precompute import image_tensor, precomputed_tensors
 from pipelines.train import TrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,9 +47,19 @@ def decode_batch(batch: dict[str, np.ndarray], condition_column: str) -> dict[st
 
 def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """uint8 NHWC -> images float [-1, 1] NCHW, conditions float [0, 1] NCHW; plus the prompts."""
-    images = torch.from_numpy(batch["image"]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    images = image_tensor(batch["image"]).to(device)
     conditions = condition_tensor(batch["condition"]).to(device)
     return images, conditions, [str(t) for t in batch["text"]]
+
+
+def batch_tensors(batch: dict[str, np.ndarray], base, condition_column: str, scaling_factor: float | None,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, text embeddings, conditions): through the frozen VAE and text encoder from a decoded
+    batch, or sampled from the stored posteriors of a precomputed one (``scaling_factor`` set)."""
+    if scaling_factor is not None:
+        return precomputed_tensors(batch, condition_column, scaling_factor, device)
+    images, conditions, prompts = to_tensors(batch, device)
+    return base.encode_images(images), base.encode_prompts(prompts), conditions
 
 
 def micro_batches(shard, batch_size: int, seed: int):
@@ -161,15 +172,15 @@ def validation_images(state: dict, model: ControlledUNet, base, validation: dict
 # ---------------------------------------------------------------------------------------------
 
 
-def train_step(engine, base, batches, empty_prompt: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+def train_step(engine, base, batches, empty_prompt: torch.Tensor, config: TrainConfig,
+               scaling_factor: float | None) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (detached)."""
     dtype = DTYPES[config.precision]
     total = torch.zeros((), device=engine.device)
     for _ in range(config.grad_accum):
-        images, conditions, prompts = to_tensors(next(batches), engine.device)
-        latents = base.encode_images(images).to(dtype)
-        text = drop_prompts(base.encode_prompts(prompts), empty_prompt, config.prompt_dropout).to(dtype)
-        loss = diffusion_loss(engine, base.noise_scheduler, latents, text, [conditions.to(dtype)])
+        latents, text, conditions = batch_tensors(next(batches), base, config.condition_column, scaling_factor, engine.device)
+        text = drop_prompts(text, empty_prompt, config.prompt_dropout)
+        loss = diffusion_loss(engine, base.noise_scheduler, latents.to(dtype), text.to(dtype), [conditions.to(dtype)])
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries
         total += loss.detach()
@@ -265,7 +276,7 @@ def train_loop(loop_config: dict) -> None:
     while step < config.max_steps:
         maybe_fail(config, step + 1, rank, world, loop_config.get("failure_marker"))
         started = time.perf_counter()
-        loss = train_step(engine, base, batches, empty_prompt, config)
+        loss = train_step(engine, base, batches, empty_prompt, config, loop_config["scaling_factor"])
         synchronize(device)
         meter.add(loss, time.perf_counter() - started)
         step += 1

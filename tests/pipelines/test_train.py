@@ -234,3 +234,15 @@ def test_control_is_learned_on_fill50k(tmp_path, ray_session, mlflow_server):
           f"shuffled {trained['shuffled']:.4f}")
     assert trained["true"] < at_init["true"]
     assert trained["true"] < 0.95 * trained["shuffled"], trained  # measured: 0.320 vs 0.366
+
+
+@pytest.mark.slow
+def test_trains_on_precomputed_latents(tmp_path, ray_session, mlflow_server, fill50k_parquet, tiny_base_dir):
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+
+    pre = run_precompute(PrecomputeConfig(data=str(fill50k_parquet), output=str(tmp_path / "pre"), work_dir=str(tmp_path)))
+    config = train_config(tmp_path, Path(pre.output), mlflow_server, num_workers=1, cpus_per_worker=1, max_steps=2,
+                          checkpoint_every=2, num_validation=1, validate_every=0, registered_model=None)
+    result = run_train(config)
+    assert result.steps == 2 and np.isfinite(result.metrics["loss"])
+    generate_with_stock_diffusers(tiny_base_dir, result.controlnet_dir)

@@ -121,3 +121,24 @@ def test_image_grid_puts_condition_beside_generated():
     grid = image_grid(conditions, images)
     assert grid.shape == (8, 8, 3)
     assert (grid[:, :4] == 0).all() and (grid[:, 4:] == 255).all()
+
+
+def test_precomputed_dataset_must_match_the_base_model(tmp_path):
+    from pipelines.precompute import FORMAT_VERSION, MANIFEST
+
+    table = fill50k_table(4, size=64).drop_columns(["image"])
+    for name in ("latent_mean", "latent_std", "text_embedding"):
+        table = table.append_column(name, pa.array([[0.0]] * 4))
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    manifest = {"format": FORMAT_VERSION, "status": "complete", "job": {"base_model": "some/other-model"},
+                "scaling_factor": 0.18215, "tensors": {"latent_mean": {"shape": [4, 8, 8]},
+                                                       "latent_std": {"shape": [4, 8, 8]},
+                                                       "text_embedding": {"shape": [77, 32]}}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="precomputed with base model 'some/other-model', not 'tiny'"):
+        inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=1))
+    info = inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=1, base_model={"source": "some/other-model"}))
+    assert info.scaling_factor == 0.18215 and info.row_bytes == 4 * (2 * 256 + 77 * 32)
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
+    with pytest.raises(ValueError, match="no complete precompute manifest"):
+        inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=1))
