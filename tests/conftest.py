@@ -76,10 +76,11 @@ def stop_process(proc: subprocess.Popen) -> None:
             pass
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def isolated_mlflow_tracking_uri():
-    """mlflow.set_tracking_uri() in a test also exports MLFLOW_TRACKING_URI: restore both after each test,
-    so a later test's default (SQLite under its work_dir) is not silently another test's server."""
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI: restore both after each test module, so a
+    later module's default (SQLite under its work_dir) is not silently another module's server. (Per module,
+    not per test: module-scoped fixtures point MLflow at their server for all of the module's tests.)"""
     import mlflow
 
     saved = os.environ.get("MLFLOW_TRACKING_URI")
