@@ -44,6 +44,7 @@ from deploy.schemas import (
     check_range, check_size, decode_image, parse_request,
 )
 from pipelines.config import ConfigError, JobConfig, MLflowConfig, Section, format_validation_error
+from pipelines.ray_utils import ensure_ray
 
 logger = logging.getLogger("ray.serve")
 
@@ -667,11 +668,7 @@ def run_serve(config: ServeConfig) -> ServeResult:
     config = resolve_config(config)
     versions = served_versions(config)
     application = build_app(config)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only
-        ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
-                 configure_logging=False)
+    started_ray = ensure_ray(config.ray)  # the test's/pipeline's Ray, config.ray.address, or a local one
     serve.start(http_options={"host": config.host, "port": config.port})
     handle = serve.run(application, name=config.app_name, route_prefix=config.route_prefix)
     url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
