@@ -33,11 +33,3 @@ def export_controlnet(controlnet: nn.Module, out_dir: str | Path, state_dict: di
 def export_unet(unet: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     return _save(unet, out_dir, state_dict)
 
-
-def load_controlnet(path: str | Path):
-    from diffusers import ControlNetModel
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not an exported ControlNet (no config.json)")
-    return ControlNetModel.from_pretrained(path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -177,5 +177,3 @@ def flatten(config: BaseModel) -> dict[str, Any]:
     walk("", config.model_dump(mode="json"))
     return out
 
-
-Precision = Literal["fp32", "bf16"]
