@@ -115,22 +115,30 @@ def ray_session(session_tmp):
 
 
 @contextlib.contextmanager
+def running_server(command: list[str], env: dict, log_path: Path, ready_url: str, timeout: float = 90,
+                   stop=None):
+    """Start a server process in its own session, wait until ``ready_url`` answers, stop it on exit
+    (by default its process group, by PID; ``stop`` for servers whose children leave the group)."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(ready_url, timeout=timeout, proc=proc)
+            yield proc
+        finally:
+            (stop or stop_process)(proc)
+
+
+@contextlib.contextmanager
 def running_mlflow_server(root: Path, artifacts_destination: str):
-    """A real ``mlflow server`` on a free 127.0.0.1 port (SQLite under ``root``); yields its URI, stops it by PID."""
+    """A real ``mlflow server`` on a free 127.0.0.1 port (SQLite under ``root``); yields its URI."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", artifacts_destination]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", artifacts_destination],
-        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
     uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", timeout=90, proc=proc)
+    with running_server(command, env, root / "server.log", f"{uri}/health"):
         yield uri
-    finally:
-        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from pipelines.config import ConfigError
 from pipelines.submit import SubmitConfig, build_entrypoint, run_submit
-from tests.conftest import free_port, wait_http
+from tests.conftest import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,16 +54,13 @@ def ray_head():
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp_dir) / "head.log", "wb")
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_http(f"{address}/api/version", timeout=120, proc=proc)
-        yield address
+        with running_server(command, env, Path(temp_dir) / "head.log", f"{address}/api/version", timeout=120,
+                            stop=_stop_tree):
+            yield address
     finally:
-        _stop_tree(proc)
-        log.close()
-        subprocess.run(["rm", "-rf", temp_dir], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
