@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # DeepSpeed's ops are JIT-built on demand; building none at install keeps it a pure-Python wheel.
 export DS_BUILD_OPS := 0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/zeroconv demo
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed lint
 	$(BIN)/python -m pytest
+
+# The architecture and style checks (docs/architecture.md): ruff lint + format, import contracts.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: $(BIN)/.installed
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done

@@ -69,14 +69,21 @@ class Annotator:
         if out.ndim == 3:
             out = out[..., None]
         if out.dtype != np.uint8 or out.shape != (n, h, w, self.channels):  # a bug in the annotator, not the input
-            raise RuntimeError(f"{self.name}: produced {out.dtype} {out.shape}, expected uint8 {(n, h, w, self.channels)}")
+            raise RuntimeError(
+                f"{self.name}: produced {out.dtype} {out.shape}, expected uint8 {(n, h, w, self.channels)}"
+            )
         return out
 
     def spec(self) -> dict[str, Any]:
         """What goes into the dataset's column metadata and the model registry (JSON-serialisable)."""
         params = {k: v for k, v in self.params.items() if k not in self.runtime_params}
-        return {"name": self.name, "version": self.version, "params": params,
-                "channels": self.channels, "commercial_use": self.commercial_use}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "params": params,
+            "channels": self.channels,
+            "commercial_use": self.commercial_use,
+        }
 
     def __reduce__(self):
         # Pickle by construction arguments, never by loaded weights: the copy rebuilds itself.
@@ -98,9 +105,14 @@ def register(cls: type[Annotator]) -> type[Annotator]:
 # Built-in annotators by module, imported on first use: a job that only needs canny never imports
 # torch or a network (that costs seconds and ~0.5 GiB per Ray actor).
 BUILTIN: dict[str, str] = {
-    "canny": "annotators.canny", "content_shuffle": "annotators.shuffle",
-    "lineart_standard": "annotators.lineart", "lineart": "annotators.lineart", "hed": "annotators.hed",
-    "midas": "annotators.midas", "mlsd": "annotators.mlsd", "normalbae": "annotators.normalbae",
+    "canny": "annotators.canny",
+    "content_shuffle": "annotators.shuffle",
+    "lineart_standard": "annotators.lineart",
+    "lineart": "annotators.lineart",
+    "hed": "annotators.hed",
+    "midas": "annotators.midas",
+    "mlsd": "annotators.mlsd",
+    "normalbae": "annotators.normalbae",
     "openpose": "annotators.openpose",
 }
 

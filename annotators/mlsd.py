@@ -45,7 +45,7 @@ class MLSD(NetworkAnnotator):
         outputs = self.net(inputs.to(self.device)).cpu()
         maps = np.zeros((n, h, w), np.uint8)
         for i, image in enumerate(images):
-            replay = Replay(inputs[i:i + 1], outputs[i:i + 1])
+            replay = Replay(inputs[i : i + 1], outputs[i : i + 1])
             try:
                 lines = pred_lines(image, replay, [h, w], self.value_threshold, self.distance_threshold)
             except IndexError:

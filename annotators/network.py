@@ -61,10 +61,16 @@ class NetworkAnnotator(Annotator):
         weights_sha256: {file: sha256} pins checked on load (added to any pins in ``weights``).
         device: torch device; default CUDA when available, else CPU.
         batch_size: images per network forward (GPU memory bound); any batch is split into chunks.
-        storage: a pipelines.config.StorageConfig for an ``s3://`` source (default: AWS environment).
+        storage: a pipelines.common.config.StorageConfig for an ``s3://`` source (default: AWS environment).
         """
-        super().__init__(weights_source=weights_source, weights_sha256=weights_sha256, device=device,
-                         batch_size=batch_size, storage=storage, **params)
+        super().__init__(
+            weights_source=weights_source,
+            weights_sha256=weights_sha256,
+            device=device,
+            batch_size=batch_size,
+            storage=storage,
+            **params,
+        )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"{self.name}: batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
@@ -88,7 +94,7 @@ class NetworkAnnotator(Annotator):
 
     @torch.inference_mode()
     def annotate(self, images: np.ndarray) -> np.ndarray:
-        chunks = [images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size)]
+        chunks = [images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size)]
         return np.concatenate([self.annotate_batch(chunk) for chunk in chunks])
 
     def to_device(self, images: np.ndarray) -> torch.Tensor:
@@ -101,8 +107,11 @@ class NetworkAnnotator(Annotator):
 
     def spec(self) -> dict[str, Any]:
         spec = super().spec()
-        spec["weights"] = {"source": self.weights_source, "sha256": self.weight_hashes,
-                           "licence": self.weights.licence}
+        spec["weights"] = {
+            "source": self.weights_source,
+            "sha256": self.weight_hashes,
+            "licence": self.weights.licence,
+        }
         return spec
 
 

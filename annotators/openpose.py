@@ -59,7 +59,7 @@ class OpenPose(NetworkAnnotator):
         pafs, heatmaps = (out.cpu() for out in self.body.model(inputs.to(self.device)))
         maps = []
         for i, image in enumerate(images):
-            replay = Replay(inputs[i:i + 1], (pafs[i:i + 1], heatmaps[i:i + 1]))
+            replay = Replay(inputs[i : i + 1], (pafs[i : i + 1], heatmaps[i : i + 1]))
             poses = OpenposeDetector(ReplayBody(replay)).detect_poses(image)
             maps.append(draw_poses(poses, h, w, draw_body=True, draw_hand=False, draw_face=False))
         return np.stack(maps)

@@ -28,7 +28,7 @@ def noise_disk(rng: np.random.RandomState, h: int, w: int, period: int) -> np.nd
     """controlnet_aux.util.make_noise_disk(h, w, 1, period), drawing from ``rng``: (h, w, 1) in [0, 1]."""
     noise = rng.uniform(low=0, high=1, size=((h // period) + 2, (w // period) + 2, 1))
     noise = cv2.resize(noise, (w + 2 * period, h + 2 * period), interpolation=cv2.INTER_CUBIC)
-    noise = noise[period: period + h, period: period + w]
+    noise = noise[period : period + h, period : period + w]
     noise -= np.min(noise)
     noise /= np.max(noise)
     return noise[:, :, None]

@@ -58,8 +58,10 @@ def fetch(files: Iterable[str], source: str, storage=None) -> Path:
 def _fetch_s3(files: list[str], source: str, storage) -> Path:
     import pyarrow.fs as pafs
 
-    from pipelines.storage import cache_dir  # the project's one cache location
-    from pipelines.storage import resolve  # the one S3 helper; imported only when needed
+    from pipelines.common.storage import (
+        cache_dir,  # the project's one cache location
+        resolve,  # the one S3 helper; imported only when needed
+    )
 
     prefix = resolve(source, storage)
     dest = cache_dir() / "annotator-weights" / hashlib.sha256(prefix.uri.encode()).hexdigest()[:16]
@@ -95,8 +97,11 @@ def _fetch_hub(files: list[str], repo: str) -> Path:
         try:
             paths.append(Path(hf_hub_download(repo, file)))
         except Exception as exc:  # offline, missing file, unknown repo, gated repo...
-            offline = " (HF_HUB_OFFLINE is set and the file is not in the hub cache)" if os.environ.get(
-                "HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
+            offline = (
+                " (HF_HUB_OFFLINE is set and the file is not in the hub cache)"
+                if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+                else ""
+            )
             raise FileNotFoundError(
                 f"annotator weights {file!r} could not be fetched from hub repo {repo!r}{offline}: "
                 f"{type(exc).__name__}. {_how_to_provide(file)}"

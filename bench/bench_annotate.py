@@ -38,9 +38,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # keep the JSON re
 
 from annotators import create  # noqa: E402
 from pipelines.annotate import AnnotateConfig, run_annotate  # noqa: E402
-from pipelines.config import RayConfig  # noqa: E402
-from pipelines.images import encode_png  # noqa: E402
-from pipelines.ray_utils import ensure_ray  # noqa: E402
+from pipelines.common.cluster import ensure_ray  # noqa: E402
+from pipelines.common.config import RayConfig  # noqa: E402
+from pipelines.common.images import encode_png  # noqa: E402
 
 RESOLUTION = 512
 
@@ -49,8 +49,16 @@ def photos() -> list[np.ndarray]:
     """scikit-image's bundled photos (colour), plus a few of its grayscale textures tinted."""
     import skimage.data as data
 
-    colour = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field(),
-              data.immunohistochemistry(), data.retina(), data.stereo_motorcycle()[0]]
+    colour = [
+        data.astronaut(),
+        data.coffee(),
+        data.chelsea(),
+        data.rocket(),
+        data.hubble_deep_field(),
+        data.immunohistochemistry(),
+        data.retina(),
+        data.stereo_motorcycle()[0],
+    ]
     tints = [(1.0, 0.85, 0.7), (0.7, 0.9, 1.0), (0.9, 1.0, 0.8)]
     gray = [data.grass(), data.gravel(), data.brick(), data.camera(), data.moon()]
     colour += [np.clip(g[..., None] * np.array(tints[i % 3]), 0, 255).astype(np.uint8) for i, g in enumerate(gray)]
@@ -84,7 +92,7 @@ def _make_images(folder: Path, indices: range, seed: int) -> None:
         ch, cw = int(h * rng.uniform(0.55, 1.0)), int(w * rng.uniform(0.55, 1.0))
         top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         out_w, out_h = (int(v) for v in rng.integers(512, 769, size=2))
-        img = cv2.resize(src[top:top + ch, left:left + cw], (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(src[top : top + ch, left : left + cw], (out_w, out_h), interpolation=cv2.INTER_LINEAR)
         if rng.random() < 0.5:
             img = img[:, ::-1]
         gains, offset = rng.uniform(0.8, 1.2, size=3), rng.uniform(-20, 20)
@@ -92,7 +100,7 @@ def _make_images(folder: Path, indices: range, seed: int) -> None:
         img = cv2.LUT(np.ascontiguousarray(img), lut.reshape(1, 256, 3))
         tile = noise[rng.integers(len(noise))]
         dy, dx = rng.integers(0, 800 - out_h + 1), rng.integers(0, 800 - out_w + 1)
-        img = np.clip(img + tile[dy:dy + out_h, dx:dx + out_w], 0, 255).astype(np.uint8)
+        img = np.clip(img + tile[dy : dy + out_h, dx : dx + out_w], 0, 255).astype(np.uint8)
         path = folder / f"{i:07d}.jpg"
         Image.fromarray(img).save(path, quality=int(rng.integers(85, 96)))
 
@@ -105,8 +113,9 @@ def baseline(paths: list[Path], size: int = RESOLUTION) -> float:
         with Image.open(io.BytesIO(path.read_bytes())) as img:
             img = img.convert("RGB")
             scale = size / min(img.size)
-            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
-                             Image.BICUBIC)
+            img = img.resize(
+                (max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC
+            )
             left, top = (img.width - size) // 2, (img.height - size) // 2
             rgb = np.asarray(img.crop((left, top, left + size, top + size)))
         encode_png(canny(rgb[None])[0])
@@ -144,15 +153,20 @@ class PeakRSS:
 def pipeline(folder: Path, output: Path, batch_size: int) -> dict:
     """(b): run_annotate on every core. Returns images/s, peak RSS and the counts."""
     shutil.rmtree(output, ignore_errors=True)
-    config = AnnotateConfig(input=str(folder), output=str(output), resolution=RESOLUTION, min_side=256,
-                            compute={"batch_size": batch_size})
+    config = AnnotateConfig(
+        input=str(folder), output=str(output), resolution=RESOLUTION, min_side=256, compute={"batch_size": batch_size}
+    )
     with PeakRSS() as rss:
         start = time.perf_counter()
         result = run_annotate(config)
         seconds = time.perf_counter() - start
     assert result.read == result.accepted == len(list(folder.glob("*.jpg"))), str(result)
-    return {"images": result.accepted, "seconds": round(seconds, 2), "images_per_s": round(result.accepted / seconds, 1),
-            "peak_rss_mib": round(rss.peak / 2**20)}
+    return {
+        "images": result.accepted,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(result.accepted / seconds, 1),
+        "peak_rss_mib": round(rss.peak / 2**20),
+    }
 
 
 def main() -> None:
@@ -189,7 +203,9 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         base_mean = sum(base) / len(base)
         report = {
-            "n": args.n, "resolution": RESOLUTION, "cpus": cpus,
+            "n": args.n,
+            "resolution": RESOLUTION,
+            "cpus": cpus,
             "load_avg_1m_start_mid_end": [round(x, 1) for x in load],  # > cpus: others share the machine
             "image_generation_s": round(made_s, 1),
             "baseline_single_process_images_per_s": round(base_mean, 1),

@@ -36,13 +36,15 @@ def _random_state_dicts() -> dict[str, Callable[[], dict]]:
     from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
     from controlnet_aux.normalbae.nets.NNET import NNET
 
-    nnet_args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet",
-                                      sampling_ratio=0.4, importance_ratio=0.7)
+    nnet_args = types.SimpleNamespace(
+        mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7
+    )
     return {
         "ControlNetHED.pth": lambda: ControlNetHED_Apache2().state_dict(),
         "sk_model.pth": lambda: Generator(3, 1, 3).state_dict(),
-        "dpt_hybrid-midas-501f0c75.pt":
-            lambda: DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True).state_dict(),
+        "dpt_hybrid-midas-501f0c75.pt": lambda: DPTDepthModel(
+            path=None, backbone="vitb_rn50_384", non_negative=True
+        ).state_dict(),
         "scannet.pt": lambda: {"model": NNET(nnet_args).state_dict()},
     }
 
@@ -57,8 +59,9 @@ def _detector(name: str, directory: Path):
         net = Generator(3, 1, 3)
         net.load_state_dict(torch.load(directory / "sk_model.pth", map_location="cpu"))
         return LineartDetector(net.eval(), net)
-    return {"hed": aux.HEDdetector, "midas": aux.MidasDetector,
-            "normalbae": aux.NormalBaeDetector}[name].from_pretrained(str(directory))
+    return {"hed": aux.HEDdetector, "midas": aux.MidasDetector, "normalbae": aux.NormalBaeDetector}[
+        name
+    ].from_pretrained(str(directory))
 
 
 def _images(n: int, size: int) -> np.ndarray:
@@ -85,8 +88,12 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = args.annotators.split(",")
-    files = {"hed": "ControlNetHED.pth", "lineart": "sk_model.pth", "midas": "dpt_hybrid-midas-501f0c75.pt",
-             "normalbae": "scannet.pt"}
+    files = {
+        "hed": "ControlNetHED.pth",
+        "lineart": "sk_model.pth",
+        "midas": "dpt_hybrid-midas-501f0c75.pt",
+        "normalbae": "scannet.pt",
+    }
     images = _images(args.n, args.size)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(args.weights or tmp)
@@ -102,8 +109,12 @@ def main() -> None:
 
             _sync(device)
             start = time.perf_counter()
-            baseline = np.stack([detector(image, detect_resolution=args.size, image_resolution=args.size,
-                                          output_type="np") for image in images])
+            baseline = np.stack(
+                [
+                    detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+                    for image in images
+                ]
+            )
             _sync(device)
             baseline_s = time.perf_counter() - start
 
@@ -112,13 +123,23 @@ def main() -> None:
             _sync(device)
             ours_s = time.perf_counter() - start
 
-            baseline = baseline[..., :ours.channels]
-            print(json.dumps({
-                "annotator": name, "device": device, "size": args.size, "n": args.n,
-                "batch_size": args.batch_size, "controlnet_aux_img_per_s": round(args.n / baseline_s, 2),
-                "ours_img_per_s": round(args.n / ours_s, 2), "speedup": round(baseline_s / ours_s, 2),
-                "max_abs_diff": int(np.abs(batched.astype(int) - baseline.astype(int)).max()),
-            }), flush=True)
+            baseline = baseline[..., : ours.channels]
+            print(
+                json.dumps(
+                    {
+                        "annotator": name,
+                        "device": device,
+                        "size": args.size,
+                        "n": args.n,
+                        "batch_size": args.batch_size,
+                        "controlnet_aux_img_per_s": round(args.n / baseline_s, 2),
+                        "ours_img_per_s": round(args.n / ours_s, 2),
+                        "speedup": round(baseline_s / ours_s, 2),
+                        "max_abs_diff": int(np.abs(batched.astype(int) - baseline.astype(int)).max()),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

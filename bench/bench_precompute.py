@@ -41,17 +41,28 @@ def load_batches(path: Path, batch: int) -> list[dict[str, np.ndarray]]:
     columns = {}
     for name in table.column_names:
         column = table.column(name).combine_chunks()
-        columns[name] = column.to_numpy_ndarray() if hasattr(column, "to_numpy_ndarray") else np.array(
-            column.to_pylist(), dtype=object)
+        columns[name] = (
+            column.to_numpy_ndarray()
+            if hasattr(column, "to_numpy_ndarray")
+            else np.array(column.to_pylist(), dtype=object)
+        )
     n = table.num_rows - table.num_rows % batch
-    return [{k: v[i:i + batch] for k, v in columns.items()} for i in range(0, n, batch)]
+    return [{k: v[i : i + batch] for k, v in columns.items()} for i in range(0, n, batch)]
 
 
-def train_steps(model, optimizer, base, batches, steps: int, path: str, scaling: float, seed: int,
-                ) -> tuple[float, float, list]:
+def train_steps(
+    model,
+    optimizer,
+    base,
+    batches,
+    steps: int,
+    path: str,
+    scaling: float,
+    seed: int,
+) -> tuple[float, float, list]:
     """``steps`` optimizer steps; returns (wall seconds, CPU seconds of this process, losses)."""
     from model.objective import diffusion_loss
-    from pipelines.precompute import precomputed_tensors, raw_tensors
+    from pipelines.data.tensors import precomputed_tensors, raw_tensors
 
     torch.manual_seed(seed)
     losses = []
@@ -72,15 +83,24 @@ def train_steps(model, optimizer, base, batches, steps: int, path: str, scaling:
 
 def bench_resolution(base, resolution: int, batch: int, steps: int, rounds: int, work: Path) -> dict:
     from model.controlnet import ControlledUNet, controlnet_from_unet, param_groups
-    from pipelines.config import load_config
+    from pipelines.common.config import load_config
+    from pipelines.data.synthetic import write_fill50k_parquet
     from pipelines.precompute import PrecomputeConfig, run_precompute
-    from pipelines.synthetic import write_fill50k_parquet
 
     raw_dir = write_fill50k_parquet(work / f"raw-{resolution}", n=batch * 4, size=resolution, seed=0, shards=2)
     started = time.perf_counter()
-    result = run_precompute(load_config(PrecomputeConfig, None, [
-        f"data={raw_dir}", f"output={work / f'pre-{resolution}'}", f"base_model.source={base.local_dir}",
-        f"compute.batch_size={batch}"]))
+    result = run_precompute(
+        load_config(
+            PrecomputeConfig,
+            None,
+            [
+                f"data={raw_dir}",
+                f"output={work / f'pre-{resolution}'}",
+                f"base_model.source={base.local_dir}",
+                f"compute.batch_size={batch}",
+            ],
+        )
+    )
     precompute_seconds = time.perf_counter() - started
     raw, pre = load_batches(raw_dir, batch), load_batches(work / f"pre-{resolution}", batch)
 
@@ -94,8 +114,9 @@ def bench_resolution(base, resolution: int, batch: int, steps: int, rounds: int,
             controlnet.load_state_dict(initial)
             model = ControlledUNet(base.unet, [controlnet])
             optimizer = torch.optim.AdamW(param_groups(model, "locked", lr=1e-5, unet_lr=0.0))
-            seconds, cpu_seconds, losses = train_steps(model, optimizer, base, batches, steps if r else 2, path,
-                                                       result.scaling_factor, seed=r)
+            seconds, cpu_seconds, losses = train_steps(
+                model, optimizer, base, batches, steps if r else 2, path, result.scaling_factor, seed=r
+            )
             if r:
                 wall[path] += seconds
                 cpu[path] += cpu_seconds
@@ -104,8 +125,12 @@ def bench_resolution(base, resolution: int, batch: int, steps: int, rounds: int,
     samples = steps * batch * rounds
     raw_rate, pre_rate = samples / wall["raw"], samples / wall["precomputed"]
     return {
-        "resolution": resolution, "batch": batch, "steps_per_round": steps, "rounds": rounds,
-        "raw_samples_per_s": round(raw_rate, 2), "precomputed_samples_per_s": round(pre_rate, 2),
+        "resolution": resolution,
+        "batch": batch,
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "raw_samples_per_s": round(raw_rate, 2),
+        "precomputed_samples_per_s": round(pre_rate, 2),
         "speedup": round(pre_rate / raw_rate, 3),
         # CPU time of this process: the work each path does, less disturbed by other load on the machine.
         "raw_samples_per_cpu_s": round(samples / cpu["raw"], 2),
@@ -122,9 +147,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating raw/precomputed rounds")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 keeps CPU time an honest measure of work on a shared machine "
-                             "(idle OpenMP threads spin and bill CPU time when another process has the core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 keeps CPU time an honest measure of work on a shared machine "
+        "(idle OpenMP threads spin and bill CPU time when another process has the core)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -140,16 +169,24 @@ def main() -> None:
                 results.append(bench_resolution(base, resolution, args.batch, args.steps, args.rounds, Path(tmp)))
         finally:
             ray.shutdown()
-    print(json.dumps({
-        "bench": "precompute",
-        "what": "training samples/s: VAE + text encoder every step (raw) vs precomputed latents + embeddings",
-        "loop": "plain PyTorch: ControlledUNet (tiny UNet + ControlNet, locked), diffusion_loss, AdamW; not Ray Train",
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "model": "tiny (64 px native; larger sizes run the same tiny nets on bigger tensors)",
-        "results": results,
-        "reference": {"mosaicml_sd2_a100": "VAE + CLIP in the loop cost 1.4x (precomputed ~36 img/s/GPU at 512 px)"},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "bench": "precompute",
+                "what": "training samples/s: VAE + text encoder every step (raw) vs precomputed latents + embeddings",
+                "loop": "plain PyTorch: ControlledUNet (tiny UNet + ControlNet, locked), diffusion_loss, AdamW; "
+                "not Ray Train",
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "torch_threads": torch.get_num_threads(),
+                "model": "tiny (64 px native; larger sizes run the same tiny nets on bigger tensors)",
+                "results": results,
+                "reference": {
+                    "mosaicml_sd2_a100": "VAE + CLIP in the loop cost 1.4x (precomputed ~36 img/s/GPU at 512 px)"
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

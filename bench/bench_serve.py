@@ -47,7 +47,8 @@ def register_tiny_controlnet(work: Path) -> str:
     from model.base import TINY, load_base, resolve_base_dir
     from model.controlnet import controlnet_from_unet
     from model.export import export_controlnet
-    from model.registry import connect, log_controlnet_model, set_alias
+    from model.registry import log_controlnet_model, set_alias
+    from pipelines.common.tracking import connect
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     connect(uri, "bench-serve")
@@ -64,8 +65,9 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50": round(float(np.percentile(ms, 50)), 2), "p95": round(float(np.percentile(ms, 95)), 2)}
 
 
-def latencies(port: int, path: str, n: int, condition: np.ndarray, body: dict, steps: int,
-              threads: int) -> dict[str, list]:
+def latencies(
+    port: int, path: str, n: int, condition: np.ndarray, body: dict, steps: int, threads: int
+) -> dict[str, list]:
     """Seconds per call, in turn: in-process, over HTTP, the time the replica reports for that request,
     and GET /healthz (Serve's HTTP path with no work). Interleaving makes them all see the same load
     (on a shared machine, load drifts more between phases than the overhead we measure). The client is
@@ -112,13 +114,16 @@ def latencies(port: int, path: str, n: int, condition: np.ndarray, body: dict, s
 
 def throughputs(urls: dict[str, str], n: int, concurrency: int, body: dict, rounds: int = 4) -> dict[str, float]:
     """Requests/s per URL at ``concurrency``; rounds alternate between the URLs for the same reason."""
+
     def one(url: str, seed: int) -> None:
         requests.post(url, json={**body, "seed": seed}, timeout=120).raise_for_status()
 
     elapsed = dict.fromkeys(urls, 0.0)
     per_round = n // rounds
-    with ThreadPoolExecutor(concurrency) as pool, tqdm(total=per_round * rounds * len(urls), desc="throughput",
-                                                      file=sys.stderr) as bar:
+    with (
+        ThreadPoolExecutor(concurrency) as pool,
+        tqdm(total=per_round * rounds * len(urls), desc="throughput", file=sys.stderr) as bar,
+    ):
         for url in urls.values():  # warm up
             list(pool.map(lambda s: one(url, s), range(concurrency)))
         for _ in range(rounds):
@@ -144,16 +149,21 @@ def main() -> None:
     from ray import serve
 
     from deploy.serve_app import build_app
-    from pipelines.images import encode_png
+    from pipelines.common.images import encode_png
 
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="zc-bench-serve-"))
     os.environ.setdefault("ZEROCONV_CACHE", str(work / "cache"))
     uri = register_tiny_controlnet(work)
     condition = np.zeros((args.size, args.size, 3), np.uint8)
-    condition[args.size // 4: -args.size // 4, args.size // 4: -args.size // 4] = 255
-    body = {"prompt": "a red circle", "steps": args.steps, "width": args.size, "height": args.size,
-            "controls": [{"image": base64.b64encode(encode_png(condition)).decode()}]}
+    condition[args.size // 4 : -args.size // 4, args.size // 4 : -args.size // 4] = 255
+    body = {
+        "prompt": "a red circle",
+        "steps": args.steps,
+        "width": args.size,
+        "height": args.size,
+        "controls": [{"image": base64.b64encode(encode_png(condition)).decode()}],
+    }
 
     ray_dir = tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=ray_dir)
@@ -162,8 +172,12 @@ def main() -> None:
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        common = {"models": [MODEL], "mlflow": {"tracking_uri": uri}, "reload_interval_s": 0,
-                  "replicas": {"num_cpus": 0.5, "torch_threads": args.threads}}
+        common = {
+            "models": [MODEL],
+            "mlflow": {"tracking_uri": uri},
+            "reload_interval_s": 0,
+            "replicas": {"num_cpus": 0.5, "torch_threads": args.threads},
+        }
         for name, batch in (("batched", args.concurrency), ("unbatched", 1)):
             app = build_app({**common, "batching": {"max_batch_size": batch}})
             serve.run(app, name=name, route_prefix=f"/{name}")
@@ -182,15 +196,28 @@ def main() -> None:
 
     overhead = round(latency["http"]["p50"] - latency["in_process"]["p50"], 2)
     speedup = round(on / off, 2)
-    print(json.dumps({
-        "benchmark": "serve", "model": "tiny", "steps": args.steps, "size": args.size, "torch_threads": args.threads,
-        "cpus": os.cpu_count(),
-        "load_avg_1m": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
-        "latency_ms": {**latency, "http_overhead_p50": overhead, "paired_overhead_p50": paired},
-        "throughput_rps": {"concurrency": args.concurrency, "batching_off": round(off, 2), "batching_on": round(on, 2),
-                           "speedup": speedup},
-        "targets": {"http_overhead_p50_ms<=15": overhead <= 15, "batching_speedup>=1.5": speedup >= 1.5},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve",
+                "model": "tiny",
+                "steps": args.steps,
+                "size": args.size,
+                "torch_threads": args.threads,
+                "cpus": os.cpu_count(),
+                "load_avg_1m": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
+                "latency_ms": {**latency, "http_overhead_p50": overhead, "paired_overhead_p50": paired},
+                "throughput_rps": {
+                    "concurrency": args.concurrency,
+                    "batching_off": round(off, 2),
+                    "batching_on": round(on, 2),
+                    "speedup": speedup,
+                },
+                "targets": {"http_overhead_p50_ms<=15": overhead <= 15, "batching_speedup>=1.5": speedup >= 1.5},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

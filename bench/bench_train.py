@@ -48,7 +48,7 @@ def plain_pytorch(data: Path, steps: int, batch: int, seed: int = 0) -> float:
 
     from model.base import load_base
     from model.controlnet import controlnet_from_unet
-    from pipelines.images import decode_condition, decode_rgb
+    from pipelines.common.images import decode_condition, decode_rgb
 
     torch.manual_seed(seed)
     base = load_base("tiny")
@@ -59,7 +59,9 @@ def plain_pytorch(data: Path, steps: int, batch: int, seed: int = 0) -> float:
 
     table = pq.read_table(data)
     images = torch.from_numpy(np.stack([decode_rgb(b) for b in table.column("image").to_pylist()]))
-    conditions = torch.from_numpy(np.stack([decode_condition(b) for b in table.column("conditioning_image").to_pylist()]))
+    conditions = torch.from_numpy(
+        np.stack([decode_condition(b) for b in table.column("conditioning_image").to_pylist()])
+    )
     captions = table.column("text").to_pylist()
     pixels_all = images.permute(0, 3, 1, 2).float() / 127.5 - 1
     cond_all = conditions.permute(0, 3, 1, 2).float() / 255
@@ -71,16 +73,27 @@ def plain_pytorch(data: Path, steps: int, batch: int, seed: int = 0) -> float:
         idx = torch.randint(0, len(captions), (batch,))
         with torch.no_grad():
             latents = vae.encode(pixels_all[idx]).latent_dist.sample() * vae.config.scaling_factor
-            ids = base.tokenizer([captions[i] for i in idx], padding="max_length", truncation=True,
-                                 max_length=base.tokenizer.model_max_length, return_tensors="pt").input_ids
+            ids = base.tokenizer(
+                [captions[i] for i in idx],
+                padding="max_length",
+                truncation=True,
+                max_length=base.tokenizer.model_max_length,
+                return_tensors="pt",
+            ).input_ids
             text = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=text, controlnet_cond=cond_all[idx],
-                               return_dict=False)
-        pred = unet(noisy, timesteps, encoder_hidden_states=text, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
+        down, mid = controlnet(
+            noisy, timesteps, encoder_hidden_states=text, controlnet_cond=cond_all[idx], return_dict=False
+        )
+        pred = unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
@@ -90,19 +103,33 @@ def plain_pytorch(data: Path, steps: int, batch: int, seed: int = 0) -> float:
 
 
 def zeroconv(data: Path, work: Path, steps: int, batch: int, workers: int) -> dict:
-    from pipelines.config import BaseModelConfig, MLflowConfig
+    from pipelines.common.config import BaseModelConfig, MLflowConfig
     from pipelines.train import TrainConfig, run_train
 
     started = time.perf_counter()
-    result = run_train(TrainConfig(
-        data=str(data), work_dir=str(work), base_model=BaseModelConfig(source="tiny"), run_name=f"bench-{workers}",
-        num_workers=workers, cpus_per_worker=1.0 if workers == 1 else 0.5, zero_stage=2, batch_size=batch,
-        max_steps=WARMUP_STEPS + steps, checkpoint_every=WARMUP_STEPS + steps, log_every=50, num_validation=0,
-        registered_model=None, mlflow=MLflowConfig(tracking_uri=f"sqlite:///{work}/mlflow.db", experiment="bench"),
-    ))
-    return {"samples_per_s": round(result.metrics["steady_samples_per_s"], 2),
-            "peak_rss_mb_per_worker": round(result.metrics["peak_rss_mb"], 1),
-            "job_wall_s": round(time.perf_counter() - started, 1)}
+    result = run_train(
+        TrainConfig(
+            data=str(data),
+            work_dir=str(work),
+            base_model=BaseModelConfig(source="tiny"),
+            run_name=f"bench-{workers}",
+            num_workers=workers,
+            cpus_per_worker=1.0 if workers == 1 else 0.5,
+            zero_stage=2,
+            batch_size=batch,
+            max_steps=WARMUP_STEPS + steps,
+            checkpoint_every=WARMUP_STEPS + steps,
+            log_every=50,
+            num_validation=0,
+            registered_model=None,
+            mlflow=MLflowConfig(tracking_uri=f"sqlite:///{work}/mlflow.db", experiment="bench"),
+        )
+    )
+    return {
+        "samples_per_s": round(result.metrics["steady_samples_per_s"], 2),
+        "peak_rss_mb_per_worker": round(result.metrics["peak_rss_mb"], 1),
+        "job_wall_s": round(time.perf_counter() - started, 1),
+    }
 
 
 def main() -> None:
@@ -115,14 +142,18 @@ def main() -> None:
 
     import ray
 
-    from pipelines.synthetic import write_fill50k_parquet
+    from pipelines.data.synthetic import write_fill50k_parquet
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data = write_fill50k_parquet(Path(tmp) / "data", n=args.rows, size=64, seed=0, shards=2)
         plain_before = plain_pytorch(data, args.steps, args.batch)
         plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp"))
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp"),
+        )
         try:
             ours = zeroconv(data, Path(tmp) / "one", args.steps, args.batch, workers=1)
             two = zeroconv(data, Path(tmp) / "two", args.steps, args.batch, workers=2)
@@ -130,16 +161,32 @@ def main() -> None:
             ray.shutdown()
         plain_after = plain_pytorch(data, args.steps, args.batch)
     plain = (plain_before + plain_after) / 2
-    print(json.dumps({
-        "benchmark": "train_step_throughput", "model": "tiny", "resolution": 64, "micro_batch": args.batch,
-        "timed_steps": args.steps, "threads_per_process": 1,
-        "plain_pytorch": {"samples_per_s": round(plain, 2), "runs": [round(plain_before, 2), round(plain_after, 2)],
-                          "peak_rss_mb": round(plain_rss, 1)},
-        "zeroconv_1_worker": ours,
-        "ratio": round(ours["samples_per_s"] / plain, 3), "target_ratio": TARGET_RATIO,
-        "meets_target": ours["samples_per_s"] / plain >= TARGET_RATIO,
-        "zeroconv_2_workers": {**two, "note": "global samples/s; 2 gloo workers share this machine's 2 cores with Ray Data"},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_step_throughput",
+                "model": "tiny",
+                "resolution": 64,
+                "micro_batch": args.batch,
+                "timed_steps": args.steps,
+                "threads_per_process": 1,
+                "plain_pytorch": {
+                    "samples_per_s": round(plain, 2),
+                    "runs": [round(plain_before, 2), round(plain_after, 2)],
+                    "peak_rss_mb": round(plain_rss, 1),
+                },
+                "zeroconv_1_worker": ours,
+                "ratio": round(ours["samples_per_s"] / plain, 3),
+                "target_ratio": TARGET_RATIO,
+                "meets_target": ours["samples_per_s"] / plain >= TARGET_RATIO,
+                "zeroconv_2_workers": {
+                    **two,
+                    "note": "global samples/s; 2 gloo workers share this machine's 2 cores with Ray Data",
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import Section
-from pipelines.images import decode_rgb
+from pipelines.common.config import Section
+from pipelines.common.images import decode_rgb
 
 # Image sides must be multiples of the VAE's (and the ControlNet condition encoder's) downsampling.
 SIZE_MULTIPLE = 8
@@ -50,7 +50,9 @@ class LimitsConfig(Section):
 
     max_request_bytes: int = Field(default=32 * 2**20, ge=1024, description="Largest request body (bytes).")
     max_image_bytes: int = Field(default=8 * 2**20, ge=1, description="Largest decoded image in a request (bytes).")
-    max_image_pixels: int = Field(default=2048 * 2048, ge=1, description="Largest image in a request (width x height).")
+    max_image_pixels: int = Field(
+        default=2048 * 2048, ge=1, description="Largest image in a request (width x height)."
+    )
     min_size: int = Field(default=64, ge=SIZE_MULTIPLE, description="Smallest output width/height (pixels).")
     max_size: int = Field(default=1024, ge=SIZE_MULTIPLE, description="Largest output width/height (pixels).")
     max_steps: int = Field(default=100, ge=1, description="Most denoising steps a request may ask for.")
@@ -188,7 +190,9 @@ def decode_image(data: str, field: str, limits: LimitsConfig) -> np.ndarray:
         raise RequestError(field, f"{field} is not an image (send PNG, JPEG or WebP, base64-encoded)", 400) from None
     if width * height > limits.max_image_pixels:
         raise RequestError(
-            field, f"{field} is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}", 413
+            field,
+            f"{field} is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}",
+            413,
         )
     try:
         return decode_rgb(raw)

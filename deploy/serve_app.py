@@ -40,11 +40,22 @@ from pydantic import Field, SecretStr, ValidationError
 from ray import serve
 
 from deploy.schemas import (
-    MAX_SEED, SIZE_MULTIPLE, GenerateRequest, GenerateResponse, LimitsConfig, ModelInfo, ModelVersion, RequestError,
-    check_range, check_size, decode_image, parse_request,
+    MAX_SEED,
+    SIZE_MULTIPLE,
+    GenerateRequest,
+    GenerateResponse,
+    LimitsConfig,
+    ModelInfo,
+    ModelVersion,
+    RequestError,
+    check_range,
+    check_size,
+    decode_image,
+    parse_request,
 )
-from pipelines.config import ConfigError, JobConfig, MLflowConfig, Section, format_validation_error
-from pipelines.ray_utils import ensure_ray
+from pipelines.common.cluster import ensure_ray
+from pipelines.common.config import ConfigError, JobConfig, MLflowConfig, Section, format_validation_error
+from pipelines.common.dtypes import torch_dtype
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,22 +74,35 @@ class AutoscalingConfig(Section):
 
 
 class ReplicasConfig(Section):
-    num_replicas: int = Field(default=1, ge=1, description="Fixed number of replicas (ignored when autoscaling is set).")
+    num_replicas: int = Field(
+        default=1, ge=1, description="Fixed number of replicas (ignored when autoscaling is set)."
+    )
     autoscaling: AutoscalingConfig | None = Field(default=None, description="Autoscale between min and max replicas.")
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (0: CPU inference).")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads per replica (None: Ray's default, one per reserved CPU).")
-    max_ongoing_requests: int = Field(default=32, ge=1, description="Requests a replica accepts at once (>= max_batch_size).")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Inference device; auto: cuda when the replica has a GPU.")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads per replica (None: Ray's default, one per reserved CPU).",
+    )
+    max_ongoing_requests: int = Field(
+        default=32, ge=1, description="Requests a replica accepts at once (>= max_batch_size)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Inference device; auto: cuda when the replica has a GPU."
+    )
     dtype: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="Weights dtype (fp16 needs cuda).")
 
 
 class BatchingConfig(Section):
-    max_batch_size: int = Field(default=8, ge=1, description="Most requests run as one pipeline call (1: no batching).")
+    max_batch_size: int = Field(
+        default=8, ge=1, description="Most requests run as one pipeline call (1: no batching)."
+    )
     batch_wait_timeout_s: float = Field(
-        default=0.01, ge=0,
+        default=0.01,
+        ge=0,
         description="Extra wait for more requests while the model is busy or right after a multi-request batch; "
-                    "a lone request on an idle server never waits.",
+        "a lone request on an idle server never waits.",
     )
 
 
@@ -102,10 +126,13 @@ class ServeConfig(JobConfig):
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     auth_token_env: str | None = Field(
-        default=None, description="Env var holding a bearer token; when set, requests need 'Authorization: Bearer ...'."
+        default=None,
+        description="Env var holding a bearer token; when set, requests need 'Authorization: Bearer ...'.",
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="A generate request taking longer answers 504.")
-    reload_interval_s: float = Field(default=30.0, ge=0, description="Seconds between alias checks for hot reload (0: off).")
+    reload_interval_s: float = Field(
+        default=30.0, ge=0, description="Seconds between alias checks for hot reload (0: off)."
+    )
     block: bool = Field(default=True, description="Serve until Ctrl-C; false: deploy, print the URL and return.")
 
 
@@ -161,16 +188,15 @@ class ServedModel:
 
     def info(self, default: bool) -> ModelInfo:
         return ModelInfo(
-            name=self.name, version=self.version, alias=self.alias, default=default,
-            base_model=self.metadata["base_model"], annotator=self.metadata.get("annotator"),
-            inference=self.metadata.get("inference", {}), own_unet=self.unet is not None,
+            name=self.name,
+            version=self.version,
+            alias=self.alias,
+            default=default,
+            base_model=self.metadata["base_model"],
+            annotator=self.metadata.get("annotator"),
+            inference=self.metadata.get("inference", {}),
+            own_unet=self.unet is not None,
         )
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def load_served_model(ref: ModelRef, device: str, dtype: str) -> ServedModel:
@@ -236,7 +262,9 @@ class ModelStore:
         if pipe is None:
             unets = [m for m in models if m.unet is not None]
             if unets and len(models) > 1:
-                raise RequestError("controls", f"model {unets[0].name!r} has its own UNet and cannot be composed with others")
+                raise RequestError(
+                    "controls", f"model {unets[0].name!r} has its own UNet and cannot be composed with others"
+                )
             pipe = build_pipeline(self.base, [m.controlnet for m in models], unets[0].unet if unets else None)
             if all(self.models.get(m.name) is m for m in models):  # a batch still on replaced versions: don't keep
                 with self._lock:
@@ -271,7 +299,9 @@ class ModelStore:
                 loaded = self._load(ref)
             except Exception:
                 self._failed.add((ref.name, version))
-                logger.exception("could not load %s version %s; still serving version %s", ref, version, current.version)
+                logger.exception(
+                    "could not load %s version %s; still serving version %s", ref, version, current.version
+                )
                 continue
             self.models = {**self.models, ref.name: loaded}  # one reference swap: readers see old or new
             live = {(m.name, m.version) for m in self.models.values()}
@@ -304,8 +334,16 @@ class Job:
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys run in one pipeline call; prompts and seeds may differ."""
-        return (self.models, self.scales, self.steps, self.guidance_scale, self.width, self.height,
-                self.negative_prompt, self.guess_mode)
+        return (
+            self.models,
+            self.scales,
+            self.steps,
+            self.guidance_scale,
+            self.width,
+            self.height,
+            self.negative_prompt,
+            self.guess_mode,
+        )
 
 
 def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -325,21 +363,29 @@ def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -
         if len(text) > limits.max_prompt_chars:
             raise RequestError(name, f"{name} is {len(text)} characters; the limit is {limits.max_prompt_chars}")
     if not 1 <= len(req.controls) <= limits.max_controls:
-        raise RequestError("controls", f"controls must hold 1 to {limits.max_controls} entries, got {len(req.controls)}")
+        raise RequestError(
+            "controls", f"controls must hold 1 to {limits.max_controls} entries, got {len(req.controls)}"
+        )
 
     models = store.models  # one snapshot for the checks
     served = []
     for i, control in enumerate(req.controls):
         name = control.model or store.default_model
         if name not in models:
-            raise RequestError(f"controls[{i}].model", f"model {name!r} is not served here; served: {', '.join(models)}")
+            raise RequestError(
+                f"controls[{i}].model", f"model {name!r} is not served here; served: {', '.join(models)}"
+            )
         served.append(models[name])
         check_range(f"controls[{i}].scale", control.scale, 0.0, limits.max_conditioning_scale)
 
     # Scalar checks before any image is decoded: cheap mistakes get cheap answers.
     defaults = served[0].metadata.get("inference", {})
     steps = req.steps if req.steps is not None else int(defaults.get("steps", DEFAULT_STEPS))
-    guidance = req.guidance_scale if req.guidance_scale is not None else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+    guidance = (
+        req.guidance_scale
+        if req.guidance_scale is not None
+        else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+    )
     check_range("steps", steps, 1, limits.max_steps)
     check_range("guidance_scale", guidance, 0.0, limits.max_guidance_scale)
     seed = req.seed if req.seed is not None else random.randrange(2**31)
@@ -352,7 +398,9 @@ def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -
     for i, (control, model) in enumerate(zip(req.controls, served)):
         where = f"controls[{i}]"
         if (control.image is None) == (control.source_image is None):
-            raise RequestError(f"{where}.image", f"{where} needs exactly one of image (a condition map) or source_image")
+            raise RequestError(
+                f"{where}.image", f"{where} needs exactly one of image (a condition map) or source_image"
+            )
         if control.image is not None:
             if control.annotator:
                 raise RequestError(f"{where}.annotator", f"{where}.annotator applies to source_image, not image")
@@ -370,13 +418,23 @@ def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -
             image = annotator(image[None])[0]
         conditions.append(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image)
     return Job(
-        prompt=req.prompt, negative_prompt=req.negative_prompt or None, models=tuple(m.name for m in served),
-        conditions=conditions, scales=tuple(c.scale for c in req.controls), steps=steps, guidance_scale=guidance,
-        seed=seed, width=width, height=height, guess_mode=req.guess_mode,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt or None,
+        models=tuple(m.name for m in served),
+        conditions=conditions,
+        scales=tuple(c.scale for c in req.controls),
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        width=width,
+        height=height,
+        guess_mode=req.guess_mode,
     )
 
 
-def output_size(req: GenerateRequest, first_field: str, first_image: np.ndarray, limits: LimitsConfig) -> tuple[int, int]:
+def output_size(
+    req: GenerateRequest, first_field: str, first_image: np.ndarray, limits: LimitsConfig
+) -> tuple[int, int]:
     """Requested width/height; a missing one is the first control image's, rounded down to a multiple of 8."""
     sizes = []
     for dim, axis in (("width", 1), ("height", 0)):
@@ -405,7 +463,7 @@ def annotator_for(name: str | None, model: ServedModel, field: str, store: Model
 def run_batch(store: ModelStore, jobs: list[Job]) -> list:
     """Run ``jobs`` as few pipeline calls as their settings allow; per job (PNG bytes, versions) or an error."""
     from model.inference import generate
-    from pipelines.images import encode_png
+    from pipelines.common.images import encode_png
 
     models = store.models  # one snapshot for the whole batch: a reload mid-batch cannot mix versions
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -421,10 +479,15 @@ def run_batch(store: ModelStore, jobs: list[Job]) -> list:
             per_net = [np.stack([job.conditions[k] for job in group]) for k in range(len(served))]
             multi = len(served) > 1
             images = generate(
-                pipe, [job.prompt for job in group], per_net if multi else per_net[0],
-                seed=[job.seed for job in group], steps=first.steps, guidance_scale=first.guidance_scale,
+                pipe,
+                [job.prompt for job in group],
+                per_net if multi else per_net[0],
+                seed=[job.seed for job in group],
+                steps=first.steps,
+                guidance_scale=first.guidance_scale,
                 conditioning_scale=list(first.scales) if multi else first.scales[0],
-                negative_prompt=first.negative_prompt, guess_mode=first.guess_mode,
+                negative_prompt=first.negative_prompt,
+                guess_mode=first.guess_mode,
             )
             versions = [ModelVersion(name=m.name, version=m.version) for m in served]
             for i, image in zip(indices, images):
@@ -482,8 +545,9 @@ async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
 @app.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error on %s", request.url.path, exc_info=exc)
-    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log", "field": None},
-                        status_code=500)
+    return JSONResponse(
+        {"error": f"internal error ({type(exc).__name__}); see the server log", "field": None}, status_code=500
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -568,13 +632,26 @@ class ControlNetServer:
         if isinstance(result, Exception):
             raise result
         png, versions = result
-        if req.response_format == "png" or (req.response_format is None and "image/png" in request.headers.get("accept", "")):
-            return Response(png, media_type="image/png", headers={
-                "X-Seed": str(job.seed), "X-Models": ",".join(f"{v.name}/{v.version}" for v in versions),
-            })
+        if req.response_format == "png" or (
+            req.response_format is None and "image/png" in request.headers.get("accept", "")
+        ):
+            return Response(
+                png,
+                media_type="image/png",
+                headers={
+                    "X-Seed": str(job.seed),
+                    "X-Models": ",".join(f"{v.name}/{v.version}" for v in versions),
+                },
+            )
         return GenerateResponse(
-            image=base64.b64encode(png).decode(), seed=job.seed, width=job.width, height=job.height, steps=job.steps,
-            guidance_scale=job.guidance_scale, models=versions, elapsed_ms=round((time.perf_counter() - started) * 1e3, 2),
+            image=base64.b64encode(png).decode(),
+            seed=job.seed,
+            width=job.width,
+            height=job.height,
+            steps=job.steps,
+            guidance_scale=job.guidance_scale,
+            models=versions,
+            elapsed_ms=round((time.perf_counter() - started) * 1e3, 2),
         ).model_dump()
 
     @serve.batch(max_batch_size=8)  # size from the config (__init__), wait from BatchWait (per request)
@@ -596,7 +673,7 @@ class ControlNetServer:
 
 def resolve_config(config: ServeConfig) -> ServeConfig:
     """The config with the tracking URI made absolute here, where relative paths mean what the user meant."""
-    from model.registry import resolve_tracking_uri
+    from pipelines.common.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
     for text in config.models:
@@ -611,7 +688,9 @@ def build_app(args: dict):
     if config.auth_token_env:
         value = os.environ.get(config.auth_token_env, "")
         if not value:
-            raise ConfigError(f"auth_token_env is {config.auth_token_env!r} but that environment variable is empty or unset")
+            raise ConfigError(
+                f"auth_token_env is {config.auth_token_env!r} but that environment variable is empty or unset"
+            )
         token = SecretStr(value)  # prints as '**********'
     replicas = config.replicas
     options: dict[str, Any] = {
@@ -632,7 +711,7 @@ def served_versions(config: ServeConfig) -> dict[str, str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from model.registry import check_tracking_server
+    from pipelines.common.tracking import check_tracking_server
 
     check_tracking_server(config.mlflow.tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=config.mlflow.tracking_uri)
@@ -640,7 +719,11 @@ def served_versions(config: ServeConfig) -> dict[str, str]:
     for text in config.models:
         ref = ModelRef.parse(text, config.alias)
         try:
-            mv = client.get_model_version(ref.name, ref.version) if ref.version else client.get_model_version_by_alias(ref.name, ref.alias)
+            mv = (
+                client.get_model_version(ref.name, ref.version)
+                if ref.version
+                else client.get_model_version_by_alias(ref.name, ref.alias)
+            )
         except MlflowException:
             raise ValueError(f"{ref} is not in the registry at {config.mlflow.tracking_uri}") from None
         versions[ref.name] = str(mv.version)

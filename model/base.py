@@ -59,8 +59,11 @@ class BaseModel:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids)[0]
 
@@ -73,11 +76,12 @@ class BaseModel:
 
 def resolve_base_dir(source: str, storage=None) -> Path:
     """Turn any accepted ``source`` into a local diffusers directory (building or copying as needed)."""
-    from pipelines.storage import cache_dir
+    from pipelines.common.storage import cache_dir
+
     if source == TINY:
         return ensure_tiny(cache_dir() / "tiny-sd")
     if source.startswith("s3://"):
-        from pipelines.storage import download_dir
+        from pipelines.common.storage import download_dir
 
         dest = cache_dir() / "s3" / hashlib.sha256(source.encode()).hexdigest()[:16]
         if not (dest / "model_index.json").exists():
@@ -92,7 +96,9 @@ def resolve_base_dir(source: str, storage=None) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(source, allow_patterns=[f"{c}/*" for c in COMPONENTS] + ["model_index.json"]))
+            return Path(
+                snapshot_download(source, allow_patterns=[f"{c}/*" for c in COMPONENTS] + ["model_index.json"])
+            )
         except Exception as exc:  # offline, unknown repo, gated...
             raise FileNotFoundError(
                 f"base model {source!r} is not a local directory and could not be fetched from the hub "
@@ -111,12 +117,14 @@ def _check_diffusers_dir(path: Path, source: str) -> None:
     if missing:
         raise ValueError(
             f"base model {source!r} is not a diffusers Stable Diffusion directory: "
-            f"missing {', '.join(m + '/' for m in missing)} (expected model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+            f"missing {', '.join(m + '/' for m in missing)} "
+            "(expected model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
         )
 
 
-def load_base(source: str = TINY, storage=None, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_base(
+    source: str = TINY, storage=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -175,25 +183,49 @@ def build_tiny(out_dir: Path) -> None:
 
     torch.manual_seed(TINY_SEED)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        block_out_channels=(8, 16, 32, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=64,
+        block_out_channels=(8, 16, 32, 32),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=49408, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, prediction_type="epsilon", steps_offset=1,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        steps_offset=1,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir / "unet")
@@ -207,14 +239,24 @@ def build_tiny(out_dir: Path) -> None:
     save_file(text_encoder.state_dict(), out_dir / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
     scheduler.save_pretrained(out_dir / "scheduler")
     save_clip_tokenizer(out_dir / "tokenizer")
-    (out_dir / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
-        "requires_safety_checker": False,
-    }, indent=2))
+    (out_dir / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        )
+    )
 
 
 def save_clip_tokenizer(out_dir: Path) -> None:
@@ -238,7 +280,9 @@ def save_clip_tokenizer(out_dir: Path) -> None:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -66,16 +66,26 @@ class ControlledUNet(nn.Module):
                     f"to match latents {tuple(latents.shape)}"
                 )
 
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor,
-                conditions: Sequence[torch.Tensor], conditioning_scales: Sequence[float] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        conditions: Sequence[torch.Tensor],
+        conditioning_scales: Sequence[float] | None = None,
+    ) -> torch.Tensor:
         """Noise (or v) prediction. ``conditions[i]`` is float in [0, 1], NCHW, at image resolution."""
         self.check_conditions(noisy_latents, conditions)
         scales = conditioning_scales or [1.0] * len(self.controlnets)
         down_sum, mid_sum = None, None
         for net, cond, scale in zip(self.controlnets, conditions, scales):
             down, mid = net(
-                noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
-                controlnet_cond=cond.to(noisy_latents.dtype), conditioning_scale=scale, return_dict=False,
+                noisy_latents,
+                timesteps,
+                encoder_hidden_states=text_embeddings,
+                controlnet_cond=cond.to(noisy_latents.dtype),
+                conditioning_scale=scale,
+                return_dict=False,
             )
             if down_sum is None:
                 down_sum, mid_sum = list(down), mid
@@ -86,8 +96,11 @@ class ControlledUNet(nn.Module):
             # The original code's only_mid_control: control enters the middle block only, not the skips.
             down_sum = [torch.zeros_like(d) for d in down_sum]
         return self.unet(
-            noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
-            down_block_additional_residuals=down_sum, mid_block_additional_residual=mid_sum,
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=text_embeddings,
+            down_block_additional_residuals=down_sum,
+            mid_block_additional_residual=mid_sum,
         ).sample
 
 
@@ -109,8 +122,9 @@ def apply_policy(model: ControlledUNet, policy: str) -> dict[str, list[str]]:
 def param_groups(model: ControlledUNet, policy: str, lr: float, unet_lr: float) -> list[dict]:
     """Optimizer parameter groups: ControlNet(s) at ``lr``, any unlocked UNet params at ``unet_lr``."""
     apply_policy(model, policy)
-    groups = [{"name": "controlnet", "lr": lr,
-               "params": [p for p in model.controlnets.parameters() if p.requires_grad]}]
+    groups = [
+        {"name": "controlnet", "lr": lr, "params": [p for p in model.controlnets.parameters() if p.requires_grad]}
+    ]
     unet_params = [p for p in model.unet.parameters() if p.requires_grad]
     if unet_params:
         groups.append({"name": "unet", "lr": unet_lr, "params": unet_params})

@@ -32,4 +32,3 @@ def export_controlnet(controlnet: nn.Module, out_dir: str | Path, state_dict: di
 
 def export_unet(unet: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     return _save(unet, out_dir, state_dict)
-

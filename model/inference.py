@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipelines.data.tensors import condition_tensor
+
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 9.0
 
@@ -32,17 +34,28 @@ def build_pipeline(base, controlnets: Sequence[torch.nn.Module], unet: torch.nn.
 
     controlnet = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))
     pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=unet if unet is not None else base.unet, controlnet=controlnet,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet if unet is not None else base.unet,
+        controlnet=controlnet,
         scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def load_pipeline(base_source: str, controlnet_dirs: Sequence[str | Path], unet_dir: str | Path | None = None,
-                  device: str = "cpu", dtype: torch.dtype = torch.float32, storage=None):
+def load_pipeline(
+    base_source: str,
+    controlnet_dirs: Sequence[str | Path],
+    unet_dir: str | Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    storage=None,
+):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from model.base import load_base
@@ -53,19 +66,18 @@ def load_pipeline(base_source: str, controlnet_dirs: Sequence[str | Path], unet_
     return build_pipeline(base, nets, unet).to(device)
 
 
-def condition_tensor(condition: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, C) or (N, H, W, C) -> float (N, 3, H, W) in [0, 1], as the pipeline and training expect."""
-    arr = condition if condition.ndim == 4 else condition[None]
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-
-
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], conditions: Sequence[np.ndarray] | np.ndarray, seed: int | Sequence[int] = 0,
-             steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-             conditioning_scale: float | Sequence[float] = 1.0, negative_prompt: str | None = None,
-             guess_mode: bool = False) -> np.ndarray:
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    conditions: Sequence[np.ndarray] | np.ndarray,
+    seed: int | Sequence[int] = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    conditioning_scale: float | Sequence[float] = 1.0,
+    negative_prompt: str | None = None,
+    guess_mode: bool = False,
+) -> np.ndarray:
     """Images for ``prompts`` under ``conditions`` -> uint8 (N, H, W, 3).
 
     ``conditions``: for one ControlNet, uint8 (N, H, W, C); for several, a list with one such array
@@ -88,9 +100,16 @@ def generate(pipe, prompts: Sequence[str], conditions: Sequence[np.ndarray] | np
     shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)
     out = pipe(
-        prompt=list(prompts), negative_prompt=[negative_prompt] * n if negative_prompt else None,
+        prompt=list(prompts),
+        negative_prompt=[negative_prompt] * n if negative_prompt else None,
         image=[t.to(device, pipe.unet.dtype) for t in tensors] if multi else tensors[0].to(device, pipe.unet.dtype),
-        num_inference_steps=steps, guidance_scale=guidance_scale, controlnet_conditioning_scale=conditioning_scale,
-        guess_mode=guess_mode, latents=latents, height=h, width=w, output_type="np",
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        controlnet_conditioning_scale=conditioning_scale,
+        guess_mode=guess_mode,
+        latents=latents,
+        height=h,
+        width=w,
+        output_type="np",
     ).images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

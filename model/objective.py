@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
-def drop_prompts(text_embeddings: torch.Tensor, empty_embedding: torch.Tensor, probability: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_prompts(
+    text_embeddings: torch.Tensor,
+    empty_embedding: torch.Tensor,
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Replace each row's prompt embedding by the empty prompt's with ``probability`` (paper: 0.5).
 
     Without a prompt the ControlNet must read the scene from the condition alone, which is what makes
@@ -36,8 +40,14 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
-def diffusion_loss(model, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
-                   conditions: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+def diffusion_loss(
+    model,
+    scheduler,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    conditions: Sequence[torch.Tensor],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One denoising-loss evaluation: random timestep per sample, MSE against noise (or v)."""
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(latents.device)

@@ -1,4 +1,4 @@
-"""MLflow: connect, log a trained ControlNet as a pyfunc model, register it, move aliases, resolve it back.
+"""MLflow: log a trained ControlNet as a pyfunc model, register it, move aliases, resolve it back.
 
 A registered zeroconv model is an MLflow pyfunc whose artifacts are
 
@@ -16,9 +16,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,61 +24,6 @@ import mlflow
 import numpy as np
 
 METADATA_FILE = "zeroconv.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Connecting
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_tracking_uri(tracking_uri: str | None, work_dir: str) -> str:
-    """Config value, else MLFLOW_TRACKING_URI, else an embedded SQLite store under ``work_dir``."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    root = Path(work_dir).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with a clear error when a remote tracking server is down (MLflow itself retries for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            if r.status == 200:
-                return
-            problem = f"HTTP {r.status}"
-    except urllib.error.HTTPError as exc:
-        problem = f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        problem = str(getattr(exc, "reason", exc))
-    raise ValueError(f"MLflow tracking server {uri} is not reachable ({problem}); start it or fix mlflow.tracking_uri")
-
-
-def connect(tracking_uri: str, experiment: str, artifact_root: str | None = None) -> str:
-    """Point this process at ``tracking_uri`` and ``experiment`` (created if missing); returns the experiment id."""
-    check_tracking_server(tracking_uri)
-    user_value = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    # MLflow also exports the URI as MLFLOW_TRACKING_URI; undo that, or the next stage run in this
-    # process would take this stage's store for the user's setting instead of its own default.
-    if user_value is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = user_value
-    client = mlflow.MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        if artifact_root is None and tracking_uri.startswith("sqlite:"):
-            # Without a server, artifacts must be told where to live (next to the database).
-            artifact_root = Path(tracking_uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
-        experiment_id = client.create_experiment(experiment, artifact_location=artifact_root)
-    else:
-        experiment_id = found.experiment_id
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +57,9 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
 
         self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
         self.pipe = load_pipeline(
-            self.metadata["base_model"], [context.artifacts["controlnet"]], context.artifacts.get("unet"),
+            self.metadata["base_model"],
+            [context.artifacts["controlnet"]],
+            context.artifacts.get("unet"),
         )
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
@@ -127,8 +71,11 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
         images = []
         for row in model_input.to_dict("records"):
             image = generate(
-                self.pipe, [row["prompt"]], _png_to_array(row["condition"])[None],
-                seed=int(row.get("seed", 0)), steps=int(row.get("steps", defaults.get("steps", 20))),
+                self.pipe,
+                [row["prompt"]],
+                _png_to_array(row["condition"])[None],
+                seed=int(row.get("seed", 0)),
+                steps=int(row.get("steps", defaults.get("steps", 20))),
                 guidance_scale=float(row.get("guidance_scale", defaults.get("guidance_scale", 9.0))),
                 conditioning_scale=float(row.get("conditioning_scale", 1.0)),
                 negative_prompt=row.get("negative_prompt") or None,
@@ -139,7 +86,17 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
 
 # What the pyfunc needs to load and predict. Listing it skips MLflow's requirement inference, which
 # re-imports the model in a subprocess (8-30 s per logged model on a 2-core machine).
-PYFUNC_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow", "pandas", "mlflow")
+PYFUNC_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "pandas",
+    "mlflow",
+)
 
 
 def pip_requirements() -> list[str]:
@@ -154,9 +111,14 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def log_controlnet_model(controlnet_dir: str | Path, metadata: dict, registered_name: str | None = None,
-                         unet_dir: str | Path | None = None, alias: str | None = "candidate",
-                         name: str = "model"):
+def log_controlnet_model(
+    controlnet_dir: str | Path,
+    metadata: dict,
+    registered_name: str | None = None,
+    unet_dir: str | Path | None = None,
+    alias: str | None = "candidate",
+    name: str = "model",
+):
     """Log the export as a pyfunc model on the active run; register it and set ``alias`` if a name is given.
 
     ``metadata`` must name ``base_model``; it should carry ``annotator`` and ``inference`` defaults.
@@ -173,8 +135,11 @@ def log_controlnet_model(controlnet_dir: str | Path, metadata: dict, registered_
         if unet_dir:
             artifacts["unet"] = str(unet_dir)
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=ControlNetPyfunc(), artifacts=artifacts,
-            registered_model_name=registered_name, pip_requirements=pip_requirements(),
+            name=name,
+            python_model=ControlNetPyfunc(),
+            artifacts=artifacts,
+            registered_model_name=registered_name,
+            pip_requirements=pip_requirements(),
         )
     if registered_name and alias:
         mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(info.registered_model_version))
@@ -205,22 +170,36 @@ class ResolvedModel:
         return self.metadata["base_model"]
 
 
-def resolve_model(name: str, alias: str | None = "champion", version: str | int | None = None,
-                  dest: str | Path | None = None) -> ResolvedModel:
+def resolve_model(
+    name: str, alias: str | None = "champion", version: str | int | None = None, dest: str | Path | None = None
+) -> ResolvedModel:
     """Download ``models:/name@alias`` (or a version) and describe it. Unknown names/aliases: ValueError."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     try:
-        mv = client.get_model_version(name, str(version)) if version is not None else client.get_model_version_by_alias(name, alias)
+        mv = (
+            client.get_model_version(name, str(version))
+            if version is not None
+            else client.get_model_version_by_alias(name, alias)
+        )
     except MlflowException as exc:
         ref = f"version {version}" if version is not None else f"alias {alias!r}"
         raise ValueError(f"registered model {name!r} has no {ref} ({exc.error_code})") from None
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(dest) if dest else None))
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(dest) if dest else None)
+    )
     paths = _artifact_paths(local)
     metadata = json.loads(paths["metadata"].read_text())
-    return ResolvedModel(name, str(mv.version), alias if version is None else None, mv.run_id,
-                         paths["controlnet"], paths.get("unet"), metadata)
+    return ResolvedModel(
+        name,
+        str(mv.version),
+        alias if version is None else None,
+        mv.run_id,
+        paths["controlnet"],
+        paths.get("unet"),
+        metadata,
+    )
 
 
 def _artifact_paths(local: Path) -> dict[str, Path]:

@@ -61,8 +61,9 @@ class ControlledBlock(nn.Module):
         tokens: True for channel-last token inputs (N, L, C) such as transformer blocks.
     """
 
-    def __init__(self, block: nn.Module, in_channels: int, out_channels: int, cond_channels: int,
-                 tokens: bool = False):
+    def __init__(
+        self, block: nn.Module, in_channels: int, out_channels: int, cond_channels: int, tokens: bool = False
+    ):
         super().__init__()
         self.trainable_copy = copy.deepcopy(block)  # copied before locking: Θc starts equal to Θ
         self.trainable_copy.requires_grad_(True)
@@ -74,7 +75,9 @@ class ControlledBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # Everything but the channel dimension must agree: (N, ., H, W) or (N, L, .).
-        same_layout = c.shape[:-1] == x.shape[:-1] if self.tokens else (c.shape[0], *c.shape[2:]) == (x.shape[0], *x.shape[2:])
+        same_layout = (
+            c.shape[:-1] == x.shape[:-1] if self.tokens else (c.shape[0], *c.shape[2:]) == (x.shape[0], *x.shape[2:])
+        )
         if c.dim() != x.dim() or not same_layout:
             raise ValueError(
                 f"condition shape {tuple(c.shape)} does not match input shape {tuple(x.shape)} "

@@ -4,7 +4,7 @@
 
 How the work is cut, and why:
 
-* The driver lists the input once and cuts it into deterministic shards (``pipelines.sources``).
+* The driver lists the input once and cuts it into deterministic shards (``pipelines.data.sources``).
   Shard ``k`` always holds the same inputs and always becomes ``part-<k>.parquet``.
 * Ray Data streams the shard list through a pool of annotator actors. Each actor does all the
   work of one shard in one place - read, decode, resize/crop, annotate, encode - so full-size
@@ -37,22 +37,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from pipelines.config import ConfigError, JobConfig, Section, StorageConfig
-from pipelines.images import ImageRejected, content_id, decode_training_image, encode_jpeg, encode_png
-from pipelines.ray_utils import ActorCompute
-from pipelines.sources import InputFormat, Shard, Source
-from pipelines.storage import Location, is_s3, resolve
-
-SINGLE_CONDITION_COLUMN = "conditioning_image"  # the column name ControlNet training scripts expect
-REJECTS_DIR = "_rejects"  # leading "_": Parquet readers (Ray Data, pyarrow) skip it when reading the dataset
-MANIFEST = "_manifest.json"  # "_" too: a readable dataset folder holds only Parquet, plus what readers skip
-ANNOTATOR_ERROR = "annotator_error"
-FORMAT_VERSION = "zeroconv.annotated/1"
+from pipelines.common.cluster import ActorCompute
+from pipelines.common.config import ConfigError, JobConfig, Section, StorageConfig
+from pipelines.common.images import ImageRejected, content_id, decode_training_image, encode_jpeg, encode_png
+from pipelines.common.storage import Location, is_s3, resolve
+from pipelines.data.schema import (
+    ANNOTATED_FORMAT,
+    ANNOTATOR_ERROR,
+    MANIFEST,
+    REJECTS_DIR,
+    REJECTS_SCHEMA,
+    annotated_schema,
+    condition_columns,
+    dumps,
+)
+from pipelines.data.sources import InputFormat, Shard, Source
 
 _SHARD_FILE = re.compile(r"^part-(\d+)\.parquet$")
 _TEMP_FILE = re.compile(r"^\.part-\d+\.parquet\.tmp-")  # see Location.write_bytes_atomic
 _FOOTER_KEY = b"zeroconv.shard"
-_ANNOTATOR_KEY = b"zeroconv.annotator"
 _ROW_GROUP_ROWS = 256
 
 
@@ -69,11 +72,14 @@ class AnnotatorEntry(Section):
 class ComputeConfig(ActorCompute):
     batch_size: int = Field(default=16, ge=1, description="Images per annotator call.")
     num_actors: int | None = Field(
-        default=None, ge=1, description="Annotator actors. Default: one per GPU when GPUs are used, else one per CPU.")
+        default=None, ge=1, description="Annotator actors. Default: one per GPU when GPUs are used, else one per CPU."
+    )
     threads_per_actor: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Decode/encode threads inside each actor. Default: 1 on CPUs (one actor per CPU already), "
-                    "the node's CPUs per GPU actor when GPUs are used, so decoding keeps the GPU fed.")
+        "the node's CPUs per GPU actor when GPUs are used, so decoding keeps the GPU fed.",
+    )
 
 
 class AnnotateConfig(JobConfig):
@@ -85,19 +91,27 @@ class AnnotateConfig(JobConfig):
     Example: zeroconv annotate input=./photos 'annotators=[{name: canny, params: {low_threshold: 50}}]'
     """
 
-    input: str = Field(default="", description="Images: a folder, s3:// prefix, .parquet file(s) or WebDataset .tar(s).")
+    input: str = Field(
+        default="", description="Images: a folder, s3:// prefix, .parquet file(s) or WebDataset .tar(s)."
+    )
     input_format: InputFormat = Field(default="auto", description="How to read the input; auto looks at the files.")
     image_column: str = Field(default="image", description="Parquet input: the column with image bytes.")
     caption_column: str | None = Field(
-        default="text", description="Parquet input: the caption column (null: empty captions). Image folders use "
-                                    "a sidecar .txt per image; WebDataset the .txt member.")
-    output: str | None = Field(default=None, description="Local or s3:// folder for the Parquet shards. Default: "
-                                                         "<work_dir>/annotated.")
+        default="text",
+        description="Parquet input: the caption column (null: empty captions). Image folders use "
+        "a sidecar .txt per image; WebDataset the .txt member.",
+    )
+    output: str | None = Field(
+        default=None, description="Local or s3:// folder for the Parquet shards. Default: <work_dir>/annotated."
+    )
     annotators: list[AnnotatorEntry] = Field(
         default_factory=lambda: [AnnotatorEntry()],
         description="Annotators, each {name, params}. One annotator writes column conditioning_image; several "
-                    "write cond_<name> each.")
-    resolution: int = Field(default=512, ge=8, description="Training resolution: short side resized to it, centre-cropped square.")
+        "write cond_<name> each.",
+    )
+    resolution: int = Field(
+        default=512, ge=8, description="Training resolution: short side resized to it, centre-cropped square."
+    )
     min_side: int = Field(default=256, ge=1, description="Reject inputs whose short side is below this many pixels.")
     shard_size: int = Field(default=500, ge=1, description="Inputs per output shard (the unit of work and of resume).")
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="JPEG quality of the stored images.")
@@ -123,43 +137,6 @@ class AnnotateConfig(JobConfig):
 
     def output_uri(self) -> str:
         return self.output or f"{self.work_dir.rstrip('/')}/annotated"
-
-
-def condition_columns(annotator_names: list[str]) -> list[str]:
-    """The dataset's condition column names (docs/data-schema.md)."""
-    if len(annotator_names) == 1:
-        return [SINGLE_CONDITION_COLUMN]
-    return [f"cond_{name}" for name in annotator_names]
-
-
-# ---------------------------------------------------------------------------------------------
-# Output schema
-# ---------------------------------------------------------------------------------------------
-
-
-def dataset_schema(columns: dict[str, dict]) -> pa.Schema:
-    """Columns of an annotated shard; ``columns`` maps condition column -> annotator spec."""
-    conditions = [pa.field(col, pa.binary(), nullable=False, metadata={_ANNOTATOR_KEY: _dumps(spec)})
-                  for col, spec in columns.items()]
-    return pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False, metadata={b"encoding": b"jpeg"}),
-        pa.field("text", pa.string(), nullable=False),
-        *conditions,
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("original_width", pa.int32(), nullable=False),
-        pa.field("original_height", pa.int32(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-    ])
-
-
-REJECTS_SCHEMA = pa.schema([
-    pa.field("id", pa.string()),  # null when no bytes could be read
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("detail", pa.string(), nullable=False),
-])
 
 
 def shard_name(index: int) -> str:
@@ -216,12 +193,12 @@ class AnnotateShards:
         self.job = job
         self.annotators = [create(name, **params) for name, params in job.annotators]
         self.output = resolve(job.output, job.storage)
-        self.schema = dataset_schema(job.columns)
+        self.schema = annotated_schema(job.columns)
         self.pool = ThreadPoolExecutor(job.threads) if job.threads > 1 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = [self.annotate_shard(Shard.from_json(text)) for text in batch["shard"]]
-        return {"summary": np.array([_dumps(s) for s in summaries], dtype=object)}
+        return {"summary": np.array([dumps(s) for s in summaries], dtype=object)}
 
     def annotate_shard(self, shard: Shard) -> dict:
         start = time.perf_counter()
@@ -232,8 +209,12 @@ class AnnotateShards:
         accepted = len(tables.rows["id"])
         rejected = len(tables.rejects["id"])
         summary = {
-            "shard": shard.index, "fingerprint": shard.fingerprint(), "read": tables.read, "accepted": accepted,
-            "rejected": rejected, "reasons": dict(Counter(tables.rejects["reason"])),
+            "shard": shard.index,
+            "fingerprint": shard.fingerprint(),
+            "read": tables.read,
+            "accepted": accepted,
+            "rejected": rejected,
+            "reasons": dict(Counter(tables.rejects["reason"])),
             "seconds": round(time.perf_counter() - start, 3),
         }
         # Rejects first, data last: the data file is the "shard finished" mark a re-run looks for.
@@ -243,7 +224,8 @@ class AnnotateShards:
         elif rejects_file.exists():  # left by an earlier attempt whose failures were transient
             rejects_file.fs.delete_file(rejects_file.path)
         data = pa.table(tables.rows, schema=self.schema).replace_schema_metadata(
-            {**(self.schema.metadata or {}), _FOOTER_KEY: _dumps(summary)})
+            {**(self.schema.metadata or {}), _FOOTER_KEY: dumps(summary)}
+        )
         encoded_columns = ["image", *self.job.columns]
         self.output.join(shard_name(shard.index)).write_bytes_atomic(_parquet_bytes(data, encoded_columns))
         return summary
@@ -264,8 +246,10 @@ class AnnotateShards:
                 tables.reject(d.id, d.source, ANNOTATOR_ERROR, failures[i])
             else:
                 keep.append(i)
-        encoded = self._map(lambda i: (encode_jpeg(decoded[i].pixels, self.job.jpeg_quality),
-                                       [encode_png(c[i]) for c in conditions]), keep)
+        encoded = self._map(
+            lambda i: (encode_jpeg(decoded[i].pixels, self.job.jpeg_quality), [encode_png(c[i]) for c in conditions]),
+            keep,
+        )
         rows = tables.rows
         for i, (image, condition_pngs) in zip(keep, encoded):
             d = decoded[i]
@@ -308,12 +292,13 @@ class AnnotateShards:
                 errors = {}
                 for i in range(len(images)):
                     try:
-                        one_by_one[i] = annotator(images[i:i + 1])[0]
+                        one_by_one[i] = annotator(images[i : i + 1])[0]
                     except Exception as exc:
                         errors[i] = f"{annotator.name}: {type(exc).__name__}: {exc}"
                 if len(errors) == len(images):
-                    raise RuntimeError(f"annotator {annotator.name!r} failed on every image of a batch: "
-                                       f"{next(iter(errors.values()))}") from batch_error
+                    raise RuntimeError(
+                        f"annotator {annotator.name!r} failed on every image of a batch: {next(iter(errors.values()))}"
+                    ) from batch_error
             for i, message in errors.items():
                 failures.setdefault(i, message)
             outputs.append(one_by_one)
@@ -339,14 +324,15 @@ def _parquet_bytes(table: pa.Table, binary: list[str] | None = None) -> bytes:
     binary = set(binary or [])
     others = [n for n in table.column_names if n not in binary]
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=_ROW_GROUP_ROWS,
-                   compression={n: ("none" if n in binary else "snappy") for n in table.column_names},
-                   use_dictionary=others, write_statistics=others)
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=_ROW_GROUP_ROWS,
+        compression={n: ("none" if n in binary else "snappy") for n in table.column_names},
+        use_dictionary=others,
+        write_statistics=others,
+    )
     return sink.getvalue().to_pybytes()
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +369,7 @@ class AnnotateResult:
             f"{self.images_per_second:.1f} images/s; {self.shards_skipped} of {self.shards} shards were already done",
         ]
         for column, spec in self.columns.items():
-            lines.append(f"  {column}: {spec['name']} v{spec['version']} {_dumps(spec['params'])}")
+            lines.append(f"  {column}: {spec['name']} v{spec['version']} {dumps(spec['params'])}")
         lines.append(f"  rejects: {self.rejects}")
         lines.append(f"  manifest: {self.manifest}")
         return "\n".join(lines)
@@ -402,8 +388,10 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     for annotator in built:
         multiple = getattr(annotator, "size_multiple", 1)
         if config.resolution % multiple:
-            raise ConfigError(f"annotator {annotator.name!r} needs sides that are multiples of {multiple}; "
-                              f"resolution={config.resolution} is not")
+            raise ConfigError(
+                f"annotator {annotator.name!r} needs sides that are multiples of {multiple}; "
+                f"resolution={config.resolution} is not"
+            )
     specs = [a.spec() for a in built]
     del built  # the actors build their own
     columns = dict(zip(condition_columns([a.name for a in config.annotators]), specs))
@@ -424,8 +412,11 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
         if pending:
             _run_shards(config, source, output, columns, pending, summaries)
     except BaseException:
-        print(f"annotate stopped with {len(summaries)} of {len(shards)} shards written to {output.uri}; "
-              "finished shards are kept: re-run the same command to resume", file=sys.stderr)
+        print(
+            f"annotate stopped with {len(summaries)} of {len(shards)} shards written to {output.uri}; "
+            "finished shards are kept: re-run the same command to resume",
+            file=sys.stderr,
+        )
         raise
     finally:
         manifest.write("complete" if len(summaries) == len(shards) else "incomplete", summaries)
@@ -433,19 +424,34 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     totals = _totals(summaries.values())
     processed = sum(s["read"] for i, s in summaries.items() if i not in finished)
     return AnnotateResult(
-        output=output.uri, rejects=output.join(REJECTS_DIR).uri, manifest=manifest.location.uri, columns=columns,
-        read=totals["read"], accepted=totals["accepted"], rejected=totals["rejected"], reasons=totals["reasons"],
-        shards=len(shards), shards_written=len(pending), shards_skipped=len(finished), processed=processed,
+        output=output.uri,
+        rejects=output.join(REJECTS_DIR).uri,
+        manifest=manifest.location.uri,
+        columns=columns,
+        read=totals["read"],
+        accepted=totals["accepted"],
+        rejected=totals["rejected"],
+        reasons=totals["reasons"],
+        shards=len(shards),
+        shards_written=len(pending),
+        shards_skipped=len(finished),
+        processed=processed,
         seconds=time.perf_counter() - started,
     )
 
 
-def _run_shards(config: AnnotateConfig, source: Source, output: Location, columns: dict[str, dict],
-                pending: list[Shard], summaries: dict[int, dict]) -> None:
+def _run_shards(
+    config: AnnotateConfig,
+    source: Source,
+    output: Location,
+    columns: dict[str, dict],
+    pending: list[Shard],
+    summaries: dict[int, dict],
+) -> None:
     import ray
     from tqdm import tqdm
 
-    from pipelines.ray_utils import actor_pool, ensure_ray, storage_runtime_env
+    from pipelines.common.cluster import actor_pool, ensure_ray, storage_runtime_env
 
     ensure_ray(config.ray)
     compute = config.compute
@@ -456,18 +462,27 @@ def _run_shards(config: AnnotateConfig, source: Source, output: Location, column
     threads = compute.threads_per_actor or (max(1, cpus // actors) if "num_gpus" in pool else 1)
 
     job = ShardJob(
-        source=source, output=output.uri, storage=config.storage,
-        annotators=tuple((a.name, a.params) for a in config.annotators), columns=columns,
-        resolution=config.resolution, min_side=config.min_side, jpeg_quality=config.jpeg_quality,
-        batch_size=compute.batch_size, threads=threads,
+        source=source,
+        output=output.uri,
+        storage=config.storage,
+        annotators=tuple((a.name, a.params) for a in config.annotators),
+        columns=columns,
+        resolution=config.resolution,
+        min_side=config.min_side,
+        jpeg_quality=config.jpeg_quality,
+        batch_size=compute.batch_size,
+        threads=threads,
     )
     uses_s3 = is_s3(source.uri) or is_s3(output.uri)
     # One shard per block, one shard in flight per actor: shards take seconds, so this costs
     # nothing, and no actor sits on a queue of shards while another is idle at the end.
     dataset = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
     dataset = dataset.map_batches(
-        AnnotateShards, batch_size=1, fn_constructor_kwargs={"job": job},
-        runtime_env=storage_runtime_env() if uses_s3 else None, **pool,
+        AnnotateShards,
+        batch_size=1,
+        fn_constructor_kwargs={"job": job},
+        runtime_env=storage_runtime_env() if uses_s3 else None,
+        **pool,
     )
     known = [s.count for s in pending]
     total = sum(known) if all(c is not None for c in known) else None
@@ -485,11 +500,14 @@ def _job_identity(config: AnnotateConfig, source: Source, shards: list[Shard], c
     if shards[0].kind == "parquet":
         identity.update(image_column=config.image_column, caption_column=config.caption_column)
     identity.update(
-        resolution=config.resolution, min_side=config.min_side, shard_size=config.shard_size,
-        jpeg_quality=config.jpeg_quality, columns=columns,
+        resolution=config.resolution,
+        min_side=config.min_side,
+        shard_size=config.shard_size,
+        jpeg_quality=config.jpeg_quality,
+        columns=columns,
         plan={"shards": len(shards), "sha256": hashlib.sha256("".join(plan).encode()).hexdigest()},
     )
-    return json.loads(_dumps(identity))
+    return json.loads(dumps(identity))
 
 
 @dataclass
@@ -503,29 +521,37 @@ class _Manifest:
         try:
             previous = json.loads(self.location.read_bytes())["job"]
         except (ValueError, KeyError) as exc:
-            raise ValueError(f"{self.location.uri} is not a zeroconv annotate manifest ({exc}); "
-                             "choose another output") from None
+            raise ValueError(
+                f"{self.location.uri} is not a zeroconv annotate manifest ({exc}); choose another output"
+            ) from None
         changed = [key for key in sorted(set(previous) | set(self.job)) if previous.get(key) != self.job.get(key)]
         if changed:
-            what = "; ".join(f"{k}: {_dumps(previous.get(k))} then, {_dumps(self.job.get(k))} now" for k in changed)
+            what = "; ".join(f"{k}: {dumps(previous.get(k))} then, {dumps(self.job.get(k))} now" for k in changed)
             raise ConfigError(
                 f"output {self.location.uri.rsplit('/', 1)[0]} holds a different annotation job, so it cannot be "
-                f"resumed ({what}). Use a new output, or delete the old one.")
+                f"resumed ({what}). Use a new output, or delete the old one."
+            )
 
     def write(self, status: str, summaries: dict[int, dict]) -> None:
         totals = _totals(summaries.values())
         output = self.location.uri.rsplit("/", 1)[0]
-        self.location.write_bytes_atomic(json.dumps({
-            "format": FORMAT_VERSION,
-            "status": status,
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "output": output,
-            "rejects": f"{output}/{REJECTS_DIR}",
-            "job": self.job,
-            "counts": {k: totals[k] for k in ("read", "accepted", "rejected")},
-            "reject_reasons": totals["reasons"],
-            "shards": {"total": self.job["plan"]["shards"], "done": len(summaries)},
-        }, indent=2, sort_keys=False).encode())
+        self.location.write_bytes_atomic(
+            json.dumps(
+                {
+                    "format": ANNOTATED_FORMAT,
+                    "status": status,
+                    "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "output": output,
+                    "rejects": f"{output}/{REJECTS_DIR}",
+                    "job": self.job,
+                    "counts": {k: totals[k] for k in ("read", "accepted", "rejected")},
+                    "reject_reasons": totals["reasons"],
+                    "shards": {"total": self.job["plan"]["shards"], "done": len(summaries)},
+                },
+                indent=2,
+                sort_keys=False,
+            ).encode()
+        )
 
 
 def _totals(summaries: Iterable[dict]) -> dict:
@@ -536,8 +562,9 @@ def _totals(summaries: Iterable[dict]) -> dict:
         totals["reasons"].update(s["reasons"])
     totals["reasons"] = dict(sorted(totals["reasons"].items()))
     if totals["read"] != totals["accepted"] + totals["rejected"]:  # by construction; a loud check all the same
-        raise AssertionError(f"lost inputs: read {totals['read']} != accepted {totals['accepted']} + "
-                             f"rejected {totals['rejected']}")
+        raise AssertionError(
+            f"lost inputs: read {totals['read']} != accepted {totals['accepted']} + rejected {totals['rejected']}"
+        )
     return totals
 
 
@@ -557,12 +584,16 @@ def _finished_shards(output: Location, shards: list[Shard]) -> dict[int, dict]:
             # writer failed mid-way). Not finished: this run writes it again.
             return None
         if _FOOTER_KEY not in meta:
-            raise ValueError(f"{output.uri}/{info.base_name} was not written by zeroconv annotate; choose another output")
+            raise ValueError(
+                f"{output.uri}/{info.base_name} was not written by zeroconv annotate; choose another output"
+            )
         s = json.loads(meta[_FOOTER_KEY])
         shard = by_index.get(s["shard"])
         if shard is None or shard.fingerprint() != s["fingerprint"]:
-            raise ValueError(f"{output.uri}/{info.base_name} was made from different inputs than this job's shard "
-                             f"{s['shard']}; the input changed since that run. Use a new output.")
+            raise ValueError(
+                f"{output.uri}/{info.base_name} was made from different inputs than this job's shard "
+                f"{s['shard']}; the input changed since that run. Use a new output."
+            )
         return s["shard"], s
 
     with ThreadPoolExecutor(16) as pool:  # one footer read each; round trips on S3

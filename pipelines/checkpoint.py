@@ -34,8 +34,9 @@ def save_checkpoint(engine, step: int, metrics: dict, ema=None) -> None:
         engine.save_checkpoint(tmp, tag=TAG, client_state={STEP_KEY: step}, exclude_frozen_parameters=True)
         if ema is not None:
             torch.save(ema.state_dict(), Path(tmp) / ema_file(rank))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:07d}")
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{step:07d}"
+        )
 
 
 def restore_checkpoint(engine, ema=None) -> int:
@@ -68,7 +69,7 @@ def full_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None:
 
 
 def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def changed_params(state: dict[str, torch.Tensor], reference: torch.nn.Module, dtype: torch.dtype) -> list[str]:
@@ -77,12 +78,13 @@ def changed_params(state: dict[str, torch.Tensor], reference: torch.nn.Module, d
     return sorted(k for k, v in state.items() if not torch.equal(v, ref[k].to(dtype).float()))
 
 
-def export_model(state: dict[str, torch.Tensor], model, unet_unlocked: bool, summary: dict, out_uri: str,
-                 storage=None) -> None:
+def export_model(
+    state: dict[str, torch.Tensor], model, unet_unlocked: bool, summary: dict, out_uri: str, storage=None
+) -> None:
     """Rank 0: write the ControlNet (and an unlocked UNet) in diffusers format, plus ``summary`` (the final
     metrics, which is how they reach the driver) as SUMMARY_FILE, to ``out_uri`` (local or s3://)."""
     from model.export import export_controlnet, export_unet
-    from pipelines.storage import upload_dir
+    from pipelines.common.storage import upload_dir
 
     with tempfile.TemporaryDirectory(prefix="zeroconv-export-") as tmp:
         export_controlnet(model.controlnets[0], Path(tmp) / "controlnet", sub_state_dict(state, "controlnets.0."))

@@ -11,47 +11,13 @@ Every stage takes a YAML config and/or dotted overrides (``train.lr=2e-5``); ``z
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import textwrap
-from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-
-@dataclass(frozen=True)
-class Stage:
-    module: str
-    config: str
-    run: str
-    help: str
-    usage: str = "[--config FILE.yaml] [--print-config] [key=value ...]"
-
-
-# One line per stage. The module defines the config class and the run function.
-STAGES: dict[str, Stage] = {
-    "demo": Stage("pipelines.demo", "DemoConfig", "run_demo",
-                  "run the whole product end to end on this machine with a tiny model"),
-    "annotate": Stage("pipelines.annotate", "AnnotateConfig", "run_annotate",
-                      "images -> condition maps in Parquet (Ray Data)"),
-    "train": Stage("pipelines.train", "TrainConfig", "run_train",
-                   "train a ControlNet on annotated Parquet (Ray Train + DeepSpeed), log and register in MLflow"),
-    "precompute": Stage("pipelines.precompute", "PrecomputeConfig", "run_precompute",
-                        "annotated Parquet -> VAE latents + text embeddings for faster training (Ray Data)"),
-    "evaluate": Stage("pipelines.evaluate", "EvaluateConfig", "run_evaluate",
-                      "score how well a registered model follows its conditions; log to its MLflow run"),
-    "promote": Stage("pipelines.promote", "PromoteConfig", "run_promote",
-                     "move the champion alias to the candidate if its fidelity beats the champion's by a margin"),
-    "serve": Stage("deploy.serve_app", "ServeConfig", "run_serve",
-                   "serve registered ControlNets over HTTP (Ray Serve)"),
-    "pipeline": Stage("pipelines.pipeline", "PipelineConfig", "run_pipeline",
-                      "the recurring pipeline: annotate new images, train, evaluate, promote",
-                      "run CONFIG.yaml [key=value ...]"),
-    "submit": Stage("pipelines.submit", "SubmitConfig", "run_submit",
-                    "run any stage on a Ray cluster as a Ray Job and follow it",
-                    "STAGE [--config FILE.yaml] [key=value ...] [submit.KEY=VALUE ...]"),
-}
+from pipelines.stages import STAGES, load_stage
 
 
 def _field_help(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -68,17 +34,6 @@ def _field_help(model: type[BaseModel], prefix: str = "") -> list[str]:
     return lines
 
 
-def load_stage(name: str):
-    stage = STAGES[name]
-    try:
-        module = importlib.import_module(stage.module)
-    except ModuleNotFoundError as exc:
-        if exc.name == stage.module:
-            raise SystemExit(f"error: stage {name!r} is not available in this version of zeroconv") from None
-        raise
-    return getattr(module, stage.config), getattr(module, stage.run)
-
-
 def stage_arguments(stage: str, config: str | None, words: list[str]) -> tuple[str | None, list[str], dict]:
     """What follows the stage name, as load_config's (config file, overrides, keyword values).
 
@@ -88,7 +43,7 @@ def stage_arguments(stage: str, config: str | None, words: list[str]) -> tuple[s
       zeroconv pipeline run CONFIG [key=value ...]           the same as: zeroconv pipeline --config CONFIG
       zeroconv promote NAME [key=value ...]                  the same as: zeroconv promote model=NAME
     """
-    from pipelines.config import ConfigError
+    from pipelines.common.config import ConfigError
 
     if stage == "submit":
         if not words or "=" in words[0]:
@@ -118,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     for name, stage in STAGES.items():
-        p = sub.add_parser(name, help=stage.help, description=stage.help,
-                           formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+        p = sub.add_parser(
+            name,
+            help=stage.help,
+            description=stage.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            add_help=False,
+        )
         p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config file for this stage")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("-h", "--help", action="store_true", help="show this stage's fields and exit")
@@ -138,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stage:
         parser.print_help()
         return 0
-    from pipelines.config import ConfigError, dump_config, load_config
+    from pipelines.common.config import ConfigError, dump_config, load_config
 
     config_cls, run = load_stage(args.stage)
     if args.help:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipelines.config import BaseModelConfig, JobConfig, MLflowConfig
+from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig
 
 MODEL_NAME = "zeroconv-demo"
 
@@ -38,7 +38,9 @@ class DemoConfig(JobConfig):
     images: int = Field(default=256, ge=8, description="synthetic training images (plus 4 broken files)")
     heldout: int = Field(default=16, ge=1, description="held-out images for evaluation")
     train_steps: int = Field(default=120, ge=1, description="training steps")
-    lr: float = Field(default=2e-4, gt=0, description="ControlNet learning rate (higher than the paper's 1e-5: a short CPU run)")
+    lr: float = Field(
+        default=2e-4, gt=0, description="ControlNet learning rate (higher than the paper's 1e-5: a short CPU run)"
+    )
     serve: bool = Field(default=True, description="serve the promoted model and send one HTTP request")
     fresh: bool = Field(default=False, description="delete work_dir first instead of resuming")
     seed: int = Field(default=0, description="random seed for the synthetic data")
@@ -52,8 +54,8 @@ def show_zero_conv_identity(config: DemoConfig) -> float:
     """Build the base model and a ControlNet from it; the controlled UNet equals the plain one exactly."""
     from model.base import load_base
     from model.controlnet import ControlledUNet, controlnet_from_unet
-    from model.inference import condition_tensor
-    from pipelines.synthetic import fill50k
+    from pipelines.data.synthetic import fill50k
+    from pipelines.data.tensors import condition_tensor
 
     base = load_base(config.base_model.source)
     params = {n: sum(p.numel() for p in getattr(base, n).parameters()) for n in ("unet", "vae", "text_encoder")}
@@ -68,44 +70,75 @@ def show_zero_conv_identity(config: DemoConfig) -> float:
         plain = base.unet(latents, t, encoder_hidden_states=text).sample
         controlled = ControlledUNet(base.unet, [controlnet_from_unet(base.unet)])(latents, t, text, conditions)
     diff = float((plain - controlled).abs().max())
-    _say("identity", f"max |UNet + ControlNet - UNet| at step 0 = {diff} (zero convolutions: training starts from the base model)")
+    _say(
+        "identity",
+        f"max |UNet + ControlNet - UNet| at step 0 = {diff} (zero convolutions: training starts from the base model)",
+    )
     return diff
 
 
 def make_data(config: DemoConfig, work: Path) -> tuple[Path, Path]:
-    from pipelines.synthetic import write_image_folder
+    from pipelines.data.synthetic import write_image_folder
 
     incoming = work / "incoming"
     write_image_folder(incoming / "batch-0001", config.images, size=64, seed=config.seed, broken=True)
-    heldout = write_image_folder(work / "heldout-images", config.heldout, size=64, seed=config.seed + 10_000, broken=False)
-    _say("data", f"{config.images} Fill50K-style images + 4 broken files in {incoming}/batch-0001; "
-                 f"{config.heldout} held-out in {heldout}")
+    heldout = write_image_folder(
+        work / "heldout-images", config.heldout, size=64, seed=config.seed + 10_000, broken=False
+    )
+    _say(
+        "data",
+        f"{config.images} Fill50K-style images + 4 broken files in {incoming}/batch-0001; "
+        f"{config.heldout} held-out in {heldout}",
+    )
     return incoming, heldout
 
 
 def pipeline_config(config: DemoConfig, work: Path, incoming: Path):
     from pipelines.pipeline import PipelineConfig
 
-    return PipelineConfig.model_validate({
-        "work_dir": str(work), "storage": config.storage.model_dump(), "ray": config.ray.model_dump(),
-        "mlflow": config.mlflow.model_dump(),
-        "annotate": {"input": str(incoming), "resolution": 64, "min_side": 32, "shard_size": 64},
-        "train": {"base_model": config.base_model.model_dump(), "run_name": "demo", "registered_model": MODEL_NAME,
-                  "num_workers": 1, "batch_size": 8, "max_steps": config.train_steps, "lr": config.lr,
-                  "checkpoint_every": max(1, config.train_steps // 2), "log_every": 10,
-                  "validate_every": 0, "num_validation": 4, "validation_steps": 10},
-        "evaluate": {"data": str(work / "heldout"), "limit": config.heldout, "steps": 10, "grid_samples": 8},
-        "promote": {"margin": 0.0},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "work_dir": str(work),
+            "storage": config.storage.model_dump(),
+            "ray": config.ray.model_dump(),
+            "mlflow": config.mlflow.model_dump(),
+            "annotate": {"input": str(incoming), "resolution": 64, "min_side": 32, "shard_size": 64},
+            "train": {
+                "base_model": config.base_model.model_dump(),
+                "run_name": "demo",
+                "registered_model": MODEL_NAME,
+                "num_workers": 1,
+                "batch_size": 8,
+                "max_steps": config.train_steps,
+                "lr": config.lr,
+                "checkpoint_every": max(1, config.train_steps // 2),
+                "log_every": 10,
+                "validate_every": 0,
+                "num_validation": 4,
+                "validation_steps": 10,
+            },
+            "evaluate": {"data": str(work / "heldout"), "limit": config.heldout, "steps": 10, "grid_samples": 8},
+            "promote": {"margin": 0.0},
+        }
+    )
 
 
 def annotate_heldout(config: DemoConfig, work: Path, heldout_images: Path) -> None:
     from pipelines.annotate import AnnotateConfig, run_annotate
 
-    run_annotate(AnnotateConfig.model_validate({
-        "work_dir": str(work), "storage": config.storage.model_dump(), "ray": config.ray.model_dump(),
-        "input": str(heldout_images), "output": str(work / "heldout"), "resolution": 64, "min_side": 32,
-    }))
+    run_annotate(
+        AnnotateConfig.model_validate(
+            {
+                "work_dir": str(work),
+                "storage": config.storage.model_dump(),
+                "ray": config.ray.model_dump(),
+                "input": str(heldout_images),
+                "output": str(work / "heldout"),
+                "resolution": 64,
+                "min_side": 32,
+            }
+        )
+    )
 
 
 def serve_one_request(config: DemoConfig, work: Path) -> Path:
@@ -114,23 +147,39 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
     from ray import serve
 
     from deploy.serve_app import ServeConfig, run_serve
-    from pipelines.images import decode_condition
+    from pipelines.common.images import decode_condition
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    served = run_serve(ServeConfig.model_validate({
-        "work_dir": str(work), "mlflow": config.mlflow.model_dump(), "models": [MODEL_NAME],
-        "port": port, "block": False, "reload_interval_s": 0,
-    }))
+    served = run_serve(
+        ServeConfig.model_validate(
+            {
+                "work_dir": str(work),
+                "mlflow": config.mlflow.model_dump(),
+                "models": [MODEL_NAME],
+                "port": port,
+                "block": False,
+                "reload_interval_s": 0,
+            }
+        )
+    )
     try:
         import pyarrow.parquet as pq
 
         row = pq.read_table(work / "heldout", columns=["text", "conditioning_image"]).slice(0, 1).to_pylist()[0]
-        body = json.dumps({"prompt": row["text"], "seed": 0, "steps": 20, "guidance_scale": 9.0,
-                           "controls": [{"image": base64.b64encode(row["conditioning_image"]).decode()}]}).encode()
-        request = urllib.request.Request(f"{served.url}/v1/generate", data=body,
-                                         headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "prompt": row["text"],
+                "seed": 0,
+                "steps": 20,
+                "guidance_scale": 9.0,
+                "controls": [{"image": base64.b64encode(row["conditioning_image"]).decode()}],
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{served.url}/v1/generate", data=body, headers={"Content-Type": "application/json"}
+        )
         started = time.perf_counter()
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
@@ -141,14 +190,17 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
     condition = decode_condition(row["conditioning_image"], channels=3)
     out = work / "generated.png"
     Image.fromarray(np.concatenate([condition, generated], axis=1)).resize((256, 128), Image.NEAREST).save(out)
-    _say("serve", f"POST {served.url}/v1/generate {row['text']!r} -> 200 in {elapsed * 1000:.0f} ms "
-                  f"({answer['models'][0]['name']} v{answer['models'][0]['version']}); condition | generated saved to {out}")
+    _say(
+        "serve",
+        f"POST {served.url}/v1/generate {row['text']!r} -> 200 in {elapsed * 1000:.0f} ms "
+        f"({answer['models'][0]['name']} v{answer['models'][0]['version']}); condition | generated saved to {out}",
+    )
     return out
 
 
 def run_demo(config: DemoConfig) -> str:
+    from pipelines.common.cluster import ensure_ray
     from pipelines.pipeline import run_pipeline
-    from pipelines.ray_utils import ensure_ray
 
     started = time.time()
     work = Path(config.work_dir).resolve()
@@ -164,11 +216,15 @@ def run_demo(config: DemoConfig) -> str:
     _say("pipeline", str(result).replace("\n", "\n" + " " * 17))
     summary["pipeline"] = result.steps
     for manifest in sorted((work / "annotated").rglob("_manifest.json")):
-        summary.setdefault("manifests", {})[str(manifest.relative_to(work))] = json.loads(manifest.read_text())["counts"]
+        summary.setdefault("manifests", {})[str(manifest.relative_to(work))] = json.loads(manifest.read_text())[
+            "counts"
+        ]
     if config.serve:
         summary["generated"] = str(serve_one_request(config, work))
     (work / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return (f"demo finished in {time.time() - started:.0f}s. Look at:\n"
-            f"  {work / 'demo_summary.json'}  (counts, scores, versions)\n"
-            f"  {work / 'generated.png'}  (condition | generated, from a real HTTP request)\n"
-            f"  mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}  (runs, loss curves, image grids, registry)")
+    return (
+        f"demo finished in {time.time() - started:.0f}s. Look at:\n"
+        f"  {work / 'demo_summary.json'}  (counts, scores, versions)\n"
+        f"  {work / 'generated.png'}  (condition | generated, from a real HTTP request)\n"
+        f"  mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}  (runs, loss curves, image grids, registry)"
+    )

@@ -35,10 +35,10 @@ import numpy as np
 from pydantic import Field
 
 from pipelines import fidelity
-from pipelines.config import JobConfig, MLflowConfig, Section, StorageConfig
-from pipelines.images import decode_condition, decode_rgb, encode_png
-from pipelines.ray_utils import ActorCompute, actor_device
-from pipelines.storage import resolve
+from pipelines.common.cluster import ActorCompute, actor_device
+from pipelines.common.config import JobConfig, MLflowConfig, Section, StorageConfig
+from pipelines.common.images import decode_condition, decode_rgb, encode_png
+from pipelines.common.storage import resolve
 
 SINGLE_CONDITION_COLUMN = "conditioning_image"
 TAG_PREFIX = "fidelity."
@@ -55,18 +55,30 @@ PROTOCOL_ARTIFACT = "evaluation/protocol.json"
 class EvaluationSettings(Section):
     """What is measured and how: two scores are comparable only if these agree (see ``protocol``)."""
 
-    data: str = Field(default="runs/heldout", description="Held-out annotated Parquet (not trained on), local or s3://.")
+    data: str = Field(
+        default="runs/heldout", description="Held-out annotated Parquet (not trained on), local or s3://."
+    )
     condition_column: str | None = Field(
-        default=None, description="Condition column. Default: conditioning_image, else cond_<the model's annotator>.")
+        default=None, description="Condition column. Default: conditioning_image, else cond_<the model's annotator>."
+    )
     limit: int = Field(default=64, ge=1, description="Evaluate the dataset's first N rows.")
     seed: int = Field(default=0, description="Row i is generated with seed + i, for the model and the baseline alike.")
     steps: int | None = Field(default=None, ge=1, description="DDIM steps. Default: the model's inference default.")
-    guidance_scale: float | None = Field(default=None, ge=0, description="CFG scale. Default: the model's inference default.")
-    edge_tolerance: int = Field(default=2, ge=0, description="Edge annotators: pixels an edge may be off and still match.")
-    edge_threshold: int = Field(default=128, ge=1, le=255, description="Edge annotators: a map value >= this is an edge.")
+    guidance_scale: float | None = Field(
+        default=None, ge=0, description="CFG scale. Default: the model's inference default."
+    )
+    edge_tolerance: int = Field(
+        default=2, ge=0, description="Edge annotators: pixels an edge may be off and still match."
+    )
+    edge_threshold: int = Field(
+        default=128, ge=1, le=255, description="Edge annotators: a map value >= this is an edge."
+    )
     pose_tolerance: float = Field(
-        default=0.05, gt=0, description="Pose annotators: a keypoint matches within this fraction of the image size.")
-    baseline: bool = Field(default=True, description="Also score the base model without control, same seeds and prompts.")
+        default=0.05, gt=0, description="Pose annotators: a keypoint matches within this fraction of the image size."
+    )
+    baseline: bool = Field(
+        default=True, description="Also score the base model without control, same seeds and prompts."
+    )
     grid_samples: int = Field(default=8, ge=0, description="Samples shown in the logged grid image.")
     compute: ActorCompute = ActorCompute()
 
@@ -76,8 +88,12 @@ class EvaluateConfig(EvaluationSettings, JobConfig):
     run and tag the model version (what 'zeroconv promote' compares)."""
 
     model: str = Field(default="zeroconv-controlnet", description="Registered model name.")
-    alias: str = Field(default="candidate", description="Alias of the version to evaluate (ignored if version is set).")
-    version: str | None = Field(default=None, description="Model version to evaluate. Default: the one alias points to.")
+    alias: str = Field(
+        default="candidate", description="Alias of the version to evaluate (ignored if version is set)."
+    )
+    version: str | None = Field(
+        default=None, description="Model version to evaluate. Default: the one alias points to."
+    )
     mlflow: MLflowConfig = MLflowConfig()
 
 
@@ -97,7 +113,12 @@ class FidelityRecord:
     baseline_score: float | None = None
 
     def tags(self) -> dict[str, str]:
-        tags = {"score": repr(self.score), "metric": self.metric, "protocol": self.protocol, "samples": str(self.samples)}
+        tags = {
+            "score": repr(self.score),
+            "metric": self.metric,
+            "protocol": self.protocol,
+            "samples": str(self.samples),
+        }
         if self.baseline_score is not None:
             tags["baseline_score"] = repr(self.baseline_score)
         return {TAG_PREFIX + k: v for k, v in tags.items()}
@@ -107,9 +128,13 @@ class FidelityRecord:
         if TAG_PREFIX + "score" not in tags:
             return None
         baseline = tags.get(TAG_PREFIX + "baseline_score")
-        return cls(score=float(tags[TAG_PREFIX + "score"]), metric=tags[TAG_PREFIX + "metric"],
-                   protocol=tags[TAG_PREFIX + "protocol"], samples=int(tags[TAG_PREFIX + "samples"]),
-                   baseline_score=float(baseline) if baseline is not None else None)
+        return cls(
+            score=float(tags[TAG_PREFIX + "score"]),
+            metric=tags[TAG_PREFIX + "metric"],
+            protocol=tags[TAG_PREFIX + "protocol"],
+            samples=int(tags[TAG_PREFIX + "samples"]),
+            baseline_score=float(baseline) if baseline is not None else None,
+        )
 
 
 def record_fidelity(name: str, version: str, record: FidelityRecord) -> None:
@@ -163,13 +188,17 @@ class FidelityScorer:
         if not Path(job.controlnet_dir).is_dir():  # an actor on another node: fetch the model there
             job = self._download(job)
         device = actor_device()
-        self.pipe = load_pipeline(job.base_model, [job.controlnet_dir], job.unet_dir, device=str(device),
-                                  storage=job.storage)
+        self.pipe = load_pipeline(
+            job.base_model, [job.controlnet_dir], job.unet_dir, device=str(device), storage=job.storage
+        )
         # The baseline needs the base UNet; only a model that unlocked the UNet has another one.
         self.baseline_pipe = None
         if job.baseline:
-            self.baseline_pipe = self.pipe if job.unet_dir is None else load_pipeline(
-                job.base_model, [job.controlnet_dir], None, device=str(device), storage=job.storage)
+            self.baseline_pipe = (
+                self.pipe
+                if job.unet_dir is None
+                else load_pipeline(job.base_model, [job.controlnet_dir], None, device=str(device), storage=job.storage)
+            )
         spec = job.annotator
         self.annotator = create(spec["name"], **spec.get("params", {}))
         self.channels = int(spec.get("channels", self.annotator.channels))
@@ -182,8 +211,9 @@ class FidelityScorer:
 
         mlflow.set_tracking_uri(job.tracking_uri)
         local = resolve_model(job.model_name, version=job.model_version, dest=tempfile.mkdtemp(prefix="zc-eval-"))
-        return replace(job, controlnet_dir=str(local.controlnet_dir),
-                       unet_dir=str(local.unet_dir) if local.unet_dir else None)
+        return replace(
+            job, controlnet_dir=str(local.controlnet_dir), unet_dir=str(local.unet_dir) if local.unet_dir else None
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from model.inference import generate
@@ -195,11 +225,20 @@ class FidelityScorer:
         out: dict[str, np.ndarray] = {"index": batch["index"]}
         runs = [("", self.pipe, 1.0)] + ([("baseline_", self.baseline_pipe, 0.0)] if self.baseline_pipe else [])
         for prefix, pipe, conditioning_scale in runs:
-            images = generate(pipe, prompts, conditions, seed=seeds, steps=job.steps,
-                              guidance_scale=job.guidance_scale, conditioning_scale=conditioning_scale)
+            images = generate(
+                pipe,
+                prompts,
+                conditions,
+                seed=seeds,
+                steps=job.steps,
+                guidance_scale=job.guidance_scale,
+                conditioning_scale=conditioning_scale,
+            )
             maps = self.annotator(images)
-            scores = [fidelity.score(job.family, m, c, job.edge_tolerance, job.edge_threshold, job.pose_tolerance)
-                      for m, c in zip(maps, conditions)]
+            scores = [
+                fidelity.score(job.family, m, c, job.edge_tolerance, job.edge_threshold, job.pose_tolerance)
+                for m, c in zip(maps, conditions)
+            ]
             for key in scores[0]:
                 out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)
             out[prefix + "generated"] = np.array([encode_png(i) for i in images], dtype=object)
@@ -227,9 +266,11 @@ class EvaluateResult:
     seconds: float
 
     def __str__(self) -> str:
-        lines = [f"evaluated {self.model} v{self.version} on {self.samples} held-out samples "
-                 f"({self.annotator} conditions; protocol {self.protocol}) in {self.seconds:.1f} s",
-                 f"  {'metric':<16}{'model':>9}{'no control':>12}"]
+        lines = [
+            f"evaluated {self.model} v{self.version} on {self.samples} held-out samples "
+            f"({self.annotator} conditions; protocol {self.protocol}) in {self.seconds:.1f} s",
+            f"  {'metric':<16}{'model':>9}{'no control':>12}",
+        ]
         for key, value in self.metrics.items():
             if key.startswith("baseline_"):
                 continue
@@ -253,8 +294,10 @@ def condition_column_for(columns: list[str], annotator: str, wanted: str | None,
     for column in (SINGLE_CONDITION_COLUMN, f"cond_{annotator}"):
         if column in columns:
             return column
-    raise ValueError(f"dataset {data!r} has neither {SINGLE_CONDITION_COLUMN!r} nor 'cond_{annotator}' "
-                     f"(the model's annotator); its columns are {', '.join(columns)}. Set condition_column.")
+    raise ValueError(
+        f"dataset {data!r} has neither {SINGLE_CONDITION_COLUMN!r} nor 'cond_{annotator}' "
+        f"(the model's annotator); its columns are {', '.join(columns)}. Set condition_column."
+    )
 
 
 def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageConfig):
@@ -264,8 +307,10 @@ def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageCon
 
     location = resolve(config.data, storage)
     if not location.exists():
-        raise FileNotFoundError(f"held-out dataset {config.data!r} does not exist (annotated Parquet, e.g. from "
-                                "'zeroconv annotate' on images kept out of training)")
+        raise FileNotFoundError(
+            f"held-out dataset {config.data!r} does not exist (annotated Parquet, e.g. from "
+            "'zeroconv annotate' on images kept out of training)"
+        )
     try:
         dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
     except Exception as exc:  # pyarrow raises several types for "not parquet"
@@ -278,14 +323,20 @@ def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageCon
     if table.num_rows == 0:
         raise ValueError(f"held-out dataset {config.data!r} has no rows")
     n = table.num_rows
-    return column, pa.table({
-        "index": pa.array(range(n), pa.int64()), "id": table.column("id"), "text": table.column("text"),
-        "condition": table.column(column).cast(pa.binary()), "seed": pa.array([config.seed + i for i in range(n)], pa.int64()),
-    })
+    return column, pa.table(
+        {
+            "index": pa.array(range(n), pa.int64()),
+            "id": table.column("id"),
+            "text": table.column("text"),
+            "condition": table.column(column).cast(pa.binary()),
+            "seed": pa.array([config.seed + i for i in range(n)], pa.int64()),
+        }
+    )
 
 
 def evaluation_grid(columns: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
     """Rows of equally sized uint8 maps (1 or 3 channels) -> one RGB image with ``pad`` px gaps."""
+
     def rgb(cell: np.ndarray) -> np.ndarray:
         cell = cell if cell.ndim == 3 else cell[..., None]
         return np.repeat(cell, 3, axis=-1) if cell.shape[-1] == 1 else cell
@@ -297,7 +348,7 @@ def evaluation_grid(columns: list[list[np.ndarray]], pad: int = 2) -> np.ndarray
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
             top, left = pad + r * (h + pad), pad + c * (w + pad)
-            grid[top:top + h, left:left + w] = cell
+            grid[top : top + h, left : left + w] = cell
     return grid
 
 
@@ -311,7 +362,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     from mlflow.entities import Metric
 
     from model.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from model.registry import connect, resolve_model, resolve_tracking_uri
+    from model.registry import resolve_model
+    from pipelines.common.tracking import connect, resolve_tracking_uri
 
     started = time.perf_counter()
     tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
@@ -321,29 +373,53 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         resolved = resolve_model(config.model, alias=config.alias, version=config.version, dest=download)
         spec = resolved.metadata.get("annotator")
         if not isinstance(spec, dict) or "name" not in spec:
-            raise ValueError(f"{config.model} v{resolved.version} does not say which annotator made its conditions "
-                             "(no 'annotator' in its metadata), so its outputs cannot be re-annotated and scored")
+            raise ValueError(
+                f"{config.model} v{resolved.version} does not say which annotator made its conditions "
+                "(no 'annotator' in its metadata), so its outputs cannot be re-annotated and scored"
+            )
         column, rows = read_heldout(config, spec["name"], config.storage)
         defaults = resolved.metadata.get("inference", {})
         steps = config.steps or int(defaults.get("steps", DEFAULT_STEPS))
-        guidance = config.guidance_scale if config.guidance_scale is not None else float(
-            defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+        guidance = (
+            config.guidance_scale
+            if config.guidance_scale is not None
+            else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
+        )
         kind = fidelity.family(spec["name"])
         settings = {
-            "data": resolve(config.data, config.storage).uri, "condition_column": column, "samples": rows.num_rows,
+            "data": resolve(config.data, config.storage).uri,
+            "condition_column": column,
+            "samples": rows.num_rows,
             "ids_sha256": hashlib.sha256("\n".join(rows.column("id").to_pylist()).encode()).hexdigest(),
-            "seed": config.seed, "steps": steps, "guidance_scale": guidance,
-            "annotator": {k: spec.get(k) for k in ("name", "version", "params")}, "family": kind,
-            **({"edge_tolerance": config.edge_tolerance, "edge_threshold": config.edge_threshold} if kind == "edge" else {}),
+            "seed": config.seed,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "annotator": {k: spec.get(k) for k in ("name", "version", "params")},
+            "family": kind,
+            **(
+                {"edge_tolerance": config.edge_tolerance, "edge_threshold": config.edge_threshold}
+                if kind == "edge"
+                else {}
+            ),
             **({"pose_tolerance": config.pose_tolerance} if kind == "pose" else {}),
         }
         protocol = protocol_of(settings)
         job = EvalJob(
-            model_name=config.model, model_version=resolved.version, controlnet_dir=str(resolved.controlnet_dir),
-            unet_dir=str(resolved.unet_dir) if resolved.unet_dir else None, base_model=resolved.base_model,
-            tracking_uri=tracking_uri, annotator=spec, family=kind, steps=steps, guidance_scale=guidance,
-            baseline=config.baseline, edge_tolerance=config.edge_tolerance, edge_threshold=config.edge_threshold,
-            pose_tolerance=config.pose_tolerance, storage=config.storage,
+            model_name=config.model,
+            model_version=resolved.version,
+            controlnet_dir=str(resolved.controlnet_dir),
+            unet_dir=str(resolved.unet_dir) if resolved.unet_dir else None,
+            base_model=resolved.base_model,
+            tracking_uri=tracking_uri,
+            annotator=spec,
+            family=kind,
+            steps=steps,
+            guidance_scale=guidance,
+            baseline=config.baseline,
+            edge_tolerance=config.edge_tolerance,
+            edge_threshold=config.edge_threshold,
+            pose_tolerance=config.pose_tolerance,
+            storage=config.storage,
         )
         results = _score_on_ray(config, job, rows)
     finally:
@@ -352,16 +428,31 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     headline = fidelity.HEADLINE[kind]
     score_keys = [k for k in results if k not in ("index",) and not k.endswith(("generated", "reannotated"))]
     metrics = {k: _mean(results[k]) for k in score_keys}
-    record = FidelityRecord(score=metrics[headline], metric=headline, protocol=protocol, samples=rows.num_rows,
-                            baseline_score=metrics.get("baseline_" + headline))
+    record = FidelityRecord(
+        score=metrics[headline],
+        metric=headline,
+        protocol=protocol,
+        samples=rows.num_rows,
+        baseline_score=metrics.get("baseline_" + headline),
+    )
 
-    table = {"index": results["index"], "id": rows.column("id").to_pylist(), "text": rows.column("text").to_pylist(),
-             "seed": rows.column("seed").to_pylist(), **{k: results[k] for k in score_keys}}
+    table = {
+        "index": results["index"],
+        "id": rows.column("id").to_pylist(),
+        "text": rows.column("text").to_pylist(),
+        "seed": rows.column("seed").to_pylist(),
+        **{k: results[k] for k in score_keys},
+    }
     shown = range(min(config.grid_samples, rows.num_rows))
     conditions = rows.column("condition").to_pylist()
-    image_columns = ["generated", "reannotated"] + (["baseline_generated", "baseline_reannotated"] if config.baseline else [])
-    grid_rows = [[decode_condition(conditions[i], channels=int(spec.get("channels", 3)))]
-                 + [decode_rgb(results[c][i]) for c in image_columns] for i in shown]
+    image_columns = ["generated", "reannotated"] + (
+        ["baseline_generated", "baseline_reannotated"] if config.baseline else []
+    )
+    grid_rows = [
+        [decode_condition(conditions[i], channels=int(spec.get("channels", 3)))]
+        + [decode_rgb(results[c][i]) for c in image_columns]
+        for i in shown
+    ]
 
     mlflow_metrics = {f"fidelity/{k}": v for k, v in metrics.items()}
     mlflow_metrics.update({"fidelity/score": record.score, "fidelity/samples": float(record.samples)})
@@ -377,9 +468,17 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         client.log_image(resolved.run_id, evaluation_grid(grid_rows), artifact_file=GRID_ARTIFACT)
     record_fidelity(config.model, resolved.version, record)
     return EvaluateResult(
-        model=config.model, version=resolved.version, run_id=resolved.run_id, annotator=spec["name"], metric=headline,
-        score=record.score, baseline_score=record.baseline_score, metrics=metrics, samples=rows.num_rows,
-        protocol=protocol, seconds=time.perf_counter() - started,
+        model=config.model,
+        version=resolved.version,
+        run_id=resolved.run_id,
+        annotator=spec["name"],
+        metric=headline,
+        score=record.score,
+        baseline_score=record.baseline_score,
+        metrics=metrics,
+        samples=rows.num_rows,
+        protocol=protocol,
+        seconds=time.perf_counter() - started,
     )
 
 
@@ -388,17 +487,20 @@ def _score_on_ray(config: EvaluateConfig, job: EvalJob, rows) -> dict[str, list]
     import ray
     from tqdm import tqdm
 
-    from pipelines.ray_utils import actor_pool
-    from pipelines.ray_utils import ensure_ray, storage_runtime_env
+    from pipelines.common.cluster import actor_pool, ensure_ray, storage_runtime_env
 
     ensure_ray(config.ray)
     size = config.compute.batch_size
     blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]  # one block per batch: actors share work
     # An actor on another node downloads the model itself: it needs the S3 and MLflow settings too.
-    env = {**storage_runtime_env().get("env_vars", {}),
-           **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}}
+    env = {
+        **storage_runtime_env().get("env_vars", {}),
+        **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+    }
     dataset = ray.data.from_arrow(blocks).map_batches(
-        FidelityScorer, batch_size=size, fn_constructor_kwargs={"job": job},
+        FidelityScorer,
+        batch_size=size,
+        fn_constructor_kwargs={"job": job},
         runtime_env={"env_vars": env} if env else None,
         **actor_pool(config.compute, len(blocks), config.ray.resources),
     )

@@ -21,10 +21,21 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-EDGE_ANNOTATORS = frozenset({
-    "canny", "hed", "softedge", "pidinet", "teed", "anyline", "scribble", "lineart", "lineart_anime",
-    "lineart_standard", "mlsd",
-})
+EDGE_ANNOTATORS = frozenset(
+    {
+        "canny",
+        "hed",
+        "softedge",
+        "pidinet",
+        "teed",
+        "anyline",
+        "scribble",
+        "lineart",
+        "lineart_anime",
+        "lineart_standard",
+        "mlsd",
+    }
+)
 DEPTH_ANNOTATORS = frozenset({"midas", "zoe", "leres", "leres++", "depth", "depth_anything", "dpt"})
 POSE_ANNOTATORS = frozenset({"openpose", "dwpose"})
 
@@ -33,11 +44,29 @@ HEADLINE = {"edge": "edge_f1", "depth": "depth_corr", "pose": "pose_pck", "gener
 
 # OpenPose body keypoint colours as controlnet_aux draws them (open_pose/util.py: draw_bodypose):
 # keypoint k is a filled circle of colour k; limbs use 0.6 x these colours, so they never match.
-OPENPOSE_COLOURS = np.array([
-    [255, 0, 0], [255, 85, 0], [255, 170, 0], [255, 255, 0], [170, 255, 0], [85, 255, 0], [0, 255, 0],
-    [0, 255, 85], [0, 255, 170], [0, 255, 255], [0, 170, 255], [0, 85, 255], [0, 0, 255], [85, 0, 255],
-    [170, 0, 255], [255, 0, 255], [255, 0, 170], [255, 0, 85],
-], dtype=np.int16)
+OPENPOSE_COLOURS = np.array(
+    [
+        [255, 0, 0],
+        [255, 85, 0],
+        [255, 170, 0],
+        [255, 255, 0],
+        [170, 255, 0],
+        [85, 255, 0],
+        [0, 255, 0],
+        [0, 255, 85],
+        [0, 255, 170],
+        [0, 255, 255],
+        [0, 170, 255],
+        [0, 85, 255],
+        [0, 0, 255],
+        [85, 0, 255],
+        [170, 0, 255],
+        [255, 0, 255],
+        [255, 0, 170],
+        [255, 0, 85],
+    ],
+    dtype=np.int16,
+)
 
 
 def family(annotator: str) -> str:
@@ -51,8 +80,14 @@ def family(annotator: str) -> str:
     return "generic"
 
 
-def score(kind: str, generated: np.ndarray, reference: np.ndarray, edge_tolerance: int = 2,
-          edge_threshold: int = 128, pose_tolerance: float = 0.05) -> dict[str, float]:
+def score(
+    kind: str,
+    generated: np.ndarray,
+    reference: np.ndarray,
+    edge_tolerance: int = 2,
+    edge_threshold: int = 128,
+    pose_tolerance: float = 0.05,
+) -> dict[str, float]:
     """Every score for one pair of maps: the family's own plus the generic ones."""
     if generated.shape[:2] != reference.shape[:2]:
         raise ValueError(f"condition maps differ in size: {generated.shape} vs {reference.shape}")
@@ -110,12 +145,13 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def _disk(radius: int) -> np.ndarray:
     """Structuring element of the pixels within Euclidean distance ``radius`` of the centre."""
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return (yy * yy + xx * xx <= radius * radius).astype(np.uint8)
 
 
-def edge_scores(generated: np.ndarray, reference: np.ndarray, tolerance: int = 2,
-                threshold: int = 128) -> dict[str, float]:
+def edge_scores(
+    generated: np.ndarray, reference: np.ndarray, tolerance: int = 2, threshold: int = 128
+) -> dict[str, float]:
     """Precision, recall and F1 of edge pixels, matching within ``tolerance`` pixels.
 
     A generated edge pixel is correct if a reference edge lies within ``tolerance`` (Euclidean) of it;

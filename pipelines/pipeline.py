@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pydantic import Field, model_validator
 
 from pipelines.annotate import AnnotateConfig, run_annotate
-from pipelines.config import JobConfig, MLflowConfig, Section
+from pipelines.common.config import JobConfig, MLflowConfig, Section
+from pipelines.common.storage import Location, resolve
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.promote import PromoteConfig, run_promote
-from pipelines.storage import Location, resolve
 from pipelines.train import TrainConfig, run_train
 
 SHARED = ("work_dir", "storage", "ray", "mlflow")  # set once at the top, inherited by every stage
@@ -47,16 +47,22 @@ class PipelineConfig(JobConfig):
 
     mlflow: MLflowConfig = MLflowConfig()
     annotate: AnnotateConfig = Field(
-        default_factory=AnnotateConfig, description="annotate stage; input holds one sub-folder per batch")
+        default_factory=AnnotateConfig, description="annotate stage; input holds one sub-folder per batch"
+    )
     train: TrainConfig = Field(
-        default_factory=TrainConfig, description="train stage; max_steps: steps added per new generation")
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluate stage; data: the held-out set")
+        default_factory=TrainConfig, description="train stage; max_steps: steps added per new generation"
+    )
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="evaluate stage; data: the held-out set"
+    )
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="promote stage")
 
     @model_validator(mode="after")
     def _registers_its_models(self) -> "PipelineConfig":
         if not self.train.registered_model:
-            raise ValueError("train.registered_model is empty: the pipeline evaluates and promotes registered versions")
+            raise ValueError(
+                "train.registered_model is empty: the pipeline evaluates and promotes registered versions"
+            )
         return self
 
 
@@ -76,7 +82,9 @@ def inherit(section: Section, shared: Section, names: tuple[str, ...]) -> Sectio
 
 def resolved_stages(config: PipelineConfig) -> PipelineConfig:
     """The config with the shared settings pushed into every stage, and the stages wired to each other."""
-    stages = {name: inherit(getattr(config, name), config, SHARED) for name in ("annotate", "train", "evaluate", "promote")}
+    stages = {
+        name: inherit(getattr(config, name), config, SHARED) for name in ("annotate", "train", "evaluate", "promote")
+    }
     model = stages["train"].registered_model
     stages["evaluate"] = stages["evaluate"].model_copy(update={"model": model})
     stages["promote"] = stages["promote"].model_copy(update={"model": model})
@@ -107,9 +115,11 @@ def input_batches(config: AnnotateConfig) -> list[Location]:
         else:
             loose.append(info.base_name)
     if loose:
-        raise ValueError(f"annotate.input {root.uri} holds files at its top level ({', '.join(loose[:3])}...); the "
-                         "pipeline annotates one sub-folder per batch, e.g. incoming/2026-11-21/, so put new images "
-                         "in a new sub-folder")
+        raise ValueError(
+            f"annotate.input {root.uri} holds files at its top level ({', '.join(loose[:3])}...); the "
+            "pipeline annotates one sub-folder per batch, e.g. incoming/2026-11-21/, so put new images "
+            "in a new sub-folder"
+        )
     if not batches:
         raise FileNotFoundError(f"annotate.input {root.uri} holds no batches (sub-folders, .parquet or .tar files)")
     return batches
@@ -163,8 +173,10 @@ class PipelineResult:
 
     def __str__(self) -> str:
         new = [name for name, n in self.batches.items() if n]
-        lines = [f"pipeline generation {self.generation} ({len(self.batches)} batches; annotated this run: "
-                 f"{', '.join(new) or 'none'}, {self.annotated} inputs) in {self.seconds:.0f} s"]
+        lines = [
+            f"pipeline generation {self.generation} ({len(self.batches)} batches; annotated this run: "
+            f"{', '.join(new) or 'none'}, {self.annotated} inputs) in {self.seconds:.0f} s"
+        ]
         for step, outcome in self.steps.items():
             lines.append(f"  {step:<9} {'' if step in self.ran else '(done before) '}{outcome}")
         return "\n".join(lines)
@@ -181,8 +193,9 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     for batch in input_batches(config.annotate):
         name = batch_name(batch)
         print(f"[pipeline] annotate {batch.uri}", flush=True)
-        annotated = run_annotate(config.annotate.model_copy(
-            update={"input": batch.uri, "output": f"{annotated_root.rstrip('/')}/{name}"}))
+        annotated = run_annotate(
+            config.annotate.model_copy(update={"input": batch.uri, "output": f"{annotated_root.rstrip('/')}/{name}"})
+        )
         batches[name] = annotated.processed
         totals[name] = [annotated.read, annotated.accepted]
     generation = hashlib.sha256(json.dumps(totals, sort_keys=True).encode()).hexdigest()[:12]
@@ -190,34 +203,50 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     ledger = Ledger.load(resolve(f"{config.work_dir.rstrip('/')}/{LEDGER}", config.storage))
     ledger.start(generation)
     state = ledger.state
-    result = PipelineResult(generation, batches, steps={"annotate": f"{sum(a for _, a in totals.values())} images "
-                                                                    f"in {len(totals)} batches -> {annotated_root}"},
-                            ran=["annotate"])
+    result = PipelineResult(
+        generation,
+        batches,
+        steps={
+            "annotate": f"{sum(a for _, a in totals.values())} images in {len(totals)} batches -> {annotated_root}"
+        },
+        ran=["annotate"],
+    )
 
     # 2. Train: continue the run up to this generation's target (fixed before it starts, so a re-run resumes).
     if "train" not in state:
         state.setdefault("train_target", state["trained_steps"] + config.train.max_steps)
         ledger.save()
-        print(f"[pipeline] train {config.train.run_name} to step {state['train_target']} on {annotated_root}", flush=True)
-        trained = run_train(config.train.model_copy(update={"data": annotated_root, "max_steps": state["train_target"]}))
+        print(
+            f"[pipeline] train {config.train.run_name} to step {state['train_target']} on {annotated_root}", flush=True
+        )
+        trained = run_train(
+            config.train.model_copy(update={"data": annotated_root, "max_steps": state["train_target"]})
+        )
         state["train"] = {"version": trained.model_version, "steps": trained.steps, "run_id": trained.mlflow_run_id}
         state["trained_steps"] = trained.steps
         ledger.save()
         result.ran.append("train")
     version = state["train"]["version"]
-    result.steps["train"] = (f"{config.train.registered_model} v{version} (candidate) after "
-                             f"{state['train']['steps']} steps of run {config.train.run_name!r}")
+    result.steps["train"] = (
+        f"{config.train.registered_model} v{version} (candidate) after "
+        f"{state['train']['steps']} steps of run {config.train.run_name!r}"
+    )
 
     # 3. Evaluate that version on the held-out set.
     if "evaluate" not in state:
         print(f"[pipeline] evaluate {config.evaluate.model} v{version} on {config.evaluate.data}", flush=True)
         evaluated = run_evaluate(config.evaluate.model_copy(update={"version": version}))
-        state["evaluate"] = {"metric": evaluated.metric, "score": evaluated.score, "baseline": evaluated.baseline_score}
+        state["evaluate"] = {
+            "metric": evaluated.metric,
+            "score": evaluated.score,
+            "baseline": evaluated.baseline_score,
+        }
         ledger.save()
         result.ran.append("evaluate")
     e = state["evaluate"]
     result.steps["evaluate"] = f"{e['metric']} {e['score']:.4f}" + (
-        "" if e["baseline"] is None else f" (no control: {e['baseline']:.4f})")
+        "" if e["baseline"] is None else f" (no control: {e['baseline']:.4f})"
+    )
 
     # 4. Promote: the candidate alias (set by train) to champion if it beats the champion.
     if "promote" not in state:

@@ -41,17 +41,21 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
-from pipelines.config import BaseModelConfig, ConfigError, JobConfig, StorageConfig
-from pipelines.images import decode_condition, decode_rgb
-from pipelines.ray_utils import ActorCompute, actor_device, actor_pool
-from pipelines.storage import Location, is_s3, resolve
-
-FORMAT_VERSION = "zeroconv.precomputed/1"
-MANIFEST = "_manifest.json"  # "_": Parquet readers skip it
-EMPTY_PROMPT_FILE = "_empty_prompt.safetensors"  # "_" too, so the folder stays a readable dataset
-LATENT_MEAN, LATENT_STD, TEXT_EMBEDDING = "latent_mean", "latent_std", "text_embedding"
-TENSOR_COLUMNS = (LATENT_MEAN, LATENT_STD, TEXT_EMBEDDING)
-CONDITION_COLUMN = re.compile(r"^(conditioning_image|cond_.+)$")
+from pipelines.common.cluster import ActorCompute, actor_device, actor_pool
+from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, StorageConfig
+from pipelines.common.images import decode_rgb
+from pipelines.common.storage import Location, is_s3, resolve
+from pipelines.data.schema import (
+    CONDITION_COLUMN,
+    EMPTY_PROMPT_FILE,
+    LATENT_MEAN,
+    LATENT_STD,
+    MANIFEST,
+    PRECOMPUTED_FORMAT,
+    TENSOR_COLUMNS,
+    TEXT_EMBEDDING,
+)
+from pipelines.data.tensors import image_tensor, latent_distribution
 
 _FOOTER_KEY = b"zeroconv.precompute"
 _TEMP_FILE = re.compile(r"^\..+\.tmp-")  # see Location.write_bytes_atomic
@@ -68,76 +72,18 @@ class PrecomputeConfig(JobConfig):
     columns beside the condition maps. Train on the output with the same base model. Re-running on
     the same output resumes."""
 
-    data: str = Field(default="runs/annotated", description="Annotated Parquet dataset (folder or file, local or s3://).")
-    output: str | None = Field(default=None, description="Local or s3:// folder for the output. Default: <work_dir>/precomputed.")
+    data: str = Field(
+        default="runs/annotated", description="Annotated Parquet dataset (folder or file, local or s3://)."
+    )
+    output: str | None = Field(
+        default=None, description="Local or s3:// folder for the output. Default: <work_dir>/precomputed."
+    )
     base_model: BaseModelConfig = BaseModelConfig()
     keep_images: bool = Field(default=False, description="Also keep the JPEG image column (not needed to train).")
     compute: ActorCompute = ActorCompute()
 
     def output_uri(self) -> str:
         return self.output or f"{self.work_dir.rstrip('/')}/precomputed"
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensors: shared by the precompute actors, the training loop and the tests
-# ---------------------------------------------------------------------------------------------
-
-
-def image_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-@torch.no_grad()
-def latent_distribution(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior N(mean, std^2) of each image, unscaled: what ``encode_images`` samples from."""
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean, dist.std
-
-
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """One posterior sample, scaled: the latents training denoises.
-
-    The noise is drawn on the CPU (from ``generator``, or torch's global RNG), exactly as
-    ``BaseModel.encode_images`` draws it for a VAE on the CPU; so with the same RNG state both give
-    the same latents. On a GPU the two differ in which RNG they use, not in distribution.
-    """
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
-    return (mean + std * eps) * scaling_factor
-
-
-def _conditions(batch: dict[str, np.ndarray], condition_column: str, device) -> torch.Tensor:
-    from model.inference import condition_tensor
-
-    return condition_tensor(np.stack([decode_condition(b, channels=3) for b in batch[condition_column]])).to(device)
-
-
-def _float_tensor(values: np.ndarray, device) -> torch.Tensor:
-    # Arrays backed by Arrow buffers are read-only; torch wants writable memory (copies only if needed).
-    return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(device)
-
-
-def precomputed_tensors(batch: dict[str, np.ndarray], condition_column: str, scaling_factor: float,
-                        device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of precomputed rows (numpy columns, as Ray Data's ``iter_batches`` gives them) ->
-    (latents, text_embeddings, conditions) for :func:`model.objective.diffusion_loss`.
-
-    Latents are sampled here, per step; prompt dropout is still the train loop's job.
-    """
-    mean, std, text = (_float_tensor(batch[name], device) for name in TENSOR_COLUMNS)
-    latents = sample_latents(mean, std, scaling_factor, generator)
-    return latents, text, _conditions(batch, condition_column, device)
-
-
-def raw_tensors(base, batch: dict[str, np.ndarray], condition_column: str, device: torch.device | str = "cpu",
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same triple from annotated rows (JPEG images, captions), encoding them now with
-    ``base.encode_images`` / ``base.encode_prompts``: the path that precomputing replaces."""
-    latents = base.encode_images(image_tensor(np.stack([decode_rgb(b) for b in batch["image"]])).to(device))
-    text = base.encode_prompts([str(t) for t in batch["text"]]).to(device)
-    return latents.to(device), text, _conditions(batch, condition_column, device)
 
 
 def load_empty_prompt(data: str, storage: StorageConfig | None = None) -> torch.Tensor:
@@ -148,8 +94,10 @@ def load_empty_prompt(data: str, storage: StorageConfig | None = None) -> torch.
     folder = location if location.is_dir() else resolve(posixpath.dirname(location.uri), storage)
     file = folder.join(EMPTY_PROMPT_FILE)
     if not file.exists():
-        raise FileNotFoundError(f"{file.uri} does not exist: {data!r} is not a precomputed dataset "
-                                "(run 'zeroconv precompute') or its run did not finish")
+        raise FileNotFoundError(
+            f"{file.uri} does not exist: {data!r} is not a precomputed dataset "
+            "(run 'zeroconv precompute') or its run did not finish"
+        )
     return load(file.read_bytes())[TEXT_EMBEDDING]
 
 
@@ -159,7 +107,7 @@ def read_manifest(data: str, storage: StorageConfig | None = None) -> dict:
     if not file.exists():
         return {}
     manifest = json.loads(file.read_bytes())
-    return manifest if manifest.get("format") == FORMAT_VERSION else {}
+    return manifest if manifest.get("format") == PRECOMPUTED_FORMAT else {}
 
 
 def tensor_column(values: np.ndarray) -> pa.Array:
@@ -232,19 +180,25 @@ class PrecomputeShards:
             rows = table.slice(offset, self.job.batch_size)
             images = np.stack([decode_rgb(b) for b in rows.column("image").to_pylist()])
             if images.shape[1] % 8 or images.shape[2] % 8:
-                raise ValueError(f"{shard.name}: images are {images.shape[2]}x{images.shape[1]}; the VAE needs "
-                                 "sides that are multiples of 8 (re-annotate with such a resolution)")
+                raise ValueError(
+                    f"{shard.name}: images are {images.shape[2]}x{images.shape[1]}; the VAE needs "
+                    "sides that are multiples of 8 (re-annotate with such a resolution)"
+                )
             mean, std = latent_distribution(self.base.vae, image_tensor(images))
             means.append(mean.float().cpu().numpy())
             stds.append(std.float().cpu().numpy())
-            texts.append(self.base.encode_prompts([str(t) for t in rows.column("text").to_pylist()]).float().cpu().numpy())
+            texts.append(
+                self.base.encode_prompts([str(t) for t in rows.column("text").to_pylist()]).float().cpu().numpy()
+            )
         mean, std, text = np.concatenate(means), np.concatenate(stds), np.concatenate(texts)
         kept = [name for name in table.column_names if self.job.keep_images or name != "image"]
         out = table.select(kept)
         for name, values in ((LATENT_MEAN, mean), (LATENT_STD, std), (TEXT_EMBEDDING, text)):
             out = out.append_column(name, tensor_column(values))
         summary = {
-            "shard": shard.name, "fingerprint": shard.fingerprint(), "rows": table.num_rows,
+            "shard": shard.name,
+            "fingerprint": shard.fingerprint(),
+            "rows": table.num_rows,
             "scaling_factor": self.scaling_factor,
             "shapes": {LATENT_MEAN: list(mean.shape[1:]), TEXT_EMBEDDING: list(text.shape[1:])},
             "seconds": round(time.perf_counter() - start, 3),
@@ -258,9 +212,14 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     # PNG/JPEG bytes are already compressed; float tensors barely compress: skip the work for both.
     encoded = {f.name for f in table.schema if pa.types.is_binary(f.type) or f.name in TENSOR_COLUMNS}
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=_ROW_GROUP_ROWS,
-                   compression={n: ("none" if n in encoded else "snappy") for n in table.column_names},
-                   use_dictionary=False, write_statistics=["id"] if "id" in table.column_names else False)
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=_ROW_GROUP_ROWS,
+        compression={n: ("none" if n in encoded else "snappy") for n in table.column_names},
+        use_dictionary=False,
+        write_statistics=["id"] if "id" in table.column_names else False,
+    )
     return sink.getvalue().to_pybytes()
 
 
@@ -284,22 +243,29 @@ class PrecomputeResult:
     def __str__(self) -> str:
         rate = self.rows_written / self.seconds if self.seconds > 0 else 0.0
         shapes = ", ".join(f"{k} {tuple(v)}" for k, v in self.shapes.items())
-        return "\n".join([
-            f"precomputed {self.rows} rows -> {self.output}",
-            f"  this run: {self.rows_written} rows in {self.shards_written} shards, {self.seconds:.1f} s, "
-            f"{rate:.1f} rows/s; {self.shards_skipped} of {self.shards} shards were already done",
-            f"  tensors: {shapes} float32 (latents unscaled; scaling_factor {self.scaling_factor:g})",
-            f"  empty prompt: {self.output}/{EMPTY_PROMPT_FILE}",
-        ])
+        return "\n".join(
+            [
+                f"precomputed {self.rows} rows -> {self.output}",
+                f"  this run: {self.rows_written} rows in {self.shards_written} shards, {self.seconds:.1f} s, "
+                f"{rate:.1f} rows/s; {self.shards_skipped} of {self.shards} shards were already done",
+                f"  tensors: {shapes} float32 (latents unscaled; scaling_factor {self.scaling_factor:g})",
+                f"  empty prompt: {self.output}/{EMPTY_PROMPT_FILE}",
+            ]
+        )
 
 
 def list_shards(data: Location) -> list[Shard]:
     """The input's Parquet files, sorted; a single file is a dataset of one shard."""
     if not data.exists():
-        raise FileNotFoundError(f"dataset {data.uri!r} does not exist (expected annotated Parquet from 'zeroconv annotate')")
+        raise FileNotFoundError(
+            f"dataset {data.uri!r} does not exist (expected annotated Parquet from 'zeroconv annotate')"
+        )
     if data.is_dir():
-        infos = [i for i in data.list_files(recursive=False)
-                 if i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))]
+        infos = [
+            i
+            for i in data.list_files(recursive=False)
+            if i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", "."))
+        ]
     else:
         infos = [data.fs.get_file_info(data.path)]
     if not infos:
@@ -317,8 +283,9 @@ def check_schema(data: Location, shard: Shard) -> pa.Schema:
     conditions = [c for c in schema.names if CONDITION_COLUMN.match(c)]
     if missing or not conditions:
         what = ", ".join(missing + ([] if conditions else ["conditioning_image or cond_<annotator>"]))
-        raise ValueError(f"dataset {data.uri!r} is not annotated data: no column {what} "
-                         f"(its columns: {', '.join(schema.names)})")
+        raise ValueError(
+            f"dataset {data.uri!r} is not annotated data: no column {what} (its columns: {', '.join(schema.names)})"
+        )
     return schema
 
 
@@ -326,8 +293,9 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.perf_counter()
     data = resolve(config.data, config.storage)
     output = resolve(config.output_uri(), config.storage)
-    if output.uri.rstrip("/") == data.uri.rstrip("/") or (is_s3(output.uri) == is_s3(data.uri) and
-                                                          (output.uri + "/").startswith(data.uri.rstrip("/") + "/")):
+    if output.uri.rstrip("/") == data.uri.rstrip("/") or (
+        is_s3(output.uri) == is_s3(data.uri) and (output.uri + "/").startswith(data.uri.rstrip("/") + "/")
+    ):
         raise ConfigError(f"output {output.uri} is the input or inside it; choose another output")
     shards = list_shards(data)
     check_schema(data, shards[0])
@@ -354,29 +322,42 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
 
     first = _first_with_tensors(summaries)
     return PrecomputeResult(
-        output=output.uri, rows=sum(s["rows"] for s in summaries.values()), shards=len(shards),
-        shards_written=len(pending), shards_skipped=len(shards) - len(pending),
-        rows_written=sum(summaries[s.name]["rows"] for s in pending), shapes=first.get("shapes", {}),
-        scaling_factor=first.get("scaling_factor", float("nan")), seconds=time.perf_counter() - started,
+        output=output.uri,
+        rows=sum(s["rows"] for s in summaries.values()),
+        shards=len(shards),
+        shards_written=len(pending),
+        shards_skipped=len(shards) - len(pending),
+        rows_written=sum(summaries[s.name]["rows"] for s in pending),
+        shapes=first.get("shapes", {}),
+        scaling_factor=first.get("scaling_factor", float("nan")),
+        seconds=time.perf_counter() - started,
     )
 
 
-def _run_shards(config: PrecomputeConfig, data: Location, output: Location, pending: list[Shard],
-                summaries: dict[str, dict]) -> None:
+def _run_shards(
+    config: PrecomputeConfig, data: Location, output: Location, pending: list[Shard], summaries: dict[str, dict]
+) -> None:
     import ray
     from tqdm import tqdm
 
-    from pipelines.ray_utils import ensure_ray, storage_runtime_env
+    from pipelines.common.cluster import ensure_ray, storage_runtime_env
 
     ensure_ray(config.ray)
-    job = PrecomputeJob(data=data.uri, output=output.uri, storage=config.storage,
-                        base_model=config.base_model.source, keep_images=config.keep_images,
-                        batch_size=config.compute.batch_size)
+    job = PrecomputeJob(
+        data=data.uri,
+        output=output.uri,
+        storage=config.storage,
+        base_model=config.base_model.source,
+        keep_images=config.keep_images,
+        batch_size=config.compute.batch_size,
+    )
     uses_s3 = is_s3(data.uri) or is_s3(output.uri) or is_s3(config.base_model.source)
     # One shard per block and per actor at a time: no actor queues shards while another idles.
     shard_list = [{"shard": json.dumps(s.__dict__)} for s in pending]
     dataset = ray.data.from_items(shard_list, override_num_blocks=len(pending)).map_batches(
-        PrecomputeShards, batch_size=1, fn_constructor_kwargs={"job": job},
+        PrecomputeShards,
+        batch_size=1,
+        fn_constructor_kwargs={"job": job},
         runtime_env=storage_runtime_env() if uses_s3 else None,
         **actor_pool(config.compute, len(pending), config.ray.resources),
     )
@@ -393,29 +374,40 @@ def _check_resumable(manifest: Location, identity: dict) -> None:
     try:
         previous = json.loads(manifest.read_bytes())["job"]
     except (ValueError, KeyError) as exc:
-        raise ValueError(f"{manifest.uri} is not a zeroconv precompute manifest ({exc}); choose another output") from None
+        raise ValueError(
+            f"{manifest.uri} is not a zeroconv precompute manifest ({exc}); choose another output"
+        ) from None
     changed = [k for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
     if changed:
-        raise ConfigError(f"output {manifest.uri.rsplit('/', 1)[0]} holds a different precompute job "
-                          f"({', '.join(changed)} changed), so it cannot be resumed. Use a new output, or delete the old one.")
+        raise ConfigError(
+            f"output {manifest.uri.rsplit('/', 1)[0]} holds a different precompute job "
+            f"({', '.join(changed)} changed), so it cannot be resumed. Use a new output, or delete the old one."
+        )
 
 
 def _write_manifest(manifest: Location, identity: dict, status: str, total: int, summaries: dict[str, dict]) -> None:
     first = _first_with_tensors(summaries)
     latent, text = first.get("shapes", {}).get(LATENT_MEAN), first.get("shapes", {}).get(TEXT_EMBEDDING)
-    manifest.write_bytes_atomic(json.dumps({
-        "format": FORMAT_VERSION,
-        "status": status,
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "job": identity,
-        "rows": sum(s["rows"] for s in summaries.values()),
-        "shards": {"total": total, "done": len(summaries)},
-        "scaling_factor": first.get("scaling_factor"),
-        "tensors": {LATENT_MEAN: {"shape": latent, "dtype": "float32"},
+    manifest.write_bytes_atomic(
+        json.dumps(
+            {
+                "format": PRECOMPUTED_FORMAT,
+                "status": status,
+                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "job": identity,
+                "rows": sum(s["rows"] for s in summaries.values()),
+                "shards": {"total": total, "done": len(summaries)},
+                "scaling_factor": first.get("scaling_factor"),
+                "tensors": {
+                    LATENT_MEAN: {"shape": latent, "dtype": "float32"},
                     LATENT_STD: {"shape": latent, "dtype": "float32"},
-                    TEXT_EMBEDDING: {"shape": text, "dtype": "float32"}},
-        "empty_prompt": EMPTY_PROMPT_FILE,
-    }, indent=2).encode())
+                    TEXT_EMBEDDING: {"shape": text, "dtype": "float32"},
+                },
+                "empty_prompt": EMPTY_PROMPT_FILE,
+            },
+            indent=2,
+        ).encode()
+    )
 
 
 def _first_with_tensors(summaries: dict[str, dict]) -> dict:
@@ -434,11 +426,15 @@ def _finished_shards(output: Location, shards: Iterable[Shard]) -> dict[str, dic
         with output.fs.open_input_file(info.path) as f:
             meta = pq.read_schema(f).metadata or {}
         if _FOOTER_KEY not in meta:
-            raise ValueError(f"{output.uri}/{info.base_name} was not written by zeroconv precompute; choose another output")
+            raise ValueError(
+                f"{output.uri}/{info.base_name} was not written by zeroconv precompute; choose another output"
+            )
         summary = json.loads(meta[_FOOTER_KEY])
         if summary["fingerprint"] != by_name[info.base_name].fingerprint():
-            raise ValueError(f"{output.uri}/{info.base_name} was made from a different version of that input file; "
-                             "the input changed since that run. Use a new output.")
+            raise ValueError(
+                f"{output.uri}/{info.base_name} was made from a different version of that input file; "
+                "the input changed since that run. Use a new output."
+            )
         finished[info.base_name] = summary
     return finished
 

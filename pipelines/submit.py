@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from pipelines.config import ConfigError, Section, load_config
+from pipelines.common.config import ConfigError, Section, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # where `ray dashboard ray_cluster.yaml` tunnels the head's Jobs API
 # Never shipped with a job: nodes get S3 access from their own credential chain (instance profile, IRSA).
@@ -37,24 +37,31 @@ class SubmitConfig(Section):
 
     stage: str = Field(default="", description="Stage to run on the cluster, e.g. annotate, train, pipeline.")
     stage_config: str | None = Field(
-        default=None, description="The stage's YAML config; it must lie inside working_dir, which travels with the job.")
+        default=None,
+        description="The stage's YAML config; it must lie inside working_dir, which travels with the job.",
+    )
     stage_overrides: list[str] = Field(default_factory=list, description="The stage's key=value overrides.")
     address: str | None = Field(
         default=None,
         description=f"Ray Jobs API of the cluster (the head's dashboard). Default: RAY_API_SERVER_ADDRESS, else an "
-                    f"http:// RAY_ADDRESS, else {DEFAULT_ADDRESS} (`ray dashboard ray_cluster.yaml` tunnels it there).")
+        f"http:// RAY_ADDRESS, else {DEFAULT_ADDRESS} (`ray dashboard ray_cluster.yaml` tunnels it there).",
+    )
     working_dir: str = Field(default=".", description="Project directory shipped with the job (code and configs).")
     excludes: list[str] = Field(
         default_factory=lambda: [".venv", ".git", "runs", "demo-output", "__pycache__", "*.egg-info", ".pytest_cache"],
-        description="Paths in working_dir never shipped (gitignore syntax).")
+        description="Paths in working_dir never shipped (gitignore syntax).",
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment variables for the job, e.g. {MLFLOW_TRACKING_URI: ...}. Never credentials: "
-                    "the cluster's nodes use their own AWS credential chain.")
+        "the cluster's nodes use their own AWS credential chain.",
+    )
     entrypoint_resources: dict[str, float] = Field(
-        default_factory=dict, description="Custom resources the job's driver needs; empty: it runs on the head.")
+        default_factory=dict, description="Custom resources the job's driver needs; empty: it runs on the head."
+    )
     submission_id: str | None = Field(
-        default=None, description="Job id to use; the cluster refuses a second job with the same id (once-only runs).")
+        default=None, description="Job id to use; the cluster refuses a second job with the same id (once-only runs)."
+    )
     follow: bool = Field(default=True, description="Stream the job's logs and wait for it; false: submit and return.")
 
     @field_validator("env")
@@ -62,8 +69,10 @@ class SubmitConfig(Section):
     def _no_credentials(cls, env: dict[str, str]) -> dict[str, str]:
         leaked = sorted(k for k in env if k.upper() in CREDENTIAL_VARIABLES)
         if leaked:
-            raise ValueError(f"{', '.join(leaked)} must not travel with a job; the cluster's nodes reach S3 with their "
-                             "own credentials (instance profile or IRSA)")
+            raise ValueError(
+                f"{', '.join(leaked)} must not travel with a job; the cluster's nodes reach S3 with their "
+                "own credentials (instance profile or IRSA)"
+            )
         return env
 
 
@@ -95,7 +104,7 @@ def resolve_address(address: str | None) -> str:
 
 def build_entrypoint(config: SubmitConfig) -> str:
     """Validate the stage's config here and return the command the job runs on the cluster."""
-    from pipelines.cli import STAGES, load_stage
+    from pipelines.stages import STAGES, load_stage
 
     runnable = [name for name in STAGES if name != "submit"]
     if config.stage not in runnable:
@@ -110,8 +119,10 @@ def build_entrypoint(config: SubmitConfig) -> str:
         if not path.is_file():
             raise ConfigError(f"config file {config.stage_config!r} does not exist")
         if not path.is_relative_to(working_dir):
-            raise ConfigError(f"config file {str(path)!r} is outside working_dir {str(working_dir)!r}, so the job "
-                              "would not find it; move it inside (e.g. configs/) or set submit.working_dir")
+            raise ConfigError(
+                f"config file {str(path)!r} is outside working_dir {str(working_dir)!r}, so the job "
+                "would not find it; move it inside (e.g. configs/) or set submit.working_dir"
+            )
         command += ["--config", path.relative_to(working_dir).as_posix()]
     config_cls, _ = load_stage(config.stage)
     load_config(config_cls, config.stage_config, config.stage_overrides)  # fail here, not after the cluster scaled up
@@ -126,14 +137,19 @@ def run_submit(config: SubmitConfig) -> SubmitResult:
     try:
         client = JobSubmissionClient(address)
     except ConnectionError as exc:
-        raise ValueError(f"cannot reach the Ray Jobs API at {address} ({exc}); is the cluster up and "
-                         "`ray dashboard ray_cluster.yaml` running?") from None
+        raise ValueError(
+            f"cannot reach the Ray Jobs API at {address} ({exc}); is the cluster up and "
+            "`ray dashboard ray_cluster.yaml` running?"
+        ) from None
     runtime_env = {"working_dir": str(Path(config.working_dir).expanduser().resolve()), "excludes": config.excludes}
     if config.env:
         runtime_env["env_vars"] = config.env
     job_id = client.submit_job(
-        entrypoint=entrypoint, runtime_env=runtime_env, submission_id=config.submission_id,
-        entrypoint_resources=config.entrypoint_resources or None, metadata={"zeroconv_stage": config.stage},
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
+        submission_id=config.submission_id,
+        entrypoint_resources=config.entrypoint_resources or None,
+        metadata={"zeroconv_stage": config.stage},
     )
     print(f"submitted {job_id} to {address}: {entrypoint}", flush=True)
     if not config.follow:
@@ -144,8 +160,11 @@ def run_submit(config: SubmitConfig) -> SubmitResult:
         while not (status := client.get_job_status(job_id)).is_terminal():  # logs can end a moment before status
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running. Stop it with: "
-              f"ray job stop {job_id} --address {address}", flush=True)
+        print(
+            f"\nstopped following; job {job_id} keeps running. Stop it with: "
+            f"ray job stop {job_id} --address {address}",
+            flush=True,
+        )
         raise
     info = client.get_job_info(job_id)
     exit_code = 0 if status == JobStatus.SUCCEEDED else (info.driver_exit_code or 1)

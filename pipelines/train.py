@@ -20,74 +20,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
-
-from model.controlnet import Policy
 from pipelines.checkpoint import SUMMARY_FILE
-from pipelines.config import BaseModelConfig, ConfigError, JobConfig, MLflowConfig, flatten
-from pipelines.precompute import TENSOR_COLUMNS, read_manifest
-from pipelines.storage import Location, download_dir, is_s3, resolve
+from pipelines.common.config import ConfigError, flatten
+from pipelines.common.storage import Location, download_dir, is_s3, resolve
+from pipelines.data.schema import TENSOR_COLUMNS
+from pipelines.data.schema import annotator_spec as schema_annotator_spec
+from pipelines.precompute import read_manifest
+from pipelines.train_config import TrainConfig
 
-LRSchedule = Literal["constant_with_warmup", "cosine"]
-TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 IN_MEMORY_BYTES = 512 * 2**20  # decoded datasets up to this size are kept in the object store
-ANNOTATOR_KEY = b"zeroconv.annotator"  # condition field metadata written by pipelines.annotate
-
-
-class TrainConfig(JobConfig):
-    """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
-
-    data: str = Field(default="runs/annotated", description="Annotated Parquet dataset: a directory or file, local or s3://.")
-    condition_column: str = Field(
-        default="conditioning_image",
-        description="Column holding the condition PNGs: 'conditioning_image' for one annotator, 'cond_<annotator>' for several.",
-    )
-    base_model: BaseModelConfig = BaseModelConfig()
-    run_name: str = Field(default="controlnet", description="Run name: checkpoints live under storage_path/run_name; re-run the same name to resume.")
-    storage_path: str | None = Field(default=None, description="Checkpoints and exports, local or s3://. Default: <work_dir>/train.")
-    registered_model: str | None = Field(
-        default="zeroconv-controlnet", description="MLflow registered model name (alias 'candidate'); empty: log without registering.",
-    )
-    # Scale
-    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel ranks).")
-    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed); leave some for Ray Data.")
-    use_gpu: bool | None = Field(default=None, description="One GPU per worker. Default: yes if the Ray cluster has GPUs.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage (2: shard optimizer state and grads; 3: also params).")
-    precision: TrainPrecision = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16 (GPU only).")
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: less memory, ~30% slower.")
-    # Optimisation
-    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps to train for (in total, across resumes).")
-    batch_size: int = Field(default=4, ge=1, description="Micro-batch per worker.")
-    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum * num_workers).")
-    lr: float = Field(default=1e-5, gt=0, description="ControlNet learning rate (paper: 1e-5).")
-    unet_lr: float = Field(default=2e-6, gt=0, description="Learning rate of UNet weights a policy unlocks (paper: 2e-6).")
-    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
-    lr_schedule: LRSchedule = Field(default="constant_with_warmup", description="Learning-rate schedule after warmup.")
-    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps.")
-    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0: off).")
-    policy: Policy = Field(default="locked", description="What trains: locked (ControlNet only), unlock_decoder, unlock_full.")
-    prompt_dropout: float = Field(default=0.5, ge=0, le=1, description="Probability of replacing a prompt by the empty prompt (paper: 0.5).")
-    ema: bool = Field(default=False, description="Keep an EMA of the trained weights and export it instead of the raw weights.")
-    ema_decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay (warmed up as min(decay, (1+n)/(10+n))).")
-    seed: int = Field(default=0, description="Random seed (noise, timesteps, prompt dropout, data order).")
-    # Checkpoints, logging, validation
-    checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints (a final one is always written).")
-    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints to keep (oldest deleted first).")
-    max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the latest checkpoint before giving up.")
-    log_every: int = Field(default=10, ge=1, description="Steps between metric logs (loss, lr, grad norm, samples/s).")
-    validate_every: int = Field(default=500, ge=0, description="Steps between validation image grids (0: only at the end).")
-    num_validation: int = Field(default=4, ge=0, description="Validation images per grid: the dataset's first rows (0: no grids).")
-    validation_steps: int = Field(default=20, ge=1, description="DDIM steps for validation images.")
-    mlflow: MLflowConfig = MLflowConfig()
-    fail_at_step: int | None = Field(
-        default=None, description="Testing hook: the last rank exits abruptly once, before this step, to exercise recovery.",
-    )
-
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.num_workers
 
 
 @dataclass
@@ -106,7 +48,8 @@ class TrainResult:
     def __str__(self) -> str:
         lines = [
             f"trained {self.run_name!r} for {self.steps} steps "
-            f"(loss {self.metrics.get('loss', float('nan')):.4f}, {self.metrics.get('samples_per_s', 0):.1f} samples/s)",
+            f"(loss {self.metrics.get('loss', float('nan')):.4f}, "
+            f"{self.metrics.get('samples_per_s', 0):.1f} samples/s)",
             f"  controlnet: {self.controlnet_dir}",
         ]
         if self.unet_dir:
@@ -142,7 +85,9 @@ def inspect_dataset(config: TrainConfig) -> DatasetInfo:
 
     loc = resolve(config.data, config.storage)
     if not loc.exists():
-        raise FileNotFoundError(f"dataset {config.data!r} does not exist (expected annotated Parquet from 'zeroconv annotate')")
+        raise FileNotFoundError(
+            f"dataset {config.data!r} does not exist (expected annotated Parquet from 'zeroconv annotate')"
+        )
     try:
         dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", exclude_invalid_files=False)
     except Exception as exc:  # pyarrow raises several types for "not parquet"
@@ -152,30 +97,42 @@ def inspect_dataset(config: TrainConfig) -> DatasetInfo:
     missing = [c for c in ("text", config.condition_column, *(() if precomputed else ("image",))) if c not in columns]
     if missing:
         raise ValueError(
-            f"dataset {config.data!r} has no column {', '.join(map(repr, missing))}; its columns are {', '.join(columns)}"
+            f"dataset {config.data!r} has no column {', '.join(map(repr, missing))}; "
+            f"its columns are {', '.join(columns)}"
             + ("" if config.condition_column in columns else " (set condition_column to one of the cond_* columns)")
         )
     rows = dataset.count_rows()
     need = config.batch_size * config.num_workers
     if rows < need:
-        raise ValueError(f"dataset {config.data!r} has {rows} rows; one batch across {config.num_workers} worker(s) needs {need}")
+        raise ValueError(
+            f"dataset {config.data!r} has {rows} rows; one batch across {config.num_workers} worker(s) needs {need}"
+        )
     sizes: set[tuple[int, int]] = set()
     if {"width", "height"} <= set(columns):
         table = dataset.to_table(columns=["width", "height"])
         sizes = set(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
     if len(sizes) > 1:
-        raise ValueError(f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; training needs one size (re-annotate with a fixed resolution)")
+        raise ValueError(
+            f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; "
+            "training needs one size (re-annotate with a fixed resolution)"
+        )
     width, height = resolution = next(iter(sizes), (0, 0))
     scaling_factor, row_bytes = None, width * height * 3 * 2  # decoded image + condition, uint8
     if precomputed:
         scaling_factor, row_bytes = check_precomputed(config, columns)
     head = dataset.head(max(config.num_validation, 1), columns=["text", config.condition_column])
     return DatasetInfo(
-        location=loc, rows=rows, columns=columns, resolution=resolution,
-        scaling_factor=scaling_factor, row_bytes=row_bytes,
+        location=loc,
+        rows=rows,
+        columns=columns,
+        resolution=resolution,
+        scaling_factor=scaling_factor,
+        row_bytes=row_bytes,
         annotator=annotator_spec(dataset.schema, config.condition_column),
-        validation={"text": head.column("text").to_pylist()[: config.num_validation],
-                    "condition": head.column(config.condition_column).to_pylist()[: config.num_validation]},
+        validation={
+            "text": head.column("text").to_pylist()[: config.num_validation],
+            "condition": head.column(config.condition_column).to_pylist()[: config.num_validation],
+        },
         files=list(dataset.files),
     )
 
@@ -185,20 +142,23 @@ def check_precomputed(config: TrainConfig, columns: list[str]) -> tuple[float, i
     factor and the bytes a row's tensors take."""
     manifest = read_manifest(config.data, config.storage)
     if manifest.get("status") != "complete":
-        raise ValueError(f"dataset {config.data!r} has precomputed tensor columns but no complete precompute manifest; "
-                         "finish 'zeroconv precompute' (re-run it to resume) or train on the annotated data")
+        raise ValueError(
+            f"dataset {config.data!r} has precomputed tensor columns but no complete precompute manifest; "
+            "finish 'zeroconv precompute' (re-run it to resume) or train on the annotated data"
+        )
     made_with = manifest["job"]["base_model"]
     if made_with != config.base_model.source:
-        raise ValueError(f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
-                         f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again")
+        raise ValueError(
+            f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
+            f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again"
+        )
     shapes = [math.prod(t["shape"]) for t in manifest["tensors"].values()]
     return float(manifest["scaling_factor"]), 4 * sum(shapes)
 
 
 def annotator_spec(schema, column: str) -> dict | None:
     """How the condition column was made: the spec ``zeroconv annotate`` stores in the field's metadata."""
-    meta = schema.field(column).metadata or {}
-    return json.loads(meta[ANNOTATOR_KEY]) if ANNOTATOR_KEY in meta else None
+    return schema_annotator_spec(schema.field(column))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +168,7 @@ def annotator_spec(schema, column: str) -> dict | None:
 
 def resolve_config(config: TrainConfig, cluster_gpus: float) -> TrainConfig:
     """Fill in the automatic fields, so the workers and MLflow see exactly what runs."""
-    from model.registry import resolve_tracking_uri
+    from pipelines.common.tracking import resolve_tracking_uri
 
     use_gpu = cluster_gpus > 0 if config.use_gpu is None else config.use_gpu
     if use_gpu and cluster_gpus < config.num_workers:
@@ -218,12 +178,19 @@ def resolve_config(config: TrainConfig, cluster_gpus: float) -> TrainConfig:
         raise ConfigError("precision fp16 is not supported on CPU (DeepSpeed refuses it); use fp32 or bf16")
     tracking_uri = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri is None and is_s3(config.work_dir):
-        raise ConfigError("work_dir is on S3: set mlflow.tracking_uri (the default SQLite store needs a local work_dir)")
-    return config.model_copy(update={
-        "use_gpu": use_gpu, "precision": precision,
-        "storage_path": config.storage_path or f"{config.work_dir.rstrip('/')}/train",
-        "mlflow": config.mlflow.model_copy(update={"tracking_uri": resolve_tracking_uri(tracking_uri, config.work_dir)}),
-    })
+        raise ConfigError(
+            "work_dir is on S3: set mlflow.tracking_uri (the default SQLite store needs a local work_dir)"
+        )
+    return config.model_copy(
+        update={
+            "use_gpu": use_gpu,
+            "precision": precision,
+            "storage_path": config.storage_path or f"{config.work_dir.rstrip('/')}/train",
+            "mlflow": config.mlflow.model_copy(
+                update={"tracking_uri": resolve_tracking_uri(tracking_uri, config.work_dir)}
+            ),
+        }
+    )
 
 
 def run_train(config: TrainConfig) -> TrainResult:
@@ -231,9 +198,9 @@ def run_train(config: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from model.registry import check_tracking_server, resolve_tracking_uri
-    from pipelines import tracking
-    from pipelines.ray_utils import ensure_ray, storage_runtime_env
+    from pipelines.common import tracking
+    from pipelines.common.cluster import ensure_ray, storage_runtime_env
+    from pipelines.common.tracking import check_tracking_server, resolve_tracking_uri
     from pipelines.train_loop import train_loop
 
     # Everything a user can get wrong fails here, before a worker starts.
@@ -252,12 +219,17 @@ def run_train(config: TrainConfig) -> TrainResult:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
-                "config": config.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
-                "validation": data.validation, "export_uri": run_dir.join("export").uri,
+                "config": config.model_dump(mode="json"),
+                "tracking_uri": tracking_uri,
+                "run_id": run_id,
+                "validation": data.validation,
+                "export_uri": run_dir.join("export").uri,
                 "scaling_factor": data.scaling_factor,
                 "failure_marker": failure_marker(config, run_dir),
             },
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
+            ),
             run_config=RunConfig(
                 name=config.run_name,
                 storage_path=storage.path if is_s3(storage.uri) else storage.uri,
@@ -278,10 +250,15 @@ def run_train(config: TrainConfig) -> TrainResult:
         raise
     tracking.close_run(tracking_uri, run_id, ok=True)
     return TrainResult(
-        run_name=config.run_name, steps=int(final.pop("step")), metrics=final,
+        run_name=config.run_name,
+        steps=int(final.pop("step")),
+        metrics=final,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
-        controlnet_dir=export.join("controlnet").uri, unet_dir=unet_dir, mlflow_run_id=run_id,
-        registered_model=config.registered_model or None, model_version=version,
+        controlnet_dir=export.join("controlnet").uri,
+        unet_dir=unet_dir,
+        mlflow_run_id=run_id,
+        registered_model=config.registered_model or None,
+        model_version=version,
         unet_params_changed=final.pop("unet_params_changed"),
     )
 
@@ -295,15 +272,18 @@ def training_dataset(data: DatasetInfo, config: TrainConfig, max_in_memory: int 
     epoch is a few batches. A large one streams; the train loop starts a new pass per epoch."""
     import ray
 
-    from pipelines.train_loop import decode_batch
+    from pipelines.data.tensors import decode_batch
 
     if data.scaling_factor is not None:  # precomputed: tensors as stored; conditions are decoded per step
-        dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs,
-                                        columns=[*TENSOR_COLUMNS, "text", config.condition_column])
+        dataset = ray.data.read_parquet(
+            data.files, filesystem=data.location.fs, columns=[*TENSOR_COLUMNS, "text", config.condition_column]
+        )
     else:
-        dataset = ray.data.read_parquet(data.files, filesystem=data.location.fs,
-                                        columns=["image", "text", config.condition_column]).map_batches(
-            decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy")
+        dataset = ray.data.read_parquet(
+            data.files, filesystem=data.location.fs, columns=["image", "text", config.condition_column]
+        ).map_batches(
+            decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy"
+        )
     if not data.row_bytes or data.rows * data.row_bytes > max_in_memory:
         return dataset
     epochs = math.ceil(config.max_steps * config.effective_batch / data.rows) + 1
@@ -316,12 +296,15 @@ def failure_marker(config: TrainConfig, run_dir: Location) -> str | None:
     if config.fail_at_step is None:
         return None
     if is_s3(run_dir.uri):
-        return str(Path(tempfile.gettempdir()) / f"zeroconv-failure-{hashlib.sha256(run_dir.uri.encode()).hexdigest()[:16]}")
+        return str(
+            Path(tempfile.gettempdir()) / f"zeroconv-failure-{hashlib.sha256(run_dir.uri.encode()).hexdigest()[:16]}"
+        )
     return str(Path(run_dir.path) / "failure_injected")
 
 
-def register(config: TrainConfig, data: DatasetInfo, steps: int, run_id: str, controlnet_uri: str,
-             unet_uri: str | None) -> str | None:
+def register(
+    config: TrainConfig, data: DatasetInfo, steps: int, run_id: str, controlnet_uri: str, unet_uri: str | None
+) -> str | None:
     """Log the export as a pyfunc model on the training run; register it with alias 'candidate'."""
     import mlflow
 
@@ -339,10 +322,12 @@ def register(config: TrainConfig, data: DatasetInfo, steps: int, run_id: str, co
         "training": {"run_name": config.run_name, "steps": steps, "mlflow_run_id": run_id},
     }
     with tempfile.TemporaryDirectory(prefix="zeroconv-register-") as tmp:
+
         def local(uri: str | None) -> str | None:  # MLflow logs artifacts from local files
             return str(download_dir(uri, Path(tmp) / Path(uri).name, config.storage)) if uri and is_s3(uri) else uri
 
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = log_controlnet_model(local(controlnet_uri), metadata, config.registered_model or None,
-                                        unet_dir=local(unet_uri))
+            info = log_controlnet_model(
+                local(controlnet_uri), metadata, config.registered_model or None, unet_dir=local(unet_uri)
+            )
     return str(info.registered_model_version) if config.registered_model else None

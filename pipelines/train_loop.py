@@ -20,54 +20,39 @@ import ray.train
 import torch
 
 from model.controlnet import ControlledUNet, controlnet_from_unet, param_groups
-from model.inference import condition_tensor
 from model.objective import diffusion_loss, drop_prompts
-from pipelines.checkpoint import changed_params, export_model, full_state_dict, restore_checkpoint, save_checkpoint, sub_state_dict
-from pipelines.images import decode_condition, decode_rgb
-from pipelines.precompute import image_tensor, precomputed_tensors
-from pipelines.train import TrainConfig
+from pipelines.checkpoint import (
+    changed_params,
+    export_model,
+    full_state_dict,
+    restore_checkpoint,
+    save_checkpoint,
+    sub_state_dict,
+)
+from pipelines.common.dtypes import torch_dtype
+from pipelines.common.images import decode_condition
+from pipelines.data.tensors import batch_tensors
+from pipelines.train_config import TrainConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocation, first-call overheads
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: Parquet rows -> uint8 arrays (in Ray Data) -> model tensors (here, in one place)
+# Data
 # ---------------------------------------------------------------------------------------------
-
-
-def decode_batch(batch: dict[str, np.ndarray], condition_column: str) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: encoded bytes -> uint8 NHWC image and 3-channel condition."""
-    return {
-        "image": np.stack([decode_rgb(b) for b in batch["image"]]),
-        "condition": np.stack([decode_condition(b, channels=3) for b in batch[condition_column]]),
-        "text": batch["text"],
-    }
-
-
-def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """uint8 NHWC -> images float [-1, 1] NCHW, conditions float [0, 1] NCHW; plus the prompts."""
-    images = image_tensor(batch["image"]).to(device)
-    conditions = condition_tensor(batch["condition"]).to(device)
-    return images, conditions, [str(t) for t in batch["text"]]
-
-
-def batch_tensors(batch: dict[str, np.ndarray], base, condition_column: str, scaling_factor: float | None,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, text embeddings, conditions): through the frozen VAE and text encoder from a decoded
-    batch, or sampled from the stored posteriors of a precomputed one (``scaling_factor`` set)."""
-    if scaling_factor is not None:
-        return precomputed_tensors(batch, condition_column, scaling_factor, device)
-    images, conditions, prompts = to_tensors(batch, device)
-    return base.encode_images(images), base.encode_prompts(prompts), conditions
 
 
 def micro_batches(shard, batch_size: int, seed: int):
     """Endless micro-batches from this worker's shard; each pass over the data is locally reshuffled."""
     epoch = 0
     while True:
-        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                      local_shuffle_buffer_size=8 * batch_size, local_shuffle_seed=seed + epoch)
+        yield from shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=8 * batch_size,
+            local_shuffle_seed=seed + epoch,
+        )
         epoch += 1
 
 
@@ -105,12 +90,15 @@ def build_engine(model: ControlledUNet, config: TrainConfig):
     # The shared-memory allreduce op is JIT-compiled on first use (~45 s); gloo is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # A client AdamW keeps the per-group learning rates (ControlNet vs unlocked UNet) as they are.
-    optimizer = torch.optim.AdamW(param_groups(model, config.policy, config.lr, config.unet_lr),
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=config.max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.policy, config.lr, config.unet_lr), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = get_scheduler(
+        config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config)
+    )
     return engine
 
 
@@ -154,7 +142,7 @@ class EMA:
 def validation_images(state: dict, model: ControlledUNet, base, validation: dict, config: TrainConfig) -> np.ndarray:
     """Rank 0: condition | generated grid from full fp32 weights ``state``, fixed prompts and seeds."""
     from model.inference import build_pipeline, generate
-    from pipelines.tracking import image_grid
+    from pipelines.common.tracking import image_grid
 
     controlnet = type(model.controlnets[0]).from_config(model.controlnets[0].config)
     controlnet.load_state_dict(sub_state_dict(state, "controlnets.0."))
@@ -172,13 +160,16 @@ def validation_images(state: dict, model: ControlledUNet, base, validation: dict
 # ---------------------------------------------------------------------------------------------
 
 
-def train_step(engine, base, batches, empty_prompt: torch.Tensor, config: TrainConfig,
-               scaling_factor: float | None) -> torch.Tensor:
+def train_step(
+    engine, base, batches, empty_prompt: torch.Tensor, config: TrainConfig, scaling_factor: float | None
+) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (detached)."""
-    dtype = DTYPES[config.precision]
+    dtype = torch_dtype(config.precision)
     total = torch.zeros((), device=engine.device)
     for _ in range(config.grad_accum):
-        latents, text, conditions = batch_tensors(next(batches), base, config.condition_column, scaling_factor, engine.device)
+        latents, text, conditions = batch_tensors(
+            next(batches), base, config.condition_column, scaling_factor, engine.device
+        )
         text = drop_prompts(text, empty_prompt, config.prompt_dropout)
         loss = diffusion_loss(engine, base.noise_scheduler, latents.to(dtype), text.to(dtype), [conditions.to(dtype)])
         engine.backward(loss)
@@ -224,8 +215,10 @@ class Meter:
 
     def window(self) -> dict[str, float]:
         """Metrics since the last call (all ranks must call: the loss is averaged across them)."""
-        out = {"loss": global_mean(torch.stack(self.losses).mean()),
-               "samples_per_s": self.samples_per_step * len(self.losses) / self.window_seconds}
+        out = {
+            "loss": global_mean(torch.stack(self.losses).mean()),
+            "samples_per_s": self.samples_per_step * len(self.losses) / self.window_seconds,
+        }
         self.losses, self.window_seconds = [], 0.0
         return out
 
@@ -255,7 +248,7 @@ def log_validation(engine, model, base, validation: dict, config: TrainConfig, t
 
 def train_loop(loop_config: dict) -> None:
     from model.base import load_base
-    from pipelines.tracking import Tracker
+    from pipelines.common.tracking import Tracker
 
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
@@ -283,17 +276,38 @@ def train_loop(loop_config: dict) -> None:
         if ema is not None:
             ema.update()
         if step % config.log_every == 0 or step == config.max_steps:
-            metrics = {**meter.window(), "grad_norm": float(engine.get_global_grad_norm() or 0.0), **learning_rates(engine)}
+            metrics = {
+                **meter.window(),
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                **learning_rates(engine),
+            }
             if tracker:
                 tracker.log_metrics(metrics, step)
-                print(f"step {step}/{config.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        if config.num_validation and config.validate_every and step % config.validate_every == 0 and step < config.max_steps:
+                print(
+                    f"step {step}/{config.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                    flush=True,
+                )
+        if (
+            config.num_validation
+            and config.validate_every
+            and step % config.validate_every == 0
+            and step < config.max_steps
+        ):
             log_validation(engine, model, base, loop_config["validation"], config, tracker, step, rank)
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             save_checkpoint(engine, step, {**metrics, "step": step}, ema)
 
-    finish(engine, model, base, config, loop_config, ema, tracker, {**metrics, "step": step,
-           "steady_samples_per_s": meter.steady_samples_per_s(), "peak_rss_mb": peak_rss_mb()}, rank)
+    finish(
+        engine,
+        model,
+        base,
+        config,
+        loop_config,
+        ema,
+        tracker,
+        {**metrics, "step": step, "steady_samples_per_s": meter.steady_samples_per_s(), "peak_rss_mb": peak_rss_mb()},
+        rank,
+    )
 
 
 def finish(engine, model, base, config: TrainConfig, loop_config: dict, ema, tracker, final: dict, rank: int) -> None:
@@ -307,7 +321,9 @@ def finish(engine, model, base, config: TrainConfig, loop_config: dict, ema, tra
     if rank != 0:
         return
     base_unet = UNet2DConditionModel.from_pretrained(base.local_dir, subfolder="unet")
-    final["unet_params_changed"] = changed_params(sub_state_dict(state, "unet."), base_unet, DTYPES[config.precision])
+    final["unet_params_changed"] = changed_params(
+        sub_state_dict(state, "unet."), base_unet, torch_dtype(config.precision)
+    )
     if config.num_validation:
         tracker.log_grid(validation_images(state, model, base, loop_config["validation"], config), final["step"])
     tracker.log_metrics({k: final[k] for k in ("steady_samples_per_s", "peak_rss_mb")}, final["step"])

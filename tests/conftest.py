@@ -107,16 +107,14 @@ def ray_session(session_tmp):
         return
     # Unix socket paths must stay short: a short temp dir, not pytest's deep one.
     temp_dir = tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-             configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def running_server(command: list[str], env: dict, log_path: Path, ready_url: str, timeout: float = 90,
-                   stop=None):
+def running_server(command: list[str], env: dict, log_path: Path, ready_url: str, timeout: float = 90, stop=None):
     """Start a server process in its own session, wait until ``ready_url`` answers, stop it on exit
     (by default its process group, by PID; ``stop`` for servers whose children leave the group)."""
     with open(log_path, "wb") as log:
@@ -133,8 +131,22 @@ def running_mlflow_server(root: Path, artifacts_destination: str):
     """A real ``mlflow server`` on a free 127.0.0.1 port (SQLite under ``root``); yields its URI."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", artifacts_destination]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination",
+        artifacts_destination,
+    ]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     uri = f"http://127.0.0.1:{port}"
     with running_server(command, env, root / "server.log", f"{uri}/health"):
@@ -158,10 +170,23 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint)
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "MLFLOW_S3_ENDPOINT_URL",
+        )
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        MLFLOW_S3_ENDPOINT_URL=endpoint,
+    )
     try:
         yield endpoint
     finally:
@@ -201,6 +226,6 @@ def tiny_base(tiny_base_dir):
 
 @pytest.fixture(scope="session")
 def fill50k_parquet(session_tmp) -> Path:
-    from pipelines.synthetic import write_fill50k_parquet
+    from pipelines.data.synthetic import write_fill50k_parquet
 
     return write_fill50k_parquet(session_tmp / "fill50k", n=32, size=64, seed=0)

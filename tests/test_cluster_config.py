@@ -40,11 +40,14 @@ def test_validates_against_rays_own_schema_and_checks(cluster, schema):
     validate_config(prepare_config(copy.deepcopy(cluster)))  # defaults filled in as `ray up` does; no AWS call
 
 
-@pytest.mark.parametrize("break_it", [
-    lambda c: c["available_node_types"]["gpu_train"]["resources"].update(train_gpu=0.5),  # must be an integer
-    lambda c: c["available_node_types"]["gpu_train"].update(max_replicas=4),  # a KubeRay word, not the launcher's
-    lambda c: c["provider"].pop("type"),
-])
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda c: c["available_node_types"]["gpu_train"]["resources"].update(train_gpu=0.5),  # must be an integer
+        lambda c: c["available_node_types"]["gpu_train"].update(max_replicas=4),  # a KubeRay word, not the launcher's
+        lambda c: c["provider"].pop("type"),
+    ],
+)
 def test_the_schema_check_has_teeth(cluster, schema, break_it):
     broken = copy.deepcopy(cluster)
     break_it(broken)

@@ -63,8 +63,9 @@ def _lineart():
 def _normalbae():
     from controlnet_aux.normalbae.nets.NNET import NNET
 
-    args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet",
-                                 sampling_ratio=0.4, importance_ratio=0.7)  # as NormalBaeDetector.from_pretrained
+    args = types.SimpleNamespace(
+        mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7
+    )  # as NormalBaeDetector.from_pretrained
     return {"model": NNET(args).state_dict()}
 
 

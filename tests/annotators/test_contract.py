@@ -16,8 +16,17 @@ WEIGHTLESS = ["canny", "content_shuffle", "lineart_standard"]
 
 
 def test_registry_lists_every_builtin_annotator():
-    assert set(annotators.available()) >= {"canny", "content_shuffle", "lineart_standard", "hed", "midas",
-                                           "openpose", "mlsd", "lineart", "normalbae"}
+    assert set(annotators.available()) >= {
+        "canny",
+        "content_shuffle",
+        "lineart_standard",
+        "hed",
+        "midas",
+        "openpose",
+        "mlsd",
+        "lineart",
+        "normalbae",
+    }
 
 
 def test_unknown_name_is_a_clear_error_listing_what_exists():
@@ -33,12 +42,15 @@ def test_unknown_parameter_is_a_clear_error():
         create("canny", sigma=3)
 
 
-@pytest.mark.parametrize("bad", [
-    np.zeros((2, 64, 64, 3), np.float32),  # wrong dtype
-    np.zeros((64, 64, 3), np.uint8),  # no batch axis
-    np.zeros((2, 64, 64, 4), np.uint8),  # RGBA
-    np.zeros((2, 64, 64), np.uint8),  # grey
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 64, 64, 3), np.float32),  # wrong dtype
+        np.zeros((64, 64, 3), np.uint8),  # no batch axis
+        np.zeros((2, 64, 64, 4), np.uint8),  # RGBA
+        np.zeros((2, 64, 64), np.uint8),  # grey
+    ],
+)
 def test_wrong_input_dtype_or_shape_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"canny: expected uint8 images of shape \(N, H, W, 3\), got"):
         create("canny")(bad)
@@ -97,10 +109,13 @@ def test_pickles_by_construction_arguments_and_rebuilds(random_weights, photos):
     assert copy.spec() == lineart.spec()
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"device": "no-such-device"}, "is not a torch device"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"device": "no-such-device"}, "is not a torch device"),
+    ],
+)
 def test_bad_runtime_parameters_are_clear_errors(params, message, random_weights):
     with pytest.raises(ValueError, match=message):
         create("lineart", weights_source=str(random_weights("sk_model.pth")), **params)

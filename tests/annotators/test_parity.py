@@ -28,8 +28,9 @@ from annotators.shuffle import image_seed
 def per_image(detector, images: np.ndarray, **kwargs) -> np.ndarray:
     """controlnet-aux, one image at a time, with its resizes made the identity."""
     r = min(images.shape[1:3])
-    return np.stack([detector(image, detect_resolution=r, image_resolution=r, output_type="np", **kwargs)
-                     for image in images])
+    return np.stack(
+        [detector(image, detect_resolution=r, image_resolution=r, output_type="np", **kwargs) for image in images]
+    )
 
 
 def as_channels(reference: np.ndarray, channels: int) -> np.ndarray:
@@ -66,8 +67,12 @@ def test_lineart_standard_matches_controlnet_aux(photos):
     images = photos(64, 128)
     ours = create("lineart_standard", gaussian_sigma=4.0, intensity_threshold=6)(images)
     detector = LineartStandardDetector()
-    reference = np.stack([detector(image, guassian_sigma=4.0, intensity_threshold=6, detect_resolution=64,
-                                   output_type="np") for image in images])
+    reference = np.stack(
+        [
+            detector(image, guassian_sigma=4.0, intensity_threshold=6, detect_resolution=64, output_type="np")
+            for image in images
+        ]
+    )
     assert_informative(reference)
     np.testing.assert_array_equal(ours, as_channels(reference, 1))
 
@@ -79,8 +84,7 @@ def test_content_shuffle_matches_controlnet_aux_given_the_same_random_state(phot
     ours = create("content_shuffle", seed=7, noise_period=32)(images)
     for image, out in zip(images, ours):
         np.random.seed(image_seed(7, image))  # controlnet-aux draws from NumPy's global state
-        reference = ContentShuffleDetector()(image, f=32, detect_resolution=64, image_resolution=64,
-                                             output_type="np")
+        reference = ContentShuffleDetector()(image, f=32, detect_resolution=64, image_resolution=64, output_type="np")
         np.testing.assert_array_equal(out, reference)
         assert not np.array_equal(out, image)
 
@@ -89,7 +93,7 @@ def test_content_shuffle_is_reproducible_whatever_the_batch(photos):
     images = photos(64, 128)
     shuffle = create("content_shuffle", seed=3)
     together = shuffle(images)
-    alone_reversed = np.concatenate([shuffle(images[i:i + 1]) for i in reversed(range(len(images)))])[::-1]
+    alone_reversed = np.concatenate([shuffle(images[i : i + 1]) for i in reversed(range(len(images)))])[::-1]
     np.testing.assert_array_equal(together, alone_reversed)
     np.testing.assert_array_equal(together, create("content_shuffle", seed=3)(images))
     assert not np.array_equal(together, create("content_shuffle", seed=4)(images))
@@ -102,33 +106,39 @@ def test_content_shuffle_is_reproducible_whatever_the_batch(photos):
 
 def _hed(d):
     from controlnet_aux import HEDdetector
+
     return HEDdetector.from_pretrained(str(d))
 
 
 def _midas(d):
     from controlnet_aux import MidasDetector
+
     return MidasDetector.from_pretrained(str(d))
 
 
 def _openpose(d):
     from controlnet_aux import OpenposeDetector
     from controlnet_aux.open_pose.body import Body
+
     # Body only: OpenposeDetector.from_pretrained would also load the hand and face networks.
     return OpenposeDetector(Body(str(d / "body_pose_model.pth")))
 
 
 def _mlsd(d):
     from controlnet_aux import MLSDdetector
+
     return MLSDdetector.from_pretrained(str(d))
 
 
 def _lineart(d):
     from controlnet_aux import LineartDetector
+
     return LineartDetector.from_pretrained(str(d))
 
 
 def _normalbae(d):
     from controlnet_aux import NormalBaeDetector
+
     return NormalBaeDetector.from_pretrained(str(d))
 
 
@@ -140,11 +150,23 @@ NETWORKS = {
     "midas": ("midas", {}, ["dpt_hybrid-midas-501f0c75.pt"], _midas, {}, (64, 128)),
     # Body runs its network at 184 px high whatever the input: a narrow portrait keeps that cheap.
     "openpose": ("openpose", {}, ["body_pose_model.pth"], _openpose, {}, (192, 64)),
-    "mlsd": ("mlsd", {"value_threshold": 0.3, "distance_threshold": 0.1}, ["mlsd_large_512_fp32.pth"], _mlsd,
-             {"thr_v": 0.3, "thr_d": 0.1}, (64, 128)),
+    "mlsd": (
+        "mlsd",
+        {"value_threshold": 0.3, "distance_threshold": 0.1},
+        ["mlsd_large_512_fp32.pth"],
+        _mlsd,
+        {"thr_v": 0.3, "thr_d": 0.1},
+        (64, 128),
+    ),
     "lineart": ("lineart", {}, ["sk_model.pth", "sk_model2.pth"], _lineart, {}, (64, 128)),
-    "lineart-coarse": ("lineart", {"coarse": True}, ["sk_model.pth", "sk_model2.pth"], _lineart,
-                       {"coarse": True}, (64, 128)),
+    "lineart-coarse": (
+        "lineart",
+        {"coarse": True},
+        ["sk_model.pth", "sk_model2.pth"],
+        _lineart,
+        {"coarse": True},
+        (64, 128),
+    ),
 }
 
 

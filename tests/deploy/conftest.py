@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 
-def register_controlnet(base, base_dir: Path, name: str, seed: int, export_root: Path,
-                        champion: bool = True) -> str:
+def register_controlnet(base, base_dir: Path, name: str, seed: int, export_root: Path, champion: bool = True) -> str:
     """Register a perturbed tiny ControlNet as a new version of ``name``; returns the version."""
     import mlflow
     import torch
@@ -30,8 +29,11 @@ def register_controlnet(base, base_dir: Path, name: str, seed: int, export_root:
         for p in net.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     out = export_controlnet(net, export_root / f"{name}-seed{seed}")
-    metadata = {"base_model": str(base_dir), "annotator": create("canny").spec(),
-                "inference": {"steps": 20, "guidance_scale": 9.0}}
+    metadata = {
+        "base_model": str(base_dir),
+        "annotator": create("canny").spec(),
+        "inference": {"steps": 20, "guidance_scale": 9.0},
+    }
     with mlflow.start_run():
         info = log_controlnet_model(out, metadata=metadata, registered_name=name, alias="candidate")
     version = str(info.registered_model_version)
@@ -43,7 +45,7 @@ def register_controlnet(base, base_dir: Path, name: str, seed: int, export_root:
 @pytest.fixture(scope="module")
 def registry(mlflow_server, tiny_base, tiny_base_dir, tmp_path_factory):
     """The tracking URI plus a ``register(name, seed, champion=True) -> version`` function."""
-    from model.registry import connect
+    from pipelines.common.tracking import connect
 
     connect(mlflow_server, "serve-tests")
     export_root = tmp_path_factory.mktemp("exports")

@@ -34,7 +34,10 @@ def project() -> dict:
 
 
 def cluster_specs(docs: dict) -> dict[str, dict]:
-    return {"RayJob": docs["RayJob"]["spec"]["rayClusterSpec"], "RayService": docs["RayService"]["spec"]["rayClusterConfig"]}
+    return {
+        "RayJob": docs["RayJob"]["spec"]["rayClusterSpec"],
+        "RayService": docs["RayService"]["spec"]["rayClusterConfig"],
+    }
 
 
 def offered_resources(cluster: dict) -> dict[str, str]:
@@ -92,7 +95,7 @@ def test_pipeline_rayjob_runs_the_mounted_config(docs, tmp_path):
     volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
     configmap = docs["ConfigMap"]
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
-    key = words[3][len(mount["mountPath"]) + 1:]
+    key = words[3][len(mount["mountPath"]) + 1 :]
     # The mounted file is a valid pipeline config, read through the very command the job runs.
     (tmp_path / key).write_text(configmap["data"][key])
     assert main(["pipeline", "run", str(tmp_path / key), "--print-config"]) == 0
@@ -108,7 +111,7 @@ def test_schedule_creates_the_same_rayjob(docs):
 
 
 def test_stage_resources_are_offered_by_kuberay_groups_and_cluster_launcher_node_types(docs, tmp_path):
-    from pipelines.config import load_config
+    from pipelines.common.config import load_config
     from pipelines.pipeline import PipelineConfig, resolved_stages
 
     (tmp_path / "pipeline.yaml").write_text(docs["ConfigMap"]["data"]["pipeline.yaml"])
@@ -122,8 +125,11 @@ def test_stage_resources_are_offered_by_kuberay_groups_and_cluster_launcher_node
         for resource in resources:
             assert resource in on_kuberay, (stage, resource)
             assert resource in on_launcher, (stage, resource)
-    gpu_groups = {g["groupName"] for g in docs["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]}
+    gpu_groups = {
+        g["groupName"]
+        for g in docs["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    }
     assert on_kuberay["train_gpu"] in gpu_groups and on_kuberay["annotate_gpu"] in gpu_groups
     assert on_kuberay["decode"] not in gpu_groups
     # A stage that uses GPUs asks for a GPU node type.
@@ -146,8 +152,11 @@ def test_rayservice_serves_the_serve_config_application(docs):
     assert config.models == local_app["args"]["models"] and config.alias == "champion"
     assert config.replicas.num_gpus >= 1 and config.replicas.device == "cuda"
     assert config.mlflow.tracking_uri.startswith("http")
-    gpu_workers = [g for g in docs["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-                   if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu_workers = [
+        g
+        for g in docs["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu_workers  # replicas ask for a GPU: some group must have them
 
 

@@ -22,8 +22,8 @@ import requests
 import yaml
 from PIL import Image
 
-from pipelines.images import decode_rgb, encode_png
-from pipelines.synthetic import fill50k
+from pipelines.common.images import decode_rgb, encode_png
+from pipelines.data.synthetic import fill50k
 
 CONFIG_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 TOKEN_ENV = "ZC_SERVE_TEST_TOKEN"
@@ -65,12 +65,20 @@ def server(ray_session, registry):
     app_spec = spec["applications"][0]
     args = dict(app_spec["args"])
     args.update(
-        models=[MAIN, SECOND, RELOADING], mlflow={"tracking_uri": registry.tracking_uri},
-        auth_token_env=TOKEN_ENV, reload_interval_s=0.5, request_timeout_s=60,
+        models=[MAIN, SECOND, RELOADING],
+        mlflow={"tracking_uri": registry.tracking_uri},
+        auth_token_env=TOKEN_ENV,
+        reload_interval_s=0.5,
+        request_timeout_s=60,
         replicas={"num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 32},
         batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-        limits={"max_image_bytes": 48_000, "max_image_pixels": 256 * 256, "max_size": 256, "max_steps": 50,
-                "max_request_bytes": 1_000_000},
+        limits={
+            "max_image_bytes": 48_000,
+            "max_image_pixels": 256 * 256,
+            "max_size": 256,
+            "max_steps": 50,
+            "max_request_bytes": 1_000_000,
+        },
     )
     os.environ[TOKEN_ENV] = TOKEN
     module, attr = app_spec["import_path"].split(":")
@@ -165,7 +173,9 @@ def test_generate_matches_offline_pipeline(server, samples):
     as_png = post(server, request_for(sample, seed=7), Accept="image/png")
     assert as_png.headers["content-type"] == "image/png" and as_png.headers["x-seed"] == "7"
     np.testing.assert_array_equal(decode_answer(as_png), served)
-    np.testing.assert_array_equal(decode_answer(post(server, request_for(sample, seed=7, response_format="png"))), served)
+    np.testing.assert_array_equal(
+        decode_answer(post(server, request_for(sample, seed=7, response_format="png"))), served
+    )
     assert not np.array_equal(decode_answer(post(server, request_for(sample, seed=8))), served)
 
 
@@ -186,14 +196,25 @@ def test_source_image_is_annotated_on_the_server(server, samples):
 
 def test_several_controls_compose_registered_controlnets(server, samples):
     a, b = samples[0], samples[2]
-    body = {"prompt": "two circles", "seed": 5, "steps": STEPS, "controls": [
-        {"model": MAIN, "image": png_b64(a.condition), "scale": 1.0},
-        {"model": SECOND, "image": png_b64(b.condition), "scale": 0.5},
-    ]}
+    body = {
+        "prompt": "two circles",
+        "seed": 5,
+        "steps": STEPS,
+        "controls": [
+            {"model": MAIN, "image": png_b64(a.condition), "scale": 1.0},
+            {"model": SECOND, "image": png_b64(b.condition), "scale": 0.5},
+        ],
+    }
     answer = post(server, body)
     assert answer.json()["models"] == [{"name": MAIN, "version": "1"}, {"name": SECOND, "version": "1"}]
-    expected = offline([MAIN, SECOND], ["two circles"], [a.condition[None], b.condition[None]],
-                       seed=5, steps=STEPS, conditioning_scale=[1.0, 0.5])[0]
+    expected = offline(
+        [MAIN, SECOND],
+        ["two circles"],
+        [a.condition[None], b.condition[None]],
+        seed=5,
+        steps=STEPS,
+        conditioning_scale=[1.0, 0.5],
+    )[0]
     np.testing.assert_array_equal(decode_answer(answer), expected)
 
 
@@ -227,7 +248,12 @@ def _bad_requests():
         ("width too small", with_(width=8), 422, "width"),
         ("guidance negative", with_(guidance_scale=-1), 422, "guidance_scale"),
         ("scale too large", control(scale=99), 422, "controls[0].scale"),
-        ("unknown annotator", control(image=None, source_image=ok_image, annotator="nope"), 422, "controls[0].annotator"),
+        (
+            "unknown annotator",
+            control(image=None, source_image=ok_image, annotator="nope"),
+            422,
+            "controls[0].annotator",
+        ),
         ("annotator with a condition image", control(annotator="canny"), 422, "controls[0].annotator"),
         ("unknown model", control(model="no-such-model"), 422, "controls[0].model"),
         ("no image at all", control(image=None), 422, "controls[0].image"),

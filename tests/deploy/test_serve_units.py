@@ -10,8 +10,8 @@ import pytest
 
 from deploy.schemas import LimitsConfig, RequestError, decode_image, parse_request
 from deploy.serve_app import BatchWait, ModelRef, ServeConfig, build_app, validate_config
-from pipelines.config import ConfigError
-from pipelines.images import encode_png
+from pipelines.common.config import ConfigError
+from pipelines.common.images import encode_png
 
 
 def test_parse_request_names_the_field():
@@ -32,7 +32,7 @@ def test_decode_image_accepts_data_urls_and_wrapped_base64_and_refuses_the_rest(
     limits = LimitsConfig()
     np.testing.assert_array_equal(decode_image(text, "f", limits), image)
     np.testing.assert_array_equal(decode_image("data:image/png;base64," + text, "f", limits), image)
-    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))  # what `base64` prints
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # what `base64` prints
     np.testing.assert_array_equal(decode_image(wrapped, "f", limits), image)
 
     cases = [("@@@", 400), (base64.b64encode(b"GIF89a nope").decode(), 400)]

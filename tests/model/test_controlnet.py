@@ -39,11 +39,19 @@ def test_multi_controlnet_residuals_sum_and_scale(tiny_base, inputs):
     latents, t, text, cond = inputs
     a, b = _perturbed_controlnet(tiny_base.unet, 1), _perturbed_controlnet(tiny_base.unet, 2)
     with torch.no_grad():
-        da, ma = a(latents, t, encoder_hidden_states=text, controlnet_cond=cond, conditioning_scale=0.5, return_dict=False)
-        db, mb = b(latents, t, encoder_hidden_states=text, controlnet_cond=cond, conditioning_scale=2.0, return_dict=False)
-        expected = tiny_base.unet(latents, t, encoder_hidden_states=text,
-                                  down_block_additional_residuals=[x + y for x, y in zip(da, db)],
-                                  mid_block_additional_residual=ma + mb).sample
+        da, ma = a(
+            latents, t, encoder_hidden_states=text, controlnet_cond=cond, conditioning_scale=0.5, return_dict=False
+        )
+        db, mb = b(
+            latents, t, encoder_hidden_states=text, controlnet_cond=cond, conditioning_scale=2.0, return_dict=False
+        )
+        expected = tiny_base.unet(
+            latents,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=[x + y for x, y in zip(da, db)],
+            mid_block_additional_residual=ma + mb,
+        ).sample
         got = ControlledUNet(tiny_base.unet, [a, b])(latents, t, text, [cond, cond], [0.5, 2.0])
     assert torch.allclose(got, expected, atol=1e-6)
     single = ControlledUNet(tiny_base.unet, [a])(latents, t, text, [cond])
@@ -55,19 +63,26 @@ def test_only_mid_control_ignores_skip_residuals(tiny_base, inputs):
     net = _perturbed_controlnet(tiny_base.unet, 3)
     with torch.no_grad():
         down, mid = net(latents, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
-        expected = tiny_base.unet(latents, t, encoder_hidden_states=text,
-                                  down_block_additional_residuals=[torch.zeros_like(d) for d in down],
-                                  mid_block_additional_residual=mid).sample
+        expected = tiny_base.unet(
+            latents,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=[torch.zeros_like(d) for d in down],
+            mid_block_additional_residual=mid,
+        ).sample
         got = ControlledUNet(tiny_base.unet, [net], only_mid_control=True)(latents, t, text, [cond])
         full = ControlledUNet(tiny_base.unet, [net])(latents, t, text, [cond])
     assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, full)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.rand(2, 1, 64, 64), "3 channel"),
-    (torch.rand(2, 3, 32, 32), r"expected \(2, 3, 64, 64\)"),
-    (torch.rand(2, 3, 64), "expected"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.rand(2, 1, 64, 64), "3 channel"),
+        (torch.rand(2, 3, 32, 32), r"expected \(2, 3, 64, 64\)"),
+        (torch.rand(2, 3, 64), "expected"),
+    ],
+)
 def test_bad_condition_is_a_clear_error(tiny_base, inputs, bad, match):
     latents, t, text, _ = inputs
     controlled = ControlledUNet(tiny_base.unet, [controlnet_from_unet(tiny_base.unet)])
@@ -100,8 +115,11 @@ def test_policy_trains_exactly_what_it_names(tiny_base, inputs, policy):
         assert not any(k.startswith(("down_blocks.", "mid_block.", "conv_in.", "time_embedding.")) for k in moved)
     else:
         assert any(k.startswith("down_blocks.") for k in moved) and any(k.startswith("up_blocks.") for k in moved)
-    assert all(not torch.equal(v, before_cn[k]) for k, v in controlled.controlnets.state_dict().items()
-               if k.startswith("controlnet_down_blocks"))
+    assert all(
+        not torch.equal(v, before_cn[k])
+        for k, v in controlled.controlnets.state_dict().items()
+        if k.startswith("controlnet_down_blocks")
+    )
 
 
 def test_unknown_policy(tiny_base):
@@ -143,13 +161,27 @@ def test_export_loads_in_stock_diffusers_and_generates(tiny_base, tmp_path):
     loaded = ControlNetModel.from_pretrained(tmp_path / "cn")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
     pipe = StableDiffusionControlNetPipeline(
-        vae=tiny_base.vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=tiny_base.unet,
-        controlnet=loaded, scheduler=DDIMScheduler.from_config(tiny_base.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=tiny_base.vae,
+        text_encoder=tiny_base.text_encoder,
+        tokenizer=tiny_base.tokenizer,
+        unet=tiny_base.unet,
+        controlnet=loaded,
+        scheduler=DDIMScheduler.from_config(tiny_base.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     from PIL import Image
 
     cond = Image.fromarray(np.zeros((64, 64, 3), np.uint8))
-    image = pipe("a red circle", image=cond, num_inference_steps=2, guidance_scale=9.0, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipe(
+        "a red circle",
+        image=cond,
+        num_inference_steps=2,
+        guidance_scale=9.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()

@@ -16,21 +16,34 @@ import pytest
 from PIL import Image
 
 from annotators import Annotator, create
-from pipelines import images, sources
-from pipelines.annotate import (ANNOTATOR_ERROR, MANIFEST, REJECTS_DIR, AnnotateConfig, AnnotateShards, ShardJob,
-                                condition_columns, run_annotate)
+from pipelines.annotate import AnnotateConfig, AnnotateShards, ShardJob, run_annotate
 from pipelines.cli import main as cli_main
-from pipelines.config import ConfigError, load_config
-from pipelines.images import decode_training_image, encode_jpeg, encode_png
-from pipelines.sources import Source
-from pipelines.storage import resolve
-from pipelines.synthetic import fill50k, write_image_folder
+from pipelines.common import images
+from pipelines.common.config import ConfigError, load_config
+from pipelines.common.images import decode_training_image, encode_jpeg, encode_png
+from pipelines.common.storage import resolve
+from pipelines.data import sources
+from pipelines.data.schema import ANNOTATOR_ERROR, MANIFEST, REJECTS_DIR, condition_columns
+from pipelines.data.sources import Source
+from pipelines.data.synthetic import fill50k, write_image_folder
 
 RES = 64
-COLUMNS = ["id", "image", "text", "conditioning_image", "width", "height", "original_width", "original_height", "source"]
+COLUMNS = [
+    "id",
+    "image",
+    "text",
+    "conditioning_image",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "source",
+]
 EXPECTED_REASONS = {
-    "broken_empty.jpg": images.EMPTY, "broken_truncated.jpg": images.TRUNCATED,
-    "broken_not_an_image.jpg": images.NOT_AN_IMAGE, "broken_too_small.png": images.TOO_SMALL,
+    "broken_empty.jpg": images.EMPTY,
+    "broken_truncated.jpg": images.TRUNCATED,
+    "broken_not_an_image.jpg": images.NOT_AN_IMAGE,
+    "broken_too_small.png": images.TOO_SMALL,
     "notes.json": sources.UNSUPPORTED_FILE,
 }
 
@@ -56,8 +69,11 @@ def read_output(uri: str, storage=None) -> tuple[pa.Table, pa.Table]:
     loc = resolve(uri, storage)
     data = pq.read_table(loc.path, filesystem=loc.fs)  # the dataset folder reads as plain Parquet
     rejects_dir = loc.join(REJECTS_DIR)
-    rejects = (pq.read_table(rejects_dir.path, filesystem=loc.fs) if rejects_dir.exists()
-               else pa.table({"id": [], "source": [], "reason": []}))
+    rejects = (
+        pq.read_table(rejects_dir.path, filesystem=loc.fs)
+        if rejects_dir.exists()
+        else pa.table({"id": [], "source": [], "reason": []})
+    )
     return data, rejects
 
 
@@ -68,8 +84,9 @@ def test_folder_to_parquet_schema_ids_captions_rejects(ray_session, image_folder
     assert data.column_names == COLUMNS
     assert (result.read, result.accepted, result.rejected) == (26, 21, 5)
     assert result.read == result.accepted + result.rejected == data.num_rows + rejects.num_rows
-    assert {Path(s).name: r for s, r in zip(rejects["source"].to_pylist(), rejects["reason"].to_pylist())} \
-        == EXPECTED_REASONS
+    assert {
+        Path(s).name: r for s, r in zip(rejects["source"].to_pylist(), rejects["reason"].to_pylist())
+    } == EXPECTED_REASONS
     assert result.reasons == {r: 1 for r in EXPECTED_REASONS.values()}
 
     rows = data.to_pylist()
@@ -147,8 +164,9 @@ def test_s3_input_and_output(ray_session, s3_server, s3_bucket, tmp_path):
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     for path in sorted(folder.iterdir()):
         s3.put_object(Bucket=s3_bucket, Key=f"raw/{path.name}", Body=path.read_bytes())
-    config = make_config(f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/annotated", shard_size=4,
-                         compute={"num_actors": 1})  # fewer worker processes: a faster test
+    config = make_config(
+        f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/annotated", shard_size=4, compute={"num_actors": 1}
+    )  # fewer worker processes: a faster test
 
     result = run_annotate(config)
     assert (result.read, result.accepted, result.rejected) == (10, 6, 4)
@@ -169,17 +187,30 @@ def test_parquet_input_with_named_columns(ray_session, tmp_path):
     samples = fill50k(7, size=RES, seed=3)
     image_bytes = [encode_jpeg(s.image) for s in samples] + [None, b"garbage"]
     captions = [s.text for s in samples] + ["no image", "bad image"]
-    pq.write_table(pa.table({"jpg": pa.array(image_bytes, pa.binary()), "caption": captions}),
-                   tmp_path / "train.parquet", row_group_size=3)
+    pq.write_table(
+        pa.table({"jpg": pa.array(image_bytes, pa.binary()), "caption": captions}),
+        tmp_path / "train.parquet",
+        row_group_size=3,
+    )
 
-    result = run_annotate(make_config(tmp_path / "train.parquet", tmp_path / "out", image_column="jpg",
-                                      caption_column="caption", shard_size=4, compute={"num_actors": 1}))
+    result = run_annotate(
+        make_config(
+            tmp_path / "train.parquet",
+            tmp_path / "out",
+            image_column="jpg",
+            caption_column="caption",
+            shard_size=4,
+            compute={"num_actors": 1},
+        )
+    )
     data, rejects = read_output(result.output)
     assert (result.read, result.accepted, result.rejected) == (9, 7, 2)
     by_row = {int(s.rsplit("=", 1)[1]): t for s, t in zip(data["source"].to_pylist(), data["text"].to_pylist())}
     assert by_row == {i: s.text for i, s in enumerate(samples)}
     assert dict(zip(rejects["source"].to_pylist(), rejects["reason"].to_pylist())) == {
-        f"{tmp_path}/train.parquet#row=7": sources.MISSING_IMAGE, f"{tmp_path}/train.parquet#row=8": images.NOT_AN_IMAGE}
+        f"{tmp_path}/train.parquet#row=7": sources.MISSING_IMAGE,
+        f"{tmp_path}/train.parquet#row=8": images.NOT_AN_IMAGE,
+    }
 
 
 def test_webdataset_input(ray_session, tmp_path):
@@ -235,9 +266,18 @@ def test_several_annotators_get_a_column_each_and_annotator_errors_are_rejects(t
     annotators = [create("canny"), Invert(), FailsOnBright()]
     columns = dict(zip(condition_columns([a.name for a in annotators]), [a.spec() for a in annotators]))
     assert list(columns) == ["cond_canny", "cond_invert", "cond_fragile"]
-    job = ShardJob(source=source, output=str(tmp_path / "out"), storage=source.storage,
-                   annotators=(("canny", {}),), columns=columns, resolution=RES, min_side=32, jpeg_quality=90,
-                   batch_size=4, threads=2)
+    job = ShardJob(
+        source=source,
+        output=str(tmp_path / "out"),
+        storage=source.storage,
+        annotators=(("canny", {}),),
+        columns=columns,
+        resolution=RES,
+        min_side=32,
+        jpeg_quality=90,
+        batch_size=4,
+        threads=2,
+    )
     actor = AnnotateShards(job)
     actor.annotators = annotators
     [shard] = source.plan(shard_size=100)
@@ -245,8 +285,19 @@ def test_several_annotators_get_a_column_each_and_annotator_errors_are_rejects(t
     summary = actor.annotate_shard(shard)
     assert (summary["read"], summary["accepted"], summary["rejected"]) == (7, 6, 1)
     data, rejects = read_output(str(tmp_path / "out"))
-    assert data.column_names == ["id", "image", "text", "cond_canny", "cond_invert", "cond_fragile", "width",
-                                 "height", "original_width", "original_height", "source"]
+    assert data.column_names == [
+        "id",
+        "image",
+        "text",
+        "cond_canny",
+        "cond_invert",
+        "cond_fragile",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "source",
+    ]
     assert rejects["reason"].to_pylist() == [ANNOTATOR_ERROR] and "bright" in rejects["detail"][0].as_py()
     row = data.to_pylist()[0]
     assert Image.open(io.BytesIO(row["cond_canny"])).mode == "L"

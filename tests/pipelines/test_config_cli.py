@@ -8,7 +8,7 @@ import pytest
 from pydantic import Field
 
 from pipelines.cli import STAGES, main
-from pipelines.config import ConfigError, JobConfig, Section, flatten, load_config, parse_override
+from pipelines.common.config import ConfigError, JobConfig, Section, flatten, load_config, parse_override
 
 
 class Optim(Section):
@@ -26,16 +26,24 @@ def test_defaults_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("steps: 3\noptim:\n  lr: 2.0e-5\n")
     cfg = load_config(ToyConfig, f, ["optim.lr=1e-4", "optim.policy=unlock_decoder", "storage.s3_region=eu-west-1"])
-    assert (cfg.steps, cfg.optim.lr, cfg.optim.policy, cfg.storage.s3_region) == (3, 1e-4, "unlock_decoder", "eu-west-1")
+    assert (cfg.steps, cfg.optim.lr, cfg.optim.policy, cfg.storage.s3_region) == (
+        3,
+        1e-4,
+        "unlock_decoder",
+        "eu-west-1",
+    )
     assert flatten(cfg)["optim.lr"] == 1e-4
 
 
-@pytest.mark.parametrize("override, message", [
-    (["optim.policy=frozen"], "optim.policy: 'frozen' is not allowed; choose one of 'locked' or 'unlock_decoder'"),
-    (["optim.lrr=1"], "optim.lrr: unknown field"),
-    (["steps=many"], "steps: Input should be a valid integer"),
-    (["steps"], "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["optim.policy=frozen"], "optim.policy: 'frozen' is not allowed; choose one of 'locked' or 'unlock_decoder'"),
+        (["optim.lrr=1"], "optim.lrr: unknown field"),
+        (["steps=many"], "steps: Input should be a valid integer"),
+        (["steps"], "not of the form key=value"),
+    ],
+)
 def test_errors_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(ToyConfig, None, override)

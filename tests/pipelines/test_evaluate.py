@@ -112,7 +112,12 @@ def test_generic_scores_and_dispatch():
     assert set(score("generic", ref, ref)) == {"ssim", "corr"}
     assert set(score("edge", ref, ref)) == {"ssim", "corr", "edge_precision", "edge_recall", "edge_f1"}
     assert [fidelity.family(n) for n in ("canny", "hed", "midas", "openpose", "content_shuffle")] == [
-        "edge", "edge", "depth", "pose", "generic"]
+        "edge",
+        "edge",
+        "depth",
+        "pose",
+        "generic",
+    ]
     with pytest.raises(ValueError, match="differ in size"):
         score("edge", ref, ref[:16])
 
@@ -136,12 +141,19 @@ def test_baseline_is_the_base_model_without_control(tiny_base):
     baseline = generate(pipe, prompts, conditions, seed=seeds, steps=3, conditioning_scale=0.0)
 
     plain = StableDiffusionPipeline(
-        vae=tiny_base.vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=tiny_base.unet,
-        scheduler=DDIMScheduler.from_config(tiny_base.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        vae=tiny_base.vae,
+        text_encoder=tiny_base.text_encoder,
+        tokenizer=tiny_base.tokenizer,
+        unet=tiny_base.unet,
+        scheduler=DDIMScheduler.from_config(tiny_base.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     latents = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    expected = plain(prompts, num_inference_steps=3, guidance_scale=9.0, latents=latents, height=64, width=64,
-                     output_type="np").images
+    expected = plain(
+        prompts, num_inference_steps=3, guidance_scale=9.0, latents=latents, height=64, width=64, output_type="np"
+    ).images
     expected = (np.clip(expected, 0, 1) * 255).round().astype(np.uint8)
     assert np.abs(baseline.astype(int) - expected.astype(int)).max() <= 1
     assert np.abs(with_control.astype(int) - expected.astype(int)).max() > 5  # the control does change the image
@@ -173,29 +185,42 @@ def register_controlnet(base, base_dir: Path, name: str, seed: int, export_root:
     from model.registry import log_controlnet_model
 
     out = export_controlnet(_perturbed_controlnet(base, seed), export_root / f"{name}-seed{seed}")
-    metadata = {"base_model": str(base_dir), "annotator": create("canny").spec(),
-                "inference": {"steps": steps, "guidance_scale": 9.0}}
+    metadata = {
+        "base_model": str(base_dir),
+        "annotator": create("canny").spec(),
+        "inference": {"steps": steps, "guidance_scale": 9.0},
+    }
     with mlflow.start_run():
         info = log_controlnet_model(out, metadata=metadata, registered_name=name, alias="candidate")
     return str(info.registered_model_version)
 
 
 def evaluate_config(tracking_uri: str, data: Path, model: str, **extra):
-    from pipelines.config import load_config
+    from pipelines.common.config import load_config
     from pipelines.evaluate import EvaluateConfig
 
-    overrides = {"mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "evaluate-tests", "data": str(data),
-                 "model": model, "limit": 4, "grid_samples": 3, "compute.batch_size": 2, **extra}
+    overrides = {
+        "mlflow.tracking_uri": tracking_uri,
+        "mlflow.experiment": "evaluate-tests",
+        "data": str(data),
+        "model": model,
+        "limit": 4,
+        "grid_samples": 3,
+        "compute.batch_size": 2,
+        **extra,
+    }
     return load_config(EvaluateConfig, None, [f"{k}={v}" for k, v in overrides.items()])
 
 
 @pytest.fixture(scope="module")
 def evaluated(ray_session, mlflow_server, tiny_base, tiny_base_dir, fill50k_parquet, tmp_path_factory):
-    from model.registry import connect
+    from pipelines.common.tracking import connect
     from pipelines.evaluate import run_evaluate
 
     connect(mlflow_server, "evaluate-tests")
-    version = register_controlnet(tiny_base, tiny_base_dir, "eval-model", seed=0, export_root=tmp_path_factory.mktemp("x"))
+    version = register_controlnet(
+        tiny_base, tiny_base_dir, "eval-model", seed=0, export_root=tmp_path_factory.mktemp("x")
+    )
     return version, run_evaluate(evaluate_config(mlflow_server, fill50k_parquet, "eval-model"))
 
 
@@ -210,8 +235,14 @@ def test_evaluate_logs_scores_grid_and_table_on_the_model_run(evaluated, mlflow_
     assert "edge_f1" in str(result) and "headline" in str(result)
 
     metrics = client.get_run(mv.run_id).data.metrics
-    for key in ("fidelity/edge_f1", "fidelity/baseline_edge_f1", "fidelity/edge_precision", "fidelity/ssim",
-                "fidelity/score", "fidelity/baseline_score"):
+    for key in (
+        "fidelity/edge_f1",
+        "fidelity/baseline_edge_f1",
+        "fidelity/edge_precision",
+        "fidelity/ssim",
+        "fidelity/score",
+        "fidelity/baseline_score",
+    ):
         assert key in metrics, key
     assert metrics["fidelity/score"] == pytest.approx(result.score)
     assert metrics["fidelity/samples"] == 4
@@ -242,7 +273,7 @@ def test_evaluate_scores_are_reproducible_outside_ray(evaluated, mlflow_server, 
     from annotators import create
     from model.inference import generate, load_pipeline
     from model.registry import resolve_model
-    from pipelines.images import decode_condition
+    from pipelines.common.images import decode_condition
 
     version, result = evaluated
     mlflow.set_tracking_uri(mlflow_server)
@@ -254,7 +285,9 @@ def test_evaluate_scores_are_reproducible_outside_ray(evaluated, mlflow_server, 
     expected = edge_scores(create("canny")(image)[0], condition[0], tolerance=2)["edge_f1"]
 
     client = mlflow.MlflowClient(mlflow_server)
-    table = json.loads(Path(client.download_artifacts(result.run_id, "evaluation/scores.json", str(tmp_path))).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(result.run_id, "evaluation/scores.json", str(tmp_path))).read_text()
+    )
     logged = dict(zip(table["columns"], table["data"][2]))
     # The actor generated this row inside a batch (and with its own thread count): on CPU a few pixels
     # can differ by one level from a single call, which can flip a few canny edge pixels.

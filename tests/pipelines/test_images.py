@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import images
-from pipelines.images import (ImageRejected, content_id, decode_condition, decode_rgb, decode_training_image,
-                              encode_jpeg, encode_png, resize_center_crop)
+from pipelines.common import images
+from pipelines.common.images import (
+    ImageRejected,
+    content_id,
+    decode_condition,
+    decode_rgb,
+    decode_training_image,
+    encode_jpeg,
+    encode_png,
+    resize_center_crop,
+)
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
@@ -27,7 +35,7 @@ def halves(width: int, height: int) -> np.ndarray:
     """Left half red, right half blue."""
     arr = np.empty((height, width, 3), np.uint8)
     arr[:, : width // 2] = RED
-    arr[:, width // 2:] = BLUE
+    arr[:, width // 2 :] = BLUE
     return arr
 
 
@@ -186,4 +194,4 @@ def test_shrinking_stays_close_to_an_antialiased_reference(side):
     noisy = np.clip(photo + np.random.default_rng(0).normal(0, 6, photo.shape), 0, 255).astype(np.uint8)
     reference = np.asarray(Image.fromarray(noisy).resize((256, 256), Image.LANCZOS)).astype(float)
     mse = np.mean((resize_center_crop(noisy, 256) - reference) ** 2)
-    assert 10 * np.log10(255 ** 2 / mse) > 36  # nearest-neighbour (~23 dB), or bilinear at 2x and beyond, fall below
+    assert 10 * np.log10(255**2 / mse) > 36  # nearest-neighbour (~23 dB), or bilinear at 2x and beyond, fall below

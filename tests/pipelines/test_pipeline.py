@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, load_config
+from pipelines.common.config import ConfigError, load_config
+from pipelines.data.synthetic import write_image_folder
 from pipelines.pipeline import PipelineConfig, input_batches, resolved_stages, run_pipeline
-from pipelines.synthetic import write_image_folder
 
 RES = 64  # the tiny base model's resolution
 REPO = Path(__file__).resolve().parents[2]
@@ -28,11 +28,27 @@ def pipeline_config(tmp_path: Path, incoming: Path, heldout: str, **overrides) -
         "work_dir": str(tmp_path / "work"),
         "mlflow": {"experiment": "test-pipeline"},  # default store: SQLite under work_dir
         "annotate": {"input": str(incoming), "resolution": RES, "min_side": 32, "shard_size": 4},
-        "train": {"base_model": {"source": "tiny"}, "run_name": "ctrl", "registered_model": "pipeline-test",
-                  "num_workers": 1, "cpus_per_worker": 0.5, "batch_size": 2, "max_steps": 2, "checkpoint_every": 2,
-                  "log_every": 1, "validate_every": 0, "num_validation": 0},
-        "evaluate": {"data": heldout, "limit": 2, "steps": 2, "baseline": False, "grid_samples": 1,
-                     "compute": {"batch_size": 2}},
+        "train": {
+            "base_model": {"source": "tiny"},
+            "run_name": "ctrl",
+            "registered_model": "pipeline-test",
+            "num_workers": 1,
+            "cpus_per_worker": 0.5,
+            "batch_size": 2,
+            "max_steps": 2,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "validate_every": 0,
+            "num_validation": 0,
+        },
+        "evaluate": {
+            "data": heldout,
+            "limit": 2,
+            "steps": 2,
+            "baseline": False,
+            "grid_samples": 1,
+            "compute": {"batch_size": 2},
+        },
         "promote": {"margin": 0.0},
     }
     for key, value in overrides.items():
@@ -55,13 +71,23 @@ def annotated_files(root: Path) -> dict[str, float]:
 
 def test_shared_settings_are_inherited_unless_a_stage_sets_its_own(tmp_path):
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({
-        "work_dir": "s3://bucket/zc", "storage": {"s3_endpoint_url": "http://127.0.0.1:9"},
-        "ray": {"address": "auto"}, "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment": "nightly"},
-        "annotate": {"input": "s3://bucket/incoming", "ray": {"resources": {"decode": 1}}},
-        "train": {"registered_model": "cn", "ray": {"resources": {"train_gpu": 1}}, "mlflow": {"experiment": "own"}},
-        "evaluate": {"work_dir": "s3://bucket/eval", "model": "ignored"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "work_dir": "s3://bucket/zc",
+                "storage": {"s3_endpoint_url": "http://127.0.0.1:9"},
+                "ray": {"address": "auto"},
+                "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment": "nightly"},
+                "annotate": {"input": "s3://bucket/incoming", "ray": {"resources": {"decode": 1}}},
+                "train": {
+                    "registered_model": "cn",
+                    "ray": {"resources": {"train_gpu": 1}},
+                    "mlflow": {"experiment": "own"},
+                },
+                "evaluate": {"work_dir": "s3://bucket/eval", "model": "ignored"},
+            }
+        )
+    )
     config = resolved_stages(load_config(PipelineConfig, path))
     for stage in (config.annotate, config.train, config.promote):
         assert stage.work_dir == "s3://bucket/zc"
@@ -99,7 +125,10 @@ def test_input_batches(tmp_path):
     (tmp_path / "in" / "b").mkdir()
     (tmp_path / "in" / "a.parquet").write_bytes(b"")
     (tmp_path / "in" / "_tmp").mkdir()  # hidden: not a batch
-    assert [b.uri.rsplit("/", 1)[1] for b in input_batches(AnnotateConfig(input=str(tmp_path / "in")))] == ["a.parquet", "b"]
+    assert [b.uri.rsplit("/", 1)[1] for b in input_batches(AnnotateConfig(input=str(tmp_path / "in")))] == [
+        "a.parquet",
+        "b",
+    ]
     (tmp_path / "in" / "stray.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="put new images in a new sub-folder"):
         input_batches(AnnotateConfig(input=str(tmp_path / "in")))
@@ -182,8 +211,9 @@ def s3_mlflow_server(s3_server, s3_bucket, tmp_path, monkeypatch):
 
 
 def zeroconv(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.slow
@@ -197,34 +227,60 @@ def test_whole_pipeline_on_s3(tmp_path, tiny_base_dir, s3_server, s3_bucket, s3_
     import boto3
     import mlflow
 
-    from pipelines.storage import upload_dir
+    from pipelines.common.storage import upload_dir
 
     bucket = f"s3://{s3_bucket}"
     upload_dir(write_image_folder(tmp_path / "images", n=6, size=RES, seed=0), f"{bucket}/incoming/2026-11-01")
-    upload_dir(write_image_folder(tmp_path / "heldout-images", n=2, size=RES, seed=99, broken=False),
-               f"{bucket}/heldout-images")
+    upload_dir(
+        write_image_folder(tmp_path / "heldout-images", n=2, size=RES, seed=99, broken=False),
+        f"{bucket}/heldout-images",
+    )
     ray_tmp = Path(tempfile.mkdtemp(prefix="zc-s3-", dir="/tmp"))  # short: Unix socket paths are limited
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
     try:
-        heldout = zeroconv("annotate", f"input={bucket}/heldout-images", f"output={bucket}/heldout",
-                           f"resolution={RES}", "min_side=32", "ray.num_cpus=2", env=env, cwd=tmp_path)
+        heldout = zeroconv(
+            "annotate",
+            f"input={bucket}/heldout-images",
+            f"output={bucket}/heldout",
+            f"resolution={RES}",
+            "min_side=32",
+            "ray.num_cpus=2",
+            env=env,
+            cwd=tmp_path,
+        )
         assert heldout.returncode == 0, heldout.stdout + heldout.stderr
 
-        config = pipeline_config(tmp_path, tmp_path / "unused", f"{bucket}/heldout", **{
-            "work_dir": f"{bucket}/zc", "storage.s3_endpoint_url": s3_server, "annotate.input": f"{bucket}/incoming",
-            "mlflow.tracking_uri": s3_mlflow_server, "train.registered_model": "s3-pipeline", "ray.num_cpus": 2})
+        config = pipeline_config(
+            tmp_path,
+            tmp_path / "unused",
+            f"{bucket}/heldout",
+            **{
+                "work_dir": f"{bucket}/zc",
+                "storage.s3_endpoint_url": s3_server,
+                "annotate.input": f"{bucket}/incoming",
+                "mlflow.tracking_uri": s3_mlflow_server,
+                "train.registered_model": "s3-pipeline",
+                "ray.num_cpus": 2,
+            },
+        )
         (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
         run = zeroconv("pipeline", "run", "pipeline.yaml", env=env, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
         assert "promoted s3-pipeline v1 to champion" in run.stdout
-        ray_logs = "".join(p.read_text(errors="replace") for p in ray_tmp.rglob("*") if p.is_file() and p.suffix
-                           in (".log", ".out", ".err", ".txt", ".json"))
+        ray_logs = "".join(
+            p.read_text(errors="replace")
+            for p in ray_tmp.rglob("*")
+            if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt", ".json")
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        for o in page.get("Contents", [])
+    ]
 
     def under(prefix: str) -> list[str]:
         return [k for k in keys if k.startswith(prefix)]
@@ -241,7 +297,14 @@ def test_whole_pipeline_on_s3(tmp_path, tiny_base_dir, s3_server, s3_bucket, s3_
     client = mlflow.MlflowClient(s3_mlflow_server)
     assert client.get_model_version_by_alias("s3-pipeline", "champion").version == ledger["train"]["version"] == "1"
     training = client.get_run(ledger["train"]["run_id"])
-    for text in (run.stdout, run.stderr, heldout.stdout, heldout.stderr, json.dumps(ledger),
-                 json.dumps(training.data.params), json.dumps(training.data.tags)):
+    for text in (
+        run.stdout,
+        run.stderr,
+        heldout.stdout,
+        heldout.stderr,
+        json.dumps(ledger),
+        json.dumps(training.data.params),
+        json.dumps(training.data.tags),
+    ):
         assert SECRET not in text
     assert SECRET not in ray_logs  # runtime_env is logged verbatim: credentials must never travel in it

@@ -9,15 +9,25 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.config import ConfigError, load_config
-from pipelines.precompute import (EMPTY_PROMPT_FILE, MANIFEST, PrecomputeConfig, image_tensor, latent_distribution,
-                                  load_empty_prompt, precomputed_tensors, raw_tensors, read_manifest, run_precompute)
-from pipelines.images import decode_rgb
+from pipelines.common.config import ConfigError, load_config
+from pipelines.common.images import decode_rgb
+from pipelines.data.schema import EMPTY_PROMPT_FILE, MANIFEST
+from pipelines.data.tensors import image_tensor, latent_distribution, precomputed_tensors, raw_tensors
+from pipelines.precompute import PrecomputeConfig, load_empty_prompt, read_manifest, run_precompute
 
 
 def _config(data, output, base_dir, **extra) -> PrecomputeConfig:
-    return load_config(PrecomputeConfig, None, [f"data={data}", f"output={output}", f"base_model.source={base_dir}",
-                                                 "compute.batch_size=5", *[f"{k}={v}" for k, v in extra.items()]])
+    return load_config(
+        PrecomputeConfig,
+        None,
+        [
+            f"data={data}",
+            f"output={output}",
+            f"base_model.source={base_dir}",
+            "compute.batch_size=5",
+            *[f"{k}={v}" for k, v in extra.items()],
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +57,17 @@ def test_tensors_are_the_encoders_outputs(precomputed, fill50k_parquet, tiny_bas
     assert "precomputed 32 rows" in str(result)
 
     pre = _rows(output)
-    assert set(pre) == {"id", "text", "conditioning_image", "width", "height", "source",
-                        "latent_mean", "latent_std", "text_embedding"}  # no image unless keep_images
+    assert set(pre) == {
+        "id",
+        "text",
+        "conditioning_image",
+        "width",
+        "height",
+        "source",
+        "latent_mean",
+        "latent_std",
+        "text_embedding",
+    }  # no image unless keep_images
     assert pre["latent_mean"].dtype == np.float32 and pre["latent_mean"].shape == (32, 4, 8, 8)
     assert pre["text_embedding"].shape == (32, 77, 32)
 
@@ -108,7 +127,9 @@ def test_same_loss_from_images_and_from_precomputed_rows(precomputed, fill50k_pa
     assert loss("raw", 0) != pytest.approx(loss("raw", 7), rel=1e-3)  # the seed matters: the match is not trivial
 
     # An explicit generator gives the same latents on both sides of a sample as the global RNG would.
-    pre_latents = precomputed_tensors(pre_batch, "conditioning_image", scaling, generator=torch.Generator().manual_seed(3))[0]
+    pre_latents = precomputed_tensors(
+        pre_batch, "conditioning_image", scaling, generator=torch.Generator().manual_seed(3)
+    )[0]
     torch.manual_seed(3)
     raw_latents = raw_tensors(tiny_base, raw_batch, "conditioning_image")[0]
     assert torch.allclose(pre_latents, raw_latents, atol=1e-5)

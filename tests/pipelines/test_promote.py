@@ -4,7 +4,6 @@ or incomparable scores, evaluation on the fly; and that every decision is record
 from __future__ import annotations
 
 import pytest
-
 from test_evaluate import register_controlnet  # same folder: the one way tests register a tiny model
 
 
@@ -18,7 +17,8 @@ def registry(mlflow_server, tiny_base, tiny_base_dir, tmp_path_factory):
     """
     import mlflow
 
-    from model.registry import connect, set_alias
+    from model.registry import set_alias
+    from pipelines.common.tracking import connect
     from pipelines.evaluate import FidelityRecord, record_fidelity
 
     connect(mlflow_server, "promote-tests")
@@ -38,7 +38,7 @@ def registry(mlflow_server, tiny_base, tiny_base_dir, tmp_path_factory):
 
 
 def _promote(tracking_uri: str, name: str, **extra):
-    from pipelines.config import load_config
+    from pipelines.common.config import load_config
     from pipelines.promote import PromoteConfig, run_promote
 
     overrides = {"mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "promote-tests", "model": name, **extra}
@@ -85,7 +85,9 @@ def test_candidate_beating_the_margin_takes_over(registry, mlflow_server):
     result = _promote(mlflow_server, "gate-win", margin=0.02)
     assert result.promoted and _champion("gate-win") == v2
     assert (result.candidate_version, result.champion_version) == (v2, v1)
-    assert "promoted gate-win v2 to champion: edge_f1 0.3500 vs 0.3000 (v1), gain +0.0500 >= margin 0.02" in str(result)
+    assert "promoted gate-win v2 to champion: edge_f1 0.3500 vs 0.3000 (v1), gain +0.0500 >= margin 0.02" in str(
+        result
+    )
     run = _decision_run(result.run_id)
     assert run.data.params["champion_version"] == v1 and run.data.params["margin"] == "0.02"
     assert run.data.metrics["champion_score"] == 0.30 and run.data.metrics["candidate_score"] == 0.35
@@ -110,8 +112,11 @@ def test_candidate_below_the_margin_is_not_promoted(registry, mlflow_server):
 
 def test_missing_or_incomparable_scores_are_clear_errors(registry, mlflow_server):
     registry("gate-unscored")
-    with pytest.raises(ValueError, match=r"v1 \(candidate\) has no fidelity score yet: run 'zeroconv evaluate "
-                                         r"model=gate-unscored version=1"):
+    with pytest.raises(
+        ValueError,
+        match=r"v1 \(candidate\) has no fidelity score yet: run 'zeroconv evaluate "
+        r"model=gate-unscored version=1",
+    ):
         _promote(mlflow_server, "gate-unscored")
     assert _champion("gate-unscored") is None
 
@@ -130,8 +135,13 @@ def test_evaluate_missing_scores_on_the_fly(registry, ray_session, mlflow_server
     from pipelines.evaluate import read_fidelity
 
     v1 = registry.distinct("gate-auto", seed=0)
-    settings = {"evaluate_missing": "true", "evaluation.data": str(fill50k_parquet), "evaluation.limit": 2,
-                "evaluation.grid_samples": 1, "evaluation.baseline": "false"}
+    settings = {
+        "evaluate_missing": "true",
+        "evaluation.data": str(fill50k_parquet),
+        "evaluation.limit": 2,
+        "evaluation.grid_samples": 1,
+        "evaluation.baseline": "false",
+    }
     first = _promote(mlflow_server, "gate-auto", **settings)
     assert first.promoted and _champion("gate-auto") == v1
     v2 = registry.distinct("gate-auto", seed=1)

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import sources
-from pipelines.config import StorageConfig
-from pipelines.images import encode_jpeg, encode_png
-from pipelines.sources import Shard, Source
-from pipelines.synthetic import write_image_folder
+from pipelines.common.config import StorageConfig
+from pipelines.common.images import encode_jpeg, encode_png
+from pipelines.data import sources
+from pipelines.data.sources import Shard, Source
+from pipelines.data.synthetic import write_image_folder
 
 
 def jpeg(seed: int, size: int = 16) -> bytes:
@@ -46,7 +46,9 @@ def test_image_folder_plan_is_sorted_deterministic_and_pairs_captions(tmp_path):
     assert [i.source for i in items] == sorted(i.source for i in items)  # sorted by path, across shards
     assert len(items) == 11  # 5 images + 4 broken files + no_caption.png + notes.json; no .txt, no hidden files
     by_name = {Path(i.source).name: i for i in items}
-    assert by_name["000002.jpg"].caption and by_name["000002.jpg"].caption == (tmp_path / "in/a/000002.txt").read_text()
+    assert (
+        by_name["000002.jpg"].caption and by_name["000002.jpg"].caption == (tmp_path / "in/a/000002.txt").read_text()
+    )
     assert by_name["000002.jpg"].data == (tmp_path / "in/a/000002.jpg").read_bytes()
     assert by_name["no_caption.png"].caption == "" and by_name["no_caption.png"].problem is None
     assert by_name["notes.json"].problem[0] == sources.UNSUPPORTED_FILE and by_name["notes.json"].data is None
@@ -76,12 +78,20 @@ def test_missing_and_empty_inputs_are_clear_errors(tmp_path):
         Source(str(tmp_path / "docs"), format="parquet").plan(10)
 
 
-def write_parquet(path: Path, images: list, captions: list, row_group_size: int, caption_name: str = "caption",
-                  struct: bool = False) -> None:
-    image_col = (pa.array([None if b is None else {"bytes": b, "path": "x.jpg"} for b in images],
-                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-                 if struct else pa.array(images, pa.binary()))
-    table = pa.table({"img": image_col, caption_name: pa.array(captions, pa.string()), "extra": list(range(len(images)))})
+def write_parquet(
+    path: Path, images: list, captions: list, row_group_size: int, caption_name: str = "caption", struct: bool = False
+) -> None:
+    image_col = (
+        pa.array(
+            [None if b is None else {"bytes": b, "path": "x.jpg"} for b in images],
+            pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        )
+        if struct
+        else pa.array(images, pa.binary())
+    )
+    table = pa.table(
+        {"img": image_col, caption_name: pa.array(captions, pa.string()), "extra": list(range(len(images)))}
+    )
     pq.write_table(table, path, row_group_size=row_group_size)
 
 
@@ -91,11 +101,18 @@ def test_parquet_shards_cover_every_row_once_across_row_groups(tmp_path):
     images = [jpeg(i) for i in range(23)]
     images[5] = None
     write_parquet(folder / "a.parquet", images[:13], [f"cap {i}" for i in range(13)], row_group_size=4)
-    write_parquet(folder / "b.parquet", images[13:], [f"cap {i}" for i in range(13, 23)], row_group_size=7, struct=True)
+    write_parquet(
+        folder / "b.parquet", images[13:], [f"cap {i}" for i in range(13, 23)], row_group_size=7, struct=True
+    )
     source = Source(str(folder), image_column="img", caption_column="caption")
     shards = source.plan(shard_size=5)
     assert [(Path(s.path).name, s.start, s.stop) for s in shards] == [
-        ("a.parquet", 0, 5), ("a.parquet", 5, 10), ("a.parquet", 10, 13), ("b.parquet", 0, 5), ("b.parquet", 5, 10)]
+        ("a.parquet", 0, 5),
+        ("a.parquet", 5, 10),
+        ("a.parquet", 10, 13),
+        ("b.parquet", 0, 5),
+        ("b.parquet", 5, 10),
+    ]
     items = read_all(source, shards)
     assert len(items) == 23
     assert [i.caption for i in items if i.problem is None] == [f"cap {i}" for i in range(23) if i != 5]
@@ -126,17 +143,27 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def test_webdataset_groups_members_by_key(tmp_path):
-    write_tar(tmp_path / "shard-000.tar", [
-        ("s/0001.jpg", jpeg(1)), ("s/0001.txt", b"first"), ("s/0001.json", b"{}"),
-        ("s/0002.png", encode_png(np.zeros((8, 8, 3), np.uint8))),  # no caption
-        ("s/0003.txt", b"caption without image"), ("s/0003.cls", b"3"),
-        ("s/0004.seg.png", b"not the image"), ("s/0004.JPG", jpeg(4)), ("s/0004.txt", "über".encode()),
-    ])
+    write_tar(
+        tmp_path / "shard-000.tar",
+        [
+            ("s/0001.jpg", jpeg(1)),
+            ("s/0001.txt", b"first"),
+            ("s/0001.json", b"{}"),
+            ("s/0002.png", encode_png(np.zeros((8, 8, 3), np.uint8))),  # no caption
+            ("s/0003.txt", b"caption without image"),
+            ("s/0003.cls", b"3"),
+            ("s/0004.seg.png", b"not the image"),
+            ("s/0004.JPG", jpeg(4)),
+            ("s/0004.txt", "über".encode()),
+        ],
+    )
     write_tar(tmp_path / "shard-001.tar", [("0005.webp", b"whatever"), ("0005.txt", b" padded \n")])
     source = Source(str(tmp_path))
     shards = source.plan(shard_size=2)  # one shard per tar, whatever the shard size
     assert [(s.kind, Path(s.path).name, s.count) for s in shards] == [
-        ("webdataset", "shard-000.tar", None), ("webdataset", "shard-001.tar", None)]
+        ("webdataset", "shard-000.tar", None),
+        ("webdataset", "shard-001.tar", None),
+    ]
     items = read_all(source, shards)
     assert [i.source.rsplit("#", 1)[1] for i in items] == ["s/0001", "s/0002", "s/0003", "s/0004", "0005"]
     assert [i.caption for i in items] == ["first", "", "", "über", "padded"]
@@ -165,6 +192,9 @@ def test_s3_prefix_listing_and_reading(s3_bucket, s3_server):
     s3.put_object(Bucket=s3_bucket, Key="photos/d0/0.txt", Body=b"zero")
     source = Source(f"s3://{s3_bucket}/photos", StorageConfig())
     items = read_all(source, source.plan(2))
-    assert [i.source for i in items] == [f"s3://{s3_bucket}/photos/d0/0.jpg", f"s3://{s3_bucket}/photos/d0/2.jpg",
-                                         f"s3://{s3_bucket}/photos/d1/1.jpg"]
+    assert [i.source for i in items] == [
+        f"s3://{s3_bucket}/photos/d0/0.jpg",
+        f"s3://{s3_bucket}/photos/d0/2.jpg",
+        f"s3://{s3_bucket}/photos/d1/1.jpg",
+    ]
     assert [i.caption for i in items] == ["zero", "", ""] and items[2].data == jpeg(1)

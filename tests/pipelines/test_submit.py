@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipelines.config import ConfigError
+from pipelines.common.config import ConfigError
 from pipelines.submit import SubmitConfig, build_entrypoint, run_submit
 from tests.conftest import free_port, running_server
 
@@ -44,20 +44,51 @@ def ray_head():
     The head sees the venv's `zeroconv` on PATH, as a cluster node that installed the project does."""
     temp_dir = tempfile.mkdtemp(prefix="zc-head-", dir="/tmp")  # short: Unix socket paths are limited
     dashboard = free_port()
-    ports = {flag: free_port() for flag in (
-        "--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-        "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port")}
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-               "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", str(256 * 2**20),
-               *[str(x) for pair in ports.items() for x in pair]]
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    ports = {
+        flag: free_port()
+        for flag in (
+            "--port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+            "--ray-client-server-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        )
+    }
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+        "--object-store-memory",
+        str(256 * 2**20),
+        *[str(x) for pair in ports.items() for x in pair],
+    ]
+    env = dict(
+        os.environ,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     env.pop("RAY_ADDRESS", None)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        with running_server(command, env, Path(temp_dir) / "head.log", f"{address}/api/version", timeout=120,
-                            stop=_stop_tree):
+        with running_server(
+            command, env, Path(temp_dir) / "head.log", f"{address}/api/version", timeout=120, stop=_stop_tree
+        ):
             yield address
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -71,17 +102,24 @@ def ray_head():
 def test_entrypoint_is_the_local_command_with_the_config_inside_working_dir(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "annotate.yaml").write_text("shard_size: 2\n")
-    config = SubmitConfig(stage="annotate", stage_config=str(tmp_path / "configs" / "annotate.yaml"),
-                          stage_overrides=["input=my photos"], working_dir=str(tmp_path))
+    config = SubmitConfig(
+        stage="annotate",
+        stage_config=str(tmp_path / "configs" / "annotate.yaml"),
+        stage_overrides=["input=my photos"],
+        working_dir=str(tmp_path),
+    )
     assert build_entrypoint(config) == "zeroconv annotate --config configs/annotate.yaml 'input=my photos'"
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"stage": "submit"}, "cannot submit stage 'submit'"),
-    ({"stage": "nope"}, "cannot submit stage 'nope'; choose one of .*annotate"),
-    ({"stage": "annotate", "stage_overrides": ["no_such_field=1"]}, "no_such_field: unknown field"),
-    ({"stage": "annotate", "stage_config": "/no/such/file.yaml"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"stage": "submit"}, "cannot submit stage 'submit'"),
+        ({"stage": "nope"}, "cannot submit stage 'nope'; choose one of .*annotate"),
+        ({"stage": "annotate", "stage_overrides": ["no_such_field=1"]}, "no_such_field: unknown field"),
+        ({"stage": "annotate", "stage_config": "/no/such/file.yaml"}, "does not exist"),
+    ],
+)
 def test_mistakes_fail_before_submitting(values, message):
     with pytest.raises((ConfigError, FileNotFoundError), match=message):
         run_submit(SubmitConfig(address="http://127.0.0.1:1", working_dir=str(REPO), **values))
@@ -90,8 +128,9 @@ def test_mistakes_fail_before_submitting(values, message):
 def test_config_outside_working_dir_is_refused(tmp_path):
     (tmp_path / "annotate.yaml").write_text("shard_size: 2\n")
     with pytest.raises(ConfigError, match="outside working_dir"):
-        build_entrypoint(SubmitConfig(stage="annotate", stage_config=str(tmp_path / "annotate.yaml"),
-                                      working_dir=str(REPO)))
+        build_entrypoint(
+            SubmitConfig(stage="annotate", stage_config=str(tmp_path / "annotate.yaml"), working_dir=str(REPO))
+        )
 
 
 def test_credentials_never_travel_with_a_job():
@@ -108,15 +147,26 @@ def test_credentials_never_travel_with_a_job():
 def test_cli_submits_a_stage_follows_it_and_exits_with_its_status(ray_head, tmp_path):
     """`zeroconv submit annotate ...`: the project ships as working_dir, the job runs the real stage on the
     cluster's Ray (its actors included), its log lines stream back and the command exits 0."""
-    from pipelines.synthetic import write_image_folder
+    from pipelines.data.synthetic import write_image_folder
 
     images = write_image_folder(tmp_path / "images", n=4, size=64, seed=0, broken=False)
     out = tmp_path / "annotated"
     overrides = [f"input={images}", f"output={out}", "resolution=64", "min_side=32"]
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "submit", "annotate", *overrides,
-         f"submit.address={ray_head}", f"submit.working_dir={REPO}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "submit",
+            "annotate",
+            *overrides,
+            f"submit.address={ray_head}",
+            f"submit.working_dir={REPO}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"annotated 4 inputs -> {out}" in done.stdout  # the job's own summary, streamed back
@@ -134,8 +184,14 @@ def test_a_failing_job_returns_its_non_zero_status(ray_head, tmp_path, capsys):
     project = tmp_path / "project"
     (project / "configs").mkdir(parents=True)
     (project / "configs" / "bad.yaml").write_text(f"input: /no/such/images\noutput: {tmp_path / 'out'}\n")
-    result = run_submit(SubmitConfig(stage="annotate", stage_config=str(project / "configs" / "bad.yaml"),
-                                     address=ray_head, working_dir=str(project)))
+    result = run_submit(
+        SubmitConfig(
+            stage="annotate",
+            stage_config=str(project / "configs" / "bad.yaml"),
+            address=ray_head,
+            working_dir=str(project),
+        )
+    )
     logs = capsys.readouterr().out
     assert (result.status, result.exit_code) == ("FAILED", 2), logs
     assert "error:" in logs and "/no/such/images" in logs  # read from the shipped config, reported by the job

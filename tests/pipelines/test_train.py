@@ -11,16 +11,28 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import BaseModelConfig, MLflowConfig
+from pipelines.common.config import BaseModelConfig, MLflowConfig
 from pipelines.train import TrainConfig, run_train
 
 
 def train_config(tmp_path: Path, data: Path, mlflow_uri: str, **overrides) -> TrainConfig:
     values = dict(
-        data=str(data), work_dir=str(tmp_path / "work"), base_model=BaseModelConfig(source="tiny"),
-        run_name="test-run", num_workers=2, cpus_per_worker=0.5, batch_size=2, max_steps=4, lr=1e-4,
-        checkpoint_every=2, keep_checkpoints=2, log_every=1, validate_every=2, num_validation=2,
-        validation_steps=2, registered_model=f"test-{tmp_path.name}"[:60],
+        data=str(data),
+        work_dir=str(tmp_path / "work"),
+        base_model=BaseModelConfig(source="tiny"),
+        run_name="test-run",
+        num_workers=2,
+        cpus_per_worker=0.5,
+        batch_size=2,
+        max_steps=4,
+        lr=1e-4,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        log_every=1,
+        validate_every=2,
+        num_validation=2,
+        validation_steps=2,
+        registered_model=f"test-{tmp_path.name}"[:60],
         mlflow=MLflowConfig(tracking_uri=mlflow_uri, experiment="test-train"),
     )
     values.update(overrides)
@@ -47,26 +59,33 @@ def metric_steps(mlflow_uri: str, run_id: str, key: str = "loss") -> list[int]:
 
 def generate_with_stock_diffusers(base_dir: Path, controlnet_dir: str, unet_dir: str | None = None) -> np.ndarray:
     """Load the export the way any diffusers user would and make an image (DDIM, CFG 9.0)."""
-    from diffusers import (ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
-                           UNet2DConditionModel)
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, UNet2DConditionModel
 
     controlnet = ControlNetModel.from_pretrained(controlnet_dir)
     extra = {"unet": UNet2DConditionModel.from_pretrained(unet_dir)} if unet_dir else {}
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(str(base_dir), controlnet=controlnet,
-                                                             safety_checker=None, **extra)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        str(base_dir), controlnet=controlnet, safety_checker=None, **extra
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     condition = torch.zeros(1, 3, 64, 64)
     condition[..., 20:44, 20:44] = 1.0
-    out = pipe("red circle with blue background", image=condition, num_inference_steps=2, guidance_scale=9.0,
-               generator=torch.Generator().manual_seed(0), output_type="np").images
+    out = pipe(
+        "red circle with blue background",
+        image=condition,
+        num_inference_steps=2,
+        guidance_scale=9.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     return out
 
 
 @pytest.mark.slow
-def test_zero2_bf16_locked_trains_checkpoints_exports_and_registers(tmp_path, ray_session, mlflow_server, fill50k_parquet,
-                                                               tiny_base_dir):
+def test_zero2_bf16_locked_trains_checkpoints_exports_and_registers(
+    tmp_path, ray_session, mlflow_server, fill50k_parquet, tiny_base_dir
+):
     config = train_config(tmp_path, fill50k_parquet, mlflow_server, zero_stage=2, policy="locked", precision="bf16")
     result = run_train(config)
 
@@ -116,15 +135,27 @@ print(json.dumps({{"shape": list(image.shape)}}))
 
 
 @pytest.mark.slow
-def test_zero3_unlock_decoder_moves_only_decoder_and_exports_unet(tmp_path, ray_session, mlflow_server, fill50k_parquet,
-                                                                   tiny_base_dir):
+def test_zero3_unlock_decoder_moves_only_decoder_and_exports_unet(
+    tmp_path, ray_session, mlflow_server, fill50k_parquet, tiny_base_dir
+):
     from diffusers import UNet2DConditionModel
 
     from model.controlnet import DECODER_PREFIXES
 
-    config = train_config(tmp_path, fill50k_parquet, mlflow_server, zero_stage=3, policy="unlock_decoder",
-                          unet_lr=1e-4, ema=True, ema_decay=0.9, gradient_checkpointing=True, grad_accum=2,
-                          lr_schedule="cosine", warmup_steps=1)
+    config = train_config(
+        tmp_path,
+        fill50k_parquet,
+        mlflow_server,
+        zero_stage=3,
+        policy="unlock_decoder",
+        unet_lr=1e-4,
+        ema=True,
+        ema_decay=0.9,
+        gradient_checkpointing=True,
+        grad_accum=2,
+        lr_schedule="cosine",
+        warmup_steps=1,
+    )
     result = run_train(config)
 
     assert result.steps == 4
@@ -140,11 +171,22 @@ def test_zero3_unlock_decoder_moves_only_decoder_and_exports_unet(tmp_path, ray_
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_run_resumes_from_last_checkpoint_and_rerun_continues(tmp_path, ray_session, mlflow_server,
-                                                                               fill50k_parquet):
+def test_worker_killed_mid_run_resumes_from_last_checkpoint_and_rerun_continues(
+    tmp_path, ray_session, mlflow_server, fill50k_parquet
+):
     # Rank 1 dies (os._exit) right before step 3, once; the checkpoint at step 2 is the latest.
-    config = train_config(tmp_path, fill50k_parquet, mlflow_server, max_steps=4, fail_at_step=3, max_failures=1,
-                          validate_every=0, num_validation=0, ema=True, registered_model=None)
+    config = train_config(
+        tmp_path,
+        fill50k_parquet,
+        mlflow_server,
+        max_steps=4,
+        fail_at_step=3,
+        max_failures=1,
+        validate_every=0,
+        num_validation=0,
+        ema=True,
+        registered_model=None,
+    )
     first = run_train(config)
 
     assert (tmp_path / "work" / "train" / "test-run" / "failure_injected").exists(), "the failure never happened"
@@ -175,8 +217,8 @@ def informative_tiny_base(out_dir: Path, images: np.ndarray) -> Path:
     build_tiny(out_dir)
     vae = AutoencoderKL.from_pretrained(out_dir / "vae")
     with torch.no_grad():
-        vae.quant_conv.weight[vae.config.latent_channels:] = 0
-        vae.quant_conv.bias[vae.config.latent_channels:] = -20.0
+        vae.quant_conv.weight[vae.config.latent_channels :] = 0
+        vae.quant_conv.bias[vae.config.latent_channels :] = -20.0
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         mean = vae.encode(pixels).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1 / mean.std()))
@@ -188,8 +230,8 @@ def denoising_losses(base, controlnet, samples, repeats: int = 4) -> dict[str, f
     """Loss with each sample's own condition vs with the conditions rolled across the batch; the
     same noise and timesteps (one generator seed) for both."""
     from model.controlnet import ControlledUNet
-    from model.inference import condition_tensor
     from model.objective import diffusion_loss
+    from pipelines.data.tensors import condition_tensor
 
     model = ControlledUNet(base.unet, [controlnet]).eval()
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -199,8 +241,14 @@ def denoising_losses(base, controlnet, samples, repeats: int = 4) -> dict[str, f
     for name, conds in (("true", conditions), ("shuffled", conditions.roll(1, 0))):
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            losses[name] = float(np.mean([diffusion_loss(model, base.noise_scheduler, latents, text, [conds], generator=generator)
-                                          for _ in range(repeats)]))
+            losses[name] = float(
+                np.mean(
+                    [
+                        diffusion_loss(model, base.noise_scheduler, latents, text, [conds], generator=generator)
+                        for _ in range(repeats)
+                    ]
+                )
+            )
     return losses
 
 
@@ -216,22 +264,37 @@ def test_control_is_learned_on_fill50k(tmp_path, ray_session, mlflow_server):
 
     from model.base import load_base
     from model.controlnet import controlnet_from_unet
-    from pipelines.synthetic import fill50k, write_fill50k_parquet
+    from pipelines.data.synthetic import fill50k, write_fill50k_parquet
 
     samples = fill50k(32, size=64, seed=0)
     base_dir = informative_tiny_base(tmp_path / "base", np.stack([s.image for s in samples]))
     data = write_fill50k_parquet(tmp_path / "fill50k", n=32, size=64, seed=0)
-    config = train_config(tmp_path, data, mlflow_server, base_model=BaseModelConfig(source=str(base_dir)),
-                          num_workers=1, cpus_per_worker=1, batch_size=8, max_steps=800, lr=3e-3,
-                          checkpoint_every=800, log_every=50, validate_every=0, num_validation=0, registered_model=None)
+    config = train_config(
+        tmp_path,
+        data,
+        mlflow_server,
+        base_model=BaseModelConfig(source=str(base_dir)),
+        num_workers=1,
+        cpus_per_worker=1,
+        batch_size=8,
+        max_steps=800,
+        lr=3e-3,
+        checkpoint_every=800,
+        log_every=50,
+        validate_every=0,
+        num_validation=0,
+        registered_model=None,
+    )
     result = run_train(config)
 
     base = load_base(str(base_dir))
     at_init = denoising_losses(base, controlnet_from_unet(base.unet), samples)
     assert at_init["true"] == at_init["shuffled"]
     trained = denoising_losses(base, ControlNetModel.from_pretrained(result.controlnet_dir), samples)
-    print(f"denoising loss at init {at_init['true']:.4f}; trained: true conditions {trained['true']:.4f}, "
-          f"shuffled {trained['shuffled']:.4f}")
+    print(
+        f"denoising loss at init {at_init['true']:.4f}; trained: true conditions {trained['true']:.4f}, "
+        f"shuffled {trained['shuffled']:.4f}"
+    )
     assert trained["true"] < at_init["true"]
     assert trained["true"] < 0.95 * trained["shuffled"], trained  # measured: 0.320 vs 0.366
 
@@ -240,9 +303,21 @@ def test_control_is_learned_on_fill50k(tmp_path, ray_session, mlflow_server):
 def test_trains_on_precomputed_latents(tmp_path, ray_session, mlflow_server, fill50k_parquet, tiny_base_dir):
     from pipelines.precompute import PrecomputeConfig, run_precompute
 
-    pre = run_precompute(PrecomputeConfig(data=str(fill50k_parquet), output=str(tmp_path / "pre"), work_dir=str(tmp_path)))
-    config = train_config(tmp_path, Path(pre.output), mlflow_server, num_workers=1, cpus_per_worker=1, max_steps=2,
-                          checkpoint_every=2, num_validation=1, validate_every=0, registered_model=None)
+    pre = run_precompute(
+        PrecomputeConfig(data=str(fill50k_parquet), output=str(tmp_path / "pre"), work_dir=str(tmp_path))
+    )
+    config = train_config(
+        tmp_path,
+        Path(pre.output),
+        mlflow_server,
+        num_workers=1,
+        cpus_per_worker=1,
+        max_steps=2,
+        checkpoint_every=2,
+        num_validation=1,
+        validate_every=0,
+        registered_model=None,
+    )
     result = run_train(config)
     assert result.steps == 2 and np.isfinite(result.metrics["loss"])
     generate_with_stock_diffusers(tiny_base_dir, result.controlnet_dir)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.config import ConfigError, MLflowConfig, load_config
-from pipelines.synthetic import fill50k_table
+from pipelines.common.config import ConfigError, MLflowConfig, load_config
+from pipelines.data.synthetic import fill50k_table
 from pipelines.train import TrainConfig, inspect_dataset, resolve_config, run_train
 
 
@@ -26,7 +26,9 @@ def test_missing_condition_column_lists_the_columns(tmp_path, fill50k_parquet):
 
 
 def test_bad_policy_names_the_choices():
-    with pytest.raises(ConfigError, match=r"policy: 'unlock_everything' is not allowed.*locked.*unlock_decoder.*unlock_full"):
+    with pytest.raises(
+        ConfigError, match=r"policy: 'unlock_everything' is not allowed.*locked.*unlock_decoder.*unlock_full"
+    ):
         load_config(TrainConfig, overrides=["policy=unlock_everything"])
 
 
@@ -83,7 +85,7 @@ def test_dataset_checks_sizes_rows_and_reads_the_annotator_spec(tmp_path):
 
 
 def test_decode_and_tensors_match_the_model_conventions():
-    from pipelines.train_loop import decode_batch, to_tensors
+    from pipelines.data.tensors import decode_batch, to_tensors
 
     table = fill50k_table(3, size=64)
     batch = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("image", "conditioning_image", "text")}
@@ -114,7 +116,7 @@ def test_ema_tracks_the_weights_with_warmup():
 
 
 def test_image_grid_puts_condition_beside_generated():
-    from pipelines.tracking import image_grid
+    from pipelines.common.tracking import image_grid
 
     conditions = np.zeros((2, 4, 4, 3), np.uint8)
     images = np.full((2, 4, 4, 3), 255, np.uint8)
@@ -124,16 +126,24 @@ def test_image_grid_puts_condition_beside_generated():
 
 
 def test_precomputed_dataset_must_match_the_base_model(tmp_path):
-    from pipelines.precompute import FORMAT_VERSION, MANIFEST
+    from pipelines.data.schema import MANIFEST
+    from pipelines.data.schema import PRECOMPUTED_FORMAT as FORMAT_VERSION
 
     table = fill50k_table(4, size=64).drop_columns(["image"])
     for name in ("latent_mean", "latent_std", "text_embedding"):
         table = table.append_column(name, pa.array([[0.0]] * 4))
     pq.write_table(table, tmp_path / "part-0.parquet")
-    manifest = {"format": FORMAT_VERSION, "status": "complete", "job": {"base_model": "some/other-model"},
-                "scaling_factor": 0.18215, "tensors": {"latent_mean": {"shape": [4, 8, 8]},
-                                                       "latent_std": {"shape": [4, 8, 8]},
-                                                       "text_embedding": {"shape": [77, 32]}}}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "status": "complete",
+        "job": {"base_model": "some/other-model"},
+        "scaling_factor": 0.18215,
+        "tensors": {
+            "latent_mean": {"shape": [4, 8, 8]},
+            "latent_std": {"shape": [4, 8, 8]},
+            "text_embedding": {"shape": [77, 32]},
+        },
+    }
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="precomputed with base model 'some/other-model', not 'tiny'"):
         inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=1))

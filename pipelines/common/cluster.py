@@ -12,13 +12,19 @@ import os
 
 from pydantic import Field
 
-from pipelines.config import RayConfig, Section
+from pipelines.common.config import RayConfig, Section
 
 # Where S3 is, for workers: endpoint, region, profile name. Never credentials: Ray writes runtime_env
 # verbatim to its logs, so secrets must reach workers the way they reach any process - the standard
 # AWS chain on each node (environment the node was started with, instance role, IRSA, profile).
-_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-                "MLFLOW_S3_ENDPOINT_URL")
+_STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
 
 
 def ensure_ray(config: RayConfig | None = None) -> bool:
@@ -52,18 +58,23 @@ class ActorCompute(Section):
 
     batch_size: int = Field(default=16, ge=1, description="Rows per model call inside an actor.")
     num_actors: int | None = Field(
-        default=None, ge=1,
-        description="Model actors. Default: one per GPU when GPUs are used, else one (torch already uses every core).")
+        default=None,
+        ge=1,
+        description="Model actors. Default: one per GPU when GPUs are used, else one (torch already uses every core).",
+    )
     use_gpu: bool | None = Field(default=None, description="Put actors on GPUs. Default: if the Ray cluster has any.")
     gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs each actor reserves when GPUs are used.")
     cpus_per_actor: float = Field(
-        default=0.9, gt=0,
+        default=0.9,
+        gt=0,
         description="CPUs each actor reserves. Keep it fractional: whole CPUs per actor can leave nothing for "
-                    "Ray Data's own tasks on small machines, and the job hangs.")
+        "Ray Data's own tasks on small machines, and the job hangs.",
+    )
 
 
-def actor_pool(compute: ActorCompute, work_items: int, extra_resources: dict[str, float] | None = None,
-               cpu_actors: int = 1) -> dict:
+def actor_pool(
+    compute: ActorCompute, work_items: int, extra_resources: dict[str, float] | None = None, cpu_actors: int = 1
+) -> dict:
     """``map_batches`` keyword arguments for an actor pool: size, GPUs or fractional CPUs.
 
     Without GPUs the pool has ``cpu_actors`` actors unless ``num_actors`` says otherwise: one for stages

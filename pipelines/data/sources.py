@@ -33,21 +33,34 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import StorageConfig
-from pipelines.storage import resolve
+from pipelines.common.config import StorageConfig
+from pipelines.common.storage import resolve
+from pipelines.data.schema import MISSING_IMAGE, READ_ERROR, UNSUPPORTED_FILE
 
 InputFormat = Literal["auto", "images", "parquet", "webdataset"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
-                    ".ppm", ".pgm", ".pbm", ".pnm", ".avif")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".avif",
+)
 CAPTION_EXTENSION = ".txt"
 PARQUET_EXTENSION = ".parquet"
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
 # Reasons an input is rejected before any decoding (see docs/data-schema.md).
-READ_ERROR = "read_error"  # the bytes (or the caption) could not be read
-UNSUPPORTED_FILE = "unsupported_file"  # a file under the input that is not an image
-MISSING_IMAGE = "missing_image"  # a Parquet row with a null image, a WebDataset sample without one
 
 _READ_AHEAD = 16  # files fetched concurrently while a shard is processed (hides S3 latency)
 _PARQUET_BATCH_ROWS = 64
@@ -74,14 +87,24 @@ class Shard:
     count: int | None = None  # inputs in the shard, when known before reading it
 
     def to_json(self) -> str:
-        return json.dumps({"index": self.index, "kind": self.kind, "path": self.path, "start": self.start,
-                           "stop": self.stop, "files": [list(f) for f in self.files], "count": self.count})
+        return json.dumps(
+            {
+                "index": self.index,
+                "kind": self.kind,
+                "path": self.path,
+                "start": self.start,
+                "stop": self.stop,
+                "files": [list(f) for f in self.files],
+                "count": self.count,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "Shard":
         d = json.loads(text)
-        return cls(d["index"], d["kind"], d["path"], d["start"], d["stop"],
-                   tuple((p, c) for p, c in d["files"]), d["count"])
+        return cls(
+            d["index"], d["kind"], d["path"], d["start"], d["stop"], tuple((p, c) for p, c in d["files"]), d["count"]
+        )
 
     def fingerprint(self) -> str:
         """Identifies what the shard reads; a re-run must see the same one to skip the shard."""
@@ -135,8 +158,11 @@ class Source:
             return [loc.path]
         root = loc.path.rstrip("/") + "/"
         # Hidden files and folders (.git, .DS_Store, ._photo.jpg) are not inputs.
-        return sorted(i.path for i in loc.list_files(recursive=True)
-                      if not any(part.startswith(".") for part in i.path[len(root):].split("/")))
+        return sorted(
+            i.path
+            for i in loc.list_files(recursive=True)
+            if not any(part.startswith(".") for part in i.path[len(root) :].split("/"))
+        )
 
     def _detect(self, paths: list[str]) -> str:
         if not paths:
@@ -155,7 +181,8 @@ class Source:
             if has[kind]:
                 return kind
         raise FileNotFoundError(
-            f"input {self.uri!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}), .parquet or .tar files")
+            f"input {self.uri!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}), .parquet or .tar files"
+        )
 
     def _plan_parquet(self, paths: list[str], shard_size: int) -> list[Shard]:
         # One footer read per file; threads because on S3 each is a round trip.
@@ -175,16 +202,26 @@ class Source:
             schema, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
         where = self._uri(path)
         if self.image_column not in schema.names:
-            raise ValueError(f"{where}: no image column {self.image_column!r} (columns: {', '.join(schema.names)});"
-                             f" set image_column=<name>")
+            raise ValueError(
+                f"{where}: no image column {self.image_column!r} (columns: {', '.join(schema.names)});"
+                f" set image_column=<name>"
+            )
         kind = schema.field(self.image_column).type
-        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-                or pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
-            raise ValueError(f"{where}: column {self.image_column!r} is {kind}, not image bytes"
-                             " (binary, or a struct with a 'bytes' field)")
+        if not (
+            pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)
+            or pa.types.is_struct(kind)
+            and kind.get_field_index("bytes") >= 0
+        ):
+            raise ValueError(
+                f"{where}: column {self.image_column!r} is {kind}, not image bytes"
+                " (binary, or a struct with a 'bytes' field)"
+            )
         if self.caption_column is not None and self.caption_column not in schema.names:
-            raise ValueError(f"{where}: no caption column {self.caption_column!r} (columns: {', '.join(schema.names)});"
-                             f" set caption_column=<name>, or caption_column=null for empty captions")
+            raise ValueError(
+                f"{where}: no caption column {self.caption_column!r} (columns: {', '.join(schema.names)});"
+                f" set caption_column=<name>, or caption_column=null for empty captions"
+            )
         return num_rows
 
     # ------------------------------------------------------------------------------------------
@@ -244,8 +281,10 @@ class Source:
         tar_uri = self._uri(shard.path)
         key, members = None, {}
         try:
-            with self._location.fs.open_input_stream(shard.path) as stream, \
-                    tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with (
+                self._location.fs.open_input_stream(shard.path) as stream,
+                tarfile.open(fileobj=stream, mode="r|*") as tar,
+            ):
                 for member in tar:  # streaming: members arrive in order, a sample's files are adjacent
                     if not member.isfile():
                         continue
@@ -280,8 +319,15 @@ def _plan_images(paths: list[str], shard_size: int) -> list[Shard]:
             continue  # a caption, not an input (an orphan caption has nothing to describe)
         stem = posixpath.splitext(path)[0]
         entries.append((path, stem + CAPTION_EXTENSION if stem in captions else None))
-    return [Shard(i, "images", files=tuple(entries[start:start + shard_size]), count=len(entries[start:start + shard_size]))
-            for i, start in enumerate(range(0, len(entries), shard_size))]
+    return [
+        Shard(
+            i,
+            "images",
+            files=tuple(entries[start : start + shard_size]),
+            count=len(entries[start : start + shard_size]),
+        )
+        for i, start in enumerate(range(0, len(entries), shard_size))
+    ]
 
 
 def _parquet_item(source: str, image: Any, caption: Any) -> InputItem:
@@ -297,7 +343,9 @@ def _webdataset_item(source: str, members: dict[str, bytes | None]) -> InputItem
     for ext in IMAGE_EXTENSIONS:
         if members.get(ext[1:]) is not None:
             return InputItem(source, members[ext[1:]], caption)
-    return InputItem(source, problem=(MISSING_IMAGE, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})"))
+    return InputItem(
+        source, problem=(MISSING_IMAGE, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})")
+    )
 
 
 def _text(value: Any) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipelines.config import StorageConfig
+from pipelines.common.config import StorageConfig
 
 
 def cache_dir() -> Path:
@@ -89,7 +89,7 @@ def s3_filesystem(storage: StorageConfig | None = None) -> pafs.S3FileSystem:
 def resolve(uri: str | os.PathLike, storage: StorageConfig | None = None) -> Location:
     uri = str(uri)
     if is_s3(uri):
-        path = uri[len("s3://"):].rstrip("/")
+        path = uri[len("s3://") :].rstrip("/")
         if not path or "/" not in path and len(path) < 3:
             raise ValueError(f"{uri!r} is not a valid s3:// URI (expected s3://bucket/prefix)")
         return Location(s3_filesystem(storage), path, uri.rstrip("/"))

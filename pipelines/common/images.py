@@ -127,7 +127,7 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    square = image[top:top + side, left:left + side]
+    square = image[top : top + side, left : left + side]
     if side == size:
         return np.ascontiguousarray(square)
     if side < size:

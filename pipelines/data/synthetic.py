@@ -14,11 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.images import encode_jpeg, encode_png
+from pipelines.common.images import encode_jpeg, encode_png
 
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
-    "purple": (140, 50, 180), "orange": (250, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
 }
 
 

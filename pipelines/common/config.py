@@ -57,8 +57,8 @@ class RayConfig(Section):
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each of this stage's workers requests (annotator actors, train workers, "
-                    "serve replicas), e.g. {train_gpu: 1}: pins the stage to the node type that offers them "
-                    "(see ray_cluster.yaml). Empty: anywhere.",
+        "serve replicas), e.g. {train_gpu: 1}: pins the stage to the node type that offers them "
+        "(see ray_cluster.yaml). Empty: anywhere.",
     )
 
 
@@ -128,8 +128,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                **values: Any) -> C:
+def load_config(
+    cls: type[C], path: str | os.PathLike | None = None, overrides: list[str] | None = None, **values: Any
+) -> C:
     """Build a validated ``cls`` from an optional YAML file, dotted overrides and keyword values."""
     tree: dict = read_yaml(path) if path else {}
     for override in overrides or []:
@@ -176,4 +177,3 @@ def flatten(config: BaseModel) -> dict[str, Any]:
 
     walk("", config.model_dump(mode="json"))
     return out
-

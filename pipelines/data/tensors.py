@@ -1,0 +1,113 @@
+"""Rows -> model tensors, in one place: training (raw or precomputed rows), precompute, generation.
+
+Images cross stage boundaries as encoded bytes; inside a stage they are uint8 NHWC numpy arrays.
+This module is where they become torch tensors:
+
+* images      uint8 (N, H, W, 3)  -> float (N, 3, H, W) in [-1, 1]   (the VAE's input range)
+* conditions  uint8 (N, H, W, C)  -> float (N, 3, H, W) in [0, 1]    (what ControlNet was trained on)
+* precomputed rows (VAE posterior mean/std, text embeddings) -> one latent sample per step
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines.common.images import decode_condition, decode_rgb
+from pipelines.data.schema import TENSOR_COLUMNS
+
+
+def image_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def condition_tensor(condition: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) or (N, H, W, C) -> float (N, 3, H, W) in [0, 1], as the pipeline and training expect."""
+    arr = condition if condition.ndim == 4 else condition[None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def latent_distribution(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior N(mean, std^2) of each image, unscaled: what ``encode_images`` samples from."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_latents(
+    mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One posterior sample, scaled: the latents training denoises.
+
+    The noise is drawn on the CPU (from ``generator``, or torch's global RNG), exactly as
+    ``BaseModel.encode_images`` draws it for a VAE on the CPU; so with the same RNG state both give
+    the same latents. On a GPU the two differ in which RNG they use, not in distribution.
+    """
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
+    return (mean + std * eps) * scaling_factor
+
+
+def _conditions(batch: dict[str, np.ndarray], condition_column: str, device) -> torch.Tensor:
+    return condition_tensor(np.stack([decode_condition(b, channels=3) for b in batch[condition_column]])).to(device)
+
+
+def _float_tensor(values: np.ndarray, device) -> torch.Tensor:
+    # Arrays backed by Arrow buffers are read-only; torch wants writable memory (copies only if needed).
+    return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(device)
+
+
+def precomputed_tensors(
+    batch: dict[str, np.ndarray],
+    condition_column: str,
+    scaling_factor: float,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of precomputed rows (numpy columns, as Ray Data's ``iter_batches`` gives them) ->
+    (latents, text_embeddings, conditions) for :func:`model.objective.diffusion_loss`.
+
+    Latents are sampled here, per step; prompt dropout is still the train loop's job.
+    """
+    mean, std, text = (_float_tensor(batch[name], device) for name in TENSOR_COLUMNS)
+    latents = sample_latents(mean, std, scaling_factor, generator)
+    return latents, text, _conditions(batch, condition_column, device)
+
+
+def raw_tensors(
+    base, batch: dict[str, np.ndarray], condition_column: str, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same triple from annotated rows (JPEG images, captions), encoding them now with
+    ``base.encode_images`` / ``base.encode_prompts``: the path that precomputing replaces."""
+    latents = base.encode_images(image_tensor(np.stack([decode_rgb(b) for b in batch["image"]])).to(device))
+    text = base.encode_prompts([str(t) for t in batch["text"]]).to(device)
+    return latents.to(device), text, _conditions(batch, condition_column, device)
+
+
+def decode_batch(batch: dict[str, np.ndarray], condition_column: str) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: encoded bytes -> uint8 NHWC image and 3-channel condition."""
+    return {
+        "image": np.stack([decode_rgb(b) for b in batch["image"]]),
+        "condition": np.stack([decode_condition(b, channels=3) for b in batch[condition_column]]),
+        "text": batch["text"],
+    }
+
+
+def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A decoded batch -> images float [-1, 1] NCHW, conditions float [0, 1] NCHW; plus the prompts."""
+    images = image_tensor(batch["image"]).to(device)
+    conditions = condition_tensor(batch["condition"]).to(device)
+    return images, conditions, [str(t) for t in batch["text"]]
+
+
+def batch_tensors(
+    batch: dict[str, np.ndarray], base, condition_column: str, scaling_factor: float | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, text embeddings, conditions): through the frozen VAE and text encoder from a decoded
+    batch, or sampled from the stored posteriors of a precomputed one (``scaling_factor`` set)."""
+    if scaling_factor is not None:
+        return precomputed_tensors(batch, condition_column, scaling_factor, device)
+    images, conditions, prompts = to_tensors(batch, device)
+    return base.encode_images(images), base.encode_prompts(prompts), conditions

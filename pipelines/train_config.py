@@ -1,0 +1,109 @@
+"""``TrainConfig``: everything ``zeroconv train`` reads, shared by the driver and the per-worker loop."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from model.controlnet import Policy
+from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig
+
+LRSchedule = Literal["constant_with_warmup", "cosine"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class TrainConfig(JobConfig):
+    """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
+
+    data: str = Field(
+        default="runs/annotated", description="Annotated Parquet dataset: a directory or file, local or s3://."
+    )
+    condition_column: str = Field(
+        default="conditioning_image",
+        description="Column holding the condition PNGs: 'conditioning_image' for one annotator, "
+        "'cond_<annotator>' for several.",
+    )
+    base_model: BaseModelConfig = BaseModelConfig()
+    run_name: str = Field(
+        default="controlnet",
+        description="Run name: checkpoints live under storage_path/run_name; re-run the same name to resume.",
+    )
+    storage_path: str | None = Field(
+        default=None, description="Checkpoints and exports, local or s3://. Default: <work_dir>/train."
+    )
+    registered_model: str | None = Field(
+        default="zeroconv-controlnet",
+        description="MLflow registered model name (alias 'candidate'); empty: log without registering.",
+    )
+    # Scale
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed); leave some for Ray Data."
+    )
+    use_gpu: bool | None = Field(
+        default=None, description="One GPU per worker. Default: yes if the Ray cluster has GPUs."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        default=2, description="DeepSpeed ZeRO stage (2: shard optimizer state and grads; 3: also params)."
+    )
+    precision: TrainPrecision = Field(
+        default="auto", description="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16 (GPU only)."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+    # Optimisation
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps to train for (in total, across resumes).")
+    batch_size: int = Field(default=4, ge=1, description="Micro-batch per worker.")
+    grad_accum: int = Field(
+        default=1,
+        ge=1,
+        description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum * num_workers).",
+    )
+    lr: float = Field(default=1e-5, gt=0, description="ControlNet learning rate (paper: 1e-5).")
+    unet_lr: float = Field(
+        default=2e-6, gt=0, description="Learning rate of UNet weights a policy unlocks (paper: 2e-6)."
+    )
+    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
+    lr_schedule: LRSchedule = Field(default="constant_with_warmup", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0: off).")
+    policy: Policy = Field(
+        default="locked", description="What trains: locked (ControlNet only), unlock_decoder, unlock_full."
+    )
+    prompt_dropout: float = Field(
+        default=0.5, ge=0, le=1, description="Probability of replacing a prompt by the empty prompt (paper: 0.5)."
+    )
+    ema: bool = Field(
+        default=False, description="Keep an EMA of the trained weights and export it instead of the raw weights."
+    )
+    ema_decay: float = Field(
+        default=0.9999, gt=0, lt=1, description="EMA decay (warmed up as min(decay, (1+n)/(10+n)))."
+    )
+    seed: int = Field(default=0, description="Random seed (noise, timesteps, prompt dropout, data order).")
+    # Checkpoints, logging, validation
+    checkpoint_every: int = Field(
+        default=500, ge=1, description="Steps between checkpoints (a final one is always written)."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints to keep (oldest deleted first).")
+    max_failures: int = Field(
+        default=3, ge=0, description="Worker-group restarts from the latest checkpoint before giving up."
+    )
+    log_every: int = Field(default=10, ge=1, description="Steps between metric logs (loss, lr, grad norm, samples/s).")
+    validate_every: int = Field(
+        default=500, ge=0, description="Steps between validation image grids (0: only at the end)."
+    )
+    num_validation: int = Field(
+        default=4, ge=0, description="Validation images per grid: the dataset's first rows (0: no grids)."
+    )
+    validation_steps: int = Field(default=20, ge=1, description="DDIM steps for validation images.")
+    mlflow: MLflowConfig = MLflowConfig()
+    fail_at_step: int | None = Field(
+        default=None,
+        description="Testing hook: the last rank exits abruptly once, before this step, to exercise recovery.",
+    )
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.num_workers
