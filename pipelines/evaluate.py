@@ -76,6 +76,14 @@ class EvaluationSettings(Section):
     pose_tolerance: float = Field(
         default=0.05, gt=0, description="Pose annotators: a keypoint matches within this fraction of the image size."
     )
+    protocol: fidelity.Protocol = Field(
+        default="zeroconv",
+        description="Metrics: zeroconv (ours, per annotator family) or controlnet_pp (ControlNet++'s: canny F1, "
+        "HED/lineart MS-SSIM, depth RMSE).",
+    )
+    mask_iou: bool = Field(
+        default=False, description="Fill50K-style data: also score the filled circle's mask IoU (image vs condition)."
+    )
     baseline: bool = Field(
         default=True, description="Also score the base model without control, same seeds and prompts."
     )
@@ -167,13 +175,10 @@ class EvalJob:
     base_model: str
     tracking_uri: str
     annotator: dict
-    family: str
+    scoring: fidelity.Scoring
     steps: int
     guidance_scale: float
     baseline: bool
-    edge_tolerance: int
-    edge_threshold: int
-    pose_tolerance: float
     storage: StorageConfig
 
 
@@ -235,10 +240,7 @@ class FidelityScorer:
                 conditioning_scale=conditioning_scale,
             )
             maps = self.annotator(images)
-            scores = [
-                fidelity.score(job.family, m, c, job.edge_tolerance, job.edge_threshold, job.pose_tolerance)
-                for m, c in zip(maps, conditions)
-            ]
+            scores = [job.scoring(i, m, c) for i, m, c in zip(images, maps, conditions)]
             for key in scores[0]:
                 out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)
             out[prefix + "generated"] = np.array([encode_png(i) for i in images], dtype=object)
@@ -385,7 +387,14 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             if config.guidance_scale is not None
             else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
         )
-        kind = fidelity.family(spec["name"])
+        scoring = fidelity.Scoring(
+            annotator=spec["name"],
+            protocol=config.protocol,
+            edge_tolerance=config.edge_tolerance,
+            edge_threshold=config.edge_threshold,
+            pose_tolerance=config.pose_tolerance,
+            mask_iou=config.mask_iou,
+        )
         settings = {
             "data": resolve(config.data, config.storage).uri,
             "condition_column": column,
@@ -395,13 +404,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             "steps": steps,
             "guidance_scale": guidance,
             "annotator": {k: spec.get(k) for k in ("name", "version", "params")},
-            "family": kind,
-            **(
-                {"edge_tolerance": config.edge_tolerance, "edge_threshold": config.edge_threshold}
-                if kind == "edge"
-                else {}
-            ),
-            **({"pose_tolerance": config.pose_tolerance} if kind == "pose" else {}),
+            **scoring.settings(),
         }
         protocol = protocol_of(settings)
         job = EvalJob(
@@ -412,20 +415,17 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             base_model=resolved.base_model,
             tracking_uri=tracking_uri,
             annotator=spec,
-            family=kind,
+            scoring=scoring,
             steps=steps,
             guidance_scale=guidance,
             baseline=config.baseline,
-            edge_tolerance=config.edge_tolerance,
-            edge_threshold=config.edge_threshold,
-            pose_tolerance=config.pose_tolerance,
             storage=config.storage,
         )
         results = _score_on_ray(config, job, rows)
     finally:
         shutil.rmtree(download, ignore_errors=True)
 
-    headline = fidelity.HEADLINE[kind]
+    headline = scoring.headline
     score_keys = [k for k in results if k not in ("index",) and not k.endswith(("generated", "reannotated"))]
     metrics = {k: _mean(results[k]) for k in score_keys}
     record = FidelityRecord(
