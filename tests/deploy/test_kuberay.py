@@ -140,7 +140,7 @@ def test_stage_resources_are_offered_by_kuberay_groups_and_cluster_launcher_node
 def test_rayservice_serves_the_serve_config_application(docs):
     import importlib
 
-    from deploy.serve_app import validate_config
+    from deploy.config import validate_config
 
     serve = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])
     local = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())

@@ -134,7 +134,8 @@ def test_config_file_is_a_valid_local_serve_config():
     spec = yaml.safe_load(CONFIG_YAML.read_text())
     ServeDeploySchema.model_validate(spec)
     assert spec["http_options"]["host"] == "127.0.0.1"
-    from deploy.serve_app import build_app, validate_config
+    from deploy.app import build_app
+    from deploy.config import validate_config
 
     module, attr = spec["applications"][0]["import_path"].split(":")
     assert getattr(importlib.import_module(module), attr) is build_app

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import requests
 
-from deploy.serve_app import ServeConfig, run_serve
+from deploy.app import ServeConfig, run_serve
 from pipelines.cli import main as cli
 from pipelines.common.config import load_config
 from pipelines.common.images import encode_png

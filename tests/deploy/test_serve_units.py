@@ -8,8 +8,10 @@ import base64
 import numpy as np
 import pytest
 
+from deploy.app import build_app
+from deploy.batching import BatchWait
+from deploy.config import ModelRef, ServeConfig, validate_config
 from deploy.schemas import LimitsConfig, RequestError, decode_image, parse_request
-from deploy.serve_app import BatchWait, ModelRef, ServeConfig, build_app, validate_config
 from pipelines.common.config import ConfigError
 from pipelines.common.images import encode_png
 
