@@ -245,6 +245,9 @@ class CheckedConfig:
             "ray_actor_options": {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
             # Scale-down and redeploys let in-flight requests finish.
             "graceful_shutdown_timeout_s": config.request_timeout_s,
+            # The start-up checks passed, so a replica that still cannot start (a model that will not
+            # load, fp16 on a CPU) fails the same way every time: give up after a few tries, not 20.
+            "max_constructor_retry_count": 3,
         }
         if replicas.autoscaling:
             options["autoscaling_config"] = replicas.autoscaling.model_dump()
