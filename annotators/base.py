@@ -151,18 +151,16 @@ def from_spec(spec: dict[str, Any], weights_source: str | None = None, **runtime
     name = spec.get("name")
     if not name:
         raise ValueError(f"annotator spec {spec!r} does not name its annotator")
-    params = dict(spec.get("params") or {})
-    recorded = spec.get("weights")
-    if recorded:
-        if not recorded.get("sha256"):
-            raise ValueError(f"annotator {name!r}: the recorded spec has no weight hashes, so its weights are unknown")
-        params.update(runtime, weights_source=weights_source or recorded["source"], weights_sha256=recorded["sha256"])
-    annotator = create(name, **params)
-    if annotator.weights is not None and not recorded:
-        raise ValueError(f"annotator {name!r} loads weights, but the recorded spec does not say which ones")
-    if spec.get("version") and spec["version"] != annotator.version:
+    cls = annotator_class(name)
+    if spec.get("version") and spec["version"] != cls.version:
         raise ValueError(
             f"annotator {name!r} was recorded at version {spec['version']}, but this code has version "
-            f"{annotator.version}: its outputs would differ from the training data's"
+            f"{cls.version}: its outputs would differ from the training data's"
         )
-    return annotator
+    params = dict(spec.get("params") or {})
+    recorded = spec.get("weights")
+    if cls.weights is not None:
+        if not (recorded and recorded.get("sha256")):
+            raise ValueError(f"annotator {name!r} loads weights, but the recorded spec does not say which (no sha256)")
+        params.update(runtime, weights_source=weights_source or recorded["source"], weights_sha256=recorded["sha256"])
+    return create(name, **params)

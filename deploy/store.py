@@ -123,7 +123,8 @@ class ModelStore:
         allowed = self.config.annotators
         specs = [m.metadata.get("annotator") or {} for m in models]
         specs = [s for s in specs if s.get("name") and (allowed is None or s["name"] in allowed)]
-        specs += [{"name": name, "params": {}} for name in allowed or [] if name not in self.offered]
+        recorded = {s["name"] for s in specs} | set(self.offered)
+        specs += [{"name": name, "params": {}} for name in allowed or [] if name not in recorded]
         built = dict(self.annotators)
         for spec in specs:
             key = annotator_key(spec)

@@ -119,3 +119,14 @@ def test_recorded_hashes_are_enforced_and_a_mirror_can_serve_them(sqlite_registr
     store = store_for(sqlite_registry, ["store-mlsd-pins"], annotator_weights=str(mirror))
     (problem,) = [a for a in store.annotators.values() if isinstance(a, Unavailable)]
     assert "sha256" in problem.reason
+
+
+def test_from_spec_refuses_what_it_cannot_reproduce():
+    from annotators import create, from_spec
+
+    canny = create("canny", low_threshold=50)
+    assert from_spec(canny.spec()).params == {"low_threshold": 50, "high_threshold": 200}
+    with pytest.raises(ValueError, match="recorded at version 0"):
+        from_spec({**canny.spec(), "version": "0"})
+    with pytest.raises(ValueError, match="does not say which"):
+        from_spec({"name": "hed", "version": "1", "params": {}})  # weights not recorded: never guess
