@@ -144,9 +144,8 @@ def annotate_heldout(config: DemoConfig, work: Path, heldout_images: Path) -> No
 def serve_one_request(config: DemoConfig, work: Path) -> Path:
     """Serve models:/NAME@champion over HTTP on 127.0.0.1, ask for one image, save it next to its condition."""
     from PIL import Image
-    from ray import serve
 
-    from deploy.serve_app import ServeConfig, run_serve
+    from deploy.app import ServeConfig, run_serve
     from pipelines.common.images import decode_condition
 
     with socket.socket() as s:
@@ -185,7 +184,7 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
             answer = json.loads(response.read())
         elapsed = time.perf_counter() - started
     finally:
-        serve.shutdown()
+        served.stop()
     generated = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image"]))).convert("RGB"))
     condition = decode_condition(row["conditioning_image"], channels=3)
     out = work / "generated.png"

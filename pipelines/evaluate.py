@@ -186,7 +186,7 @@ class FidelityScorer:
     """Ray Data actor: generate -> re-annotate -> score, for the model and (optionally) the baseline."""
 
     def __init__(self, job: EvalJob):
-        from annotators import create
+        from annotators import from_spec
         from model.inference import load_pipeline
 
         self.job = job
@@ -205,7 +205,8 @@ class FidelityScorer:
                 else load_pipeline(job.base_model, [job.controlnet_dir], None, device=str(device), storage=job.storage)
             )
         spec = job.annotator
-        self.annotator = create(spec["name"], **spec.get("params", {}))
+        # Exactly the annotator (parameters, weights by sha256) that made the training conditions.
+        self.annotator = from_spec(spec, storage=job.storage)
         self.channels = int(spec.get("channels", self.annotator.channels))
 
     @staticmethod
