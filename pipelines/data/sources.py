@@ -153,7 +153,7 @@ class Source:
         raises here; a Parquet file without the configured columns when its shards are reached."""
         kind, files = self._detect(list_files(self._location, self.storage))
         if kind == "images":
-            return _plan_images(files, shard_size)
+            return plan_images(files, shard_size)
         if kind == "parquet":
             return self._plan_parquet((f for f in files if f.path.lower().endswith(PARQUET_EXTENSION)), shard_size)
         tars = (f for f in files if f.path.lower().endswith(TAR_EXTENSIONS))
@@ -346,7 +346,7 @@ def _kind(path: str) -> str | None:
     return None
 
 
-def _plan_images(files: Iterator[ListedFile], shard_size: int) -> Iterator[Shard]:
+def plan_images(files: Iterator[ListedFile], shard_size: int) -> Iterator[Shard]:
     entries, index = [], 0
     for entry in _with_captions(files):
         entries.append(entry)
