@@ -93,7 +93,11 @@ def canonical(table: pa.Table, image_column: str, caption_column: str) -> pa.Tab
     (the image and any binary-or-struct condition) plain binary."""
     names = {image_column: IMAGE, caption_column: TEXT}
     columns = [encoded_images(c) if is_image_type(c.type) else c for c in table.columns]
-    return pa.table(columns, names=[names.get(n, n) for n in table.column_names])
+    # Field metadata stays: the annotator spec on a condition field is how a model records its annotator.
+    fields = [
+        pa.field(names.get(f.name, f.name), c.type, f.nullable, f.metadata) for f, c in zip(table.schema, columns)
+    ]
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
 # ---------------------------------------------------------------------------------------------

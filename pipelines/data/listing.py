@@ -1,4 +1,4 @@
-"""List a folder or ``s3://`` prefix recursively, sorted by path, as a stream.
+"""List a folder or ``s3://`` prefix recursively, sorted by path, as a stream; pair images with captions.
 
 pyarrow's recursive ``FileSelector`` returns the whole listing at once; at millions of inputs that is
 the driver's memory. Here a local tree is walked one directory at a time and an S3 prefix is read one
@@ -16,6 +16,7 @@ overwritten under the same name.
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from pipelines.common.config import StorageConfig
 from pipelines.common.storage import Location, is_s3
 
 _S3_PAGE = 1000
+CAPTION_EXTENSION = ".txt"  # photo.txt (any case) beside photo.jpg: its caption
 
 
 @dataclass(frozen=True)
@@ -79,3 +81,45 @@ def _list_s3(prefix: str, storage: StorageConfig) -> Iterator[ListedFile]:
             if obj["Key"].endswith("/") or any(part.startswith(".") for part in relative.split("/")):
                 continue  # folder placeholder objects and hidden files
             yield ListedFile(f"{bucket}/{obj['Key']}", obj["ETag"].strip('"'))
+
+
+def with_captions(files: Iterator[ListedFile]) -> Iterator[tuple[str, str | None, str]]:
+    """Sorted files -> (input, its caption file or None, version of both), streamed.
+
+    ``photo.jpg`` and ``photo.txt`` are both in the group of paths ``<folder>/photo`` or
+    ``<folder>/photo.*``; in sorted order such a group is contiguous, except that it may enclose
+    deeper groups (``photo.v2/x.jpg``). So a stack of open groups, one per folder level, is all
+    that is held: a group is complete once a path outside it arrives.
+    """
+    open_groups: list[tuple[str, list[ListedFile]]] = []  # (group key, its files), innermost last
+    for f in files:
+        while open_groups and not _in_group(f.path, open_groups[-1][0]):
+            yield from _pair(open_groups.pop()[1])
+        folder, name = posixpath.split(f.path)
+        key = posixpath.join(folder, name.split(".", 1)[0])
+        if open_groups and open_groups[-1][0] == key:
+            open_groups[-1][1].append(f)
+        else:
+            open_groups.append((key, [f]))
+    while open_groups:
+        yield from _pair(open_groups.pop()[1])
+
+
+def _in_group(path: str, key: str) -> bool:
+    return path == key or path.startswith(key + ".")
+
+
+def _pair(group: list[ListedFile]) -> Iterator[tuple[str, str | None, str]]:
+    """One group's inputs with their captions (``photo.txt``, ``photo.TXT``...; orphan captions
+    describe nothing and are not inputs)."""
+    captions = {
+        posixpath.splitext(f.path)[0]: f for f in group if posixpath.splitext(f.path)[1].lower() == CAPTION_EXTENSION
+    }
+    for f in group:
+        stem, extension = posixpath.splitext(f.path)
+        if extension.lower() == CAPTION_EXTENSION:
+            continue
+        caption = captions.get(stem)
+        yield (
+            (f.path, None, f.version) if caption is None else (f.path, caption.path, f"{f.version}+{caption.version}")
+        )

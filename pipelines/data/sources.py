@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common.config import StorageConfig
 from pipelines.common.storage import resolve
-from pipelines.data.listing import ListedFile, list_files
+from pipelines.data.listing import CAPTION_EXTENSION, ListedFile, list_files, with_captions
 from pipelines.data.schema import MISSING_IMAGE, READ_ERROR, UNSUPPORTED_FILE
 
 InputFormat = Literal["auto", "images", "parquet", "webdataset"]
@@ -62,7 +62,6 @@ IMAGE_EXTENSIONS = (
     ".pnm",
     ".avif",
 )
-CAPTION_EXTENSION = ".txt"
 PARQUET_EXTENSION = ".parquet"
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
@@ -348,55 +347,13 @@ def _kind(path: str) -> str | None:
 
 def plan_images(files: Iterator[ListedFile], shard_size: int) -> Iterator[Shard]:
     entries, index = [], 0
-    for entry in _with_captions(files):
+    for entry in with_captions(files):
         entries.append(entry)
         if len(entries) == shard_size:
             yield Shard(index, "images", files=tuple(entries), count=len(entries))
             entries, index = [], index + 1
     if entries:
         yield Shard(index, "images", files=tuple(entries), count=len(entries))
-
-
-def _with_captions(files: Iterator[ListedFile]) -> Iterator[tuple[str, str | None, str]]:
-    """Sorted files -> (input, its caption file or None, version of both), streamed.
-
-    ``photo.jpg`` and ``photo.txt`` are both in the group of paths ``<folder>/photo`` or
-    ``<folder>/photo.*``; in sorted order such a group is contiguous, except that it may enclose
-    deeper groups (``photo.v2/x.jpg``). So a stack of open groups, one per folder level, is all
-    that is held: a group is complete once a path outside it arrives.
-    """
-    open_groups: list[tuple[str, list[ListedFile]]] = []  # (group key, its files), innermost last
-    for f in files:
-        while open_groups and not _in_group(f.path, open_groups[-1][0]):
-            yield from _pair(open_groups.pop()[1])
-        folder, name = posixpath.split(f.path)
-        key = posixpath.join(folder, name.split(".", 1)[0])
-        if open_groups and open_groups[-1][0] == key:
-            open_groups[-1][1].append(f)
-        else:
-            open_groups.append((key, [f]))
-    while open_groups:
-        yield from _pair(open_groups.pop()[1])
-
-
-def _in_group(path: str, key: str) -> bool:
-    return path == key or path.startswith(key + ".")
-
-
-def _pair(group: list[ListedFile]) -> Iterator[tuple[str, str | None, str]]:
-    """One group's inputs with their captions (``photo.txt``, ``photo.TXT``...; orphan captions
-    describe nothing and are not inputs)."""
-    captions = {
-        posixpath.splitext(f.path)[0]: f for f in group if posixpath.splitext(f.path)[1].lower() == CAPTION_EXTENSION
-    }
-    for f in group:
-        stem, extension = posixpath.splitext(f.path)
-        if extension.lower() == CAPTION_EXTENSION:
-            continue
-        caption = captions.get(stem)
-        yield (
-            (f.path, None, f.version) if caption is None else (f.path, caption.path, f"{f.version}+{caption.version}")
-        )
 
 
 def _parquet_item(source: str, image: Any, caption: Any) -> InputItem:

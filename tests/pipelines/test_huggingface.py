@@ -135,3 +135,18 @@ def test_evaluate_reads_a_huggingface_heldout_set(hf_parquet, hf_disk):
     assert np.array_equal(decode_condition(conditions[2]), samples[2].condition)
     _, saved = read_heldout(EvaluationSettings(data=str(hf_disk), limit=2), "canny", None)
     assert saved.num_rows == 2
+
+
+def test_canonical_keeps_field_metadata_and_renames(hf_parquet):
+    import pyarrow as pa
+
+    from pipelines.data.dataset import canonical
+
+    table = pq.read_table(hf_parquet)
+    spec = {b"zeroconv.annotator": b'{"name": "canny"}'}
+    table = table.cast(pa.schema([f.with_metadata(spec) if f.name == "source" else f for f in table.schema]))
+    out = canonical(table, image_column="target", caption_column="prompt")
+    assert out.column_names == ["image", "source", "text"]
+    assert out.schema.field("image").type == pa.binary() and out.schema.field("source").type == pa.binary()
+    assert out.schema.field("source").metadata == spec  # the annotator spec a model is registered with
+    assert out.schema.metadata == table.schema.metadata
