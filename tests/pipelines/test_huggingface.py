@@ -150,3 +150,25 @@ def test_canonical_keeps_field_metadata_and_renames(hf_parquet):
     assert out.schema.field("image").type == pa.binary() and out.schema.field("source").type == pa.binary()
     assert out.schema.field("source").metadata == spec  # the annotator spec a model is registered with
     assert out.schema.metadata == table.schema.metadata
+
+
+@pytest.mark.slow
+def test_precompute_reads_image_struct_parquet(tmp_path, ray_session, tiny_base_dir):
+    import pyarrow as pa
+
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+
+    (tmp_path / "hf").mkdir()
+    hf_dataset(("target", "conditioning_image", "prompt")).to_parquet(str(tmp_path / "hf" / "train.parquet"))
+    config = PrecomputeConfig(
+        data=str(tmp_path / "hf"),
+        output=str(tmp_path / "pre"),
+        base_model={"source": str(tiny_base_dir)},
+        image_column="target",
+        caption_column="prompt",
+    )
+    assert run_precompute(config).rows == N
+    out = pq.read_table(tmp_path / "pre")
+    assert {"text", "conditioning_image", "latent_mean", "text_embedding"} <= set(out.column_names)
+    assert out.schema.field("conditioning_image").type == pa.binary()  # the struct's bytes
+    assert out.column("text").to_pylist() == [s.text for s in fill50k(N, size=64, seed=3)]
