@@ -346,6 +346,7 @@ def _kind(path: str) -> str | None:
 
 
 def plan_images(files: Iterator[ListedFile], shard_size: int) -> Iterator[Shard]:
+    """A sorted listing -> image shards of ``shard_size`` inputs (captions paired), one at a time."""
     entries, index = [], 0
     for entry in with_captions(files):
         entries.append(entry)
