@@ -395,7 +395,7 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     specs = [a.spec() for a in built]
     del built  # the actors build their own
     columns = dict(zip(condition_columns([a.name for a in config.annotators]), specs))
-    shards = source.plan(config.shard_size)
+    shards = list(source.plan(config.shard_size))
     if not shards:
         raise FileNotFoundError(f"input {config.input!r} holds nothing to annotate")
     job_identity = _job_identity(config, source, shards, columns)

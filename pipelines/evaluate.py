@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from pipelines import fidelity
 from pipelines.common.cluster import ActorCompute, actor_device
@@ -59,8 +59,11 @@ class EvaluationSettings(Section):
         default="runs/heldout", description="Held-out annotated Parquet (not trained on), local or s3://."
     )
     condition_column: str | None = Field(
-        default=None, description="Condition column. Default: conditioning_image, else cond_<the model's annotator>."
+        default=None,
+        validation_alias=AliasChoices("condition_column", "conditioning_image_column"),
+        description="Condition column. Default: conditioning_image, else cond_<the model's annotator>.",
     )
+    caption_column: str = Field(default="text", description="Caption column (Hugging Face datasets: often 'text').")
     limit: int = Field(default=64, ge=1, description="Evaluate the dataset's first N rows.")
     seed: int = Field(default=0, description="Row i is generated with seed + i, for the model and the baseline alike.")
     steps: int | None = Field(default=None, ge=1, description="DDIM steps. Default: the model's inference default.")
@@ -304,34 +307,39 @@ def condition_column_for(columns: list[str], annotator: str, wanted: str | None,
 
 
 def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageConfig):
-    """The first ``limit`` rows (id, text, condition) of the held-out dataset, in file order."""
+    """The first ``limit`` rows (id, text, condition) of the held-out dataset, in file order. Any
+    dataset training reads works here (annotated Parquet, Hugging Face Parquet or save_to_disk);
+    one without an ``id`` column gets the condition's content hash as id."""
     import pyarrow as pa
-    import pyarrow.dataset as pads
 
-    location = resolve(config.data, storage)
-    if not location.exists():
-        raise FileNotFoundError(
-            f"held-out dataset {config.data!r} does not exist (annotated Parquet, e.g. from "
-            "'zeroconv annotate' on images kept out of training)"
+    from pipelines.common.images import content_id
+    from pipelines.data.dataset import canonical, open_dataset
+
+    _, _, dataset, _ = open_dataset(config.data, storage, what="held-out dataset")
+    names = dataset.schema.names
+    column = condition_column_for(names, annotator, config.condition_column, config.data)
+    if config.caption_column not in names:
+        raise ValueError(
+            f"held-out dataset {config.data!r} has no column {config.caption_column!r} (set caption_column); "
+            f"its columns are {', '.join(names)}"
         )
-    try:
-        dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
-    except Exception as exc:  # pyarrow raises several types for "not parquet"
-        raise ValueError(f"held-out dataset {config.data!r} is not readable Parquet: {exc}") from None
-    column = condition_column_for(dataset.schema.names, annotator, config.condition_column, config.data)
-    missing = [c for c in ("id", "text") if c not in dataset.schema.names]
-    if missing:
-        raise ValueError(f"held-out dataset {config.data!r} has no column {', '.join(missing)}")
-    table = dataset.head(config.limit, columns=["id", "text", column])
+    wanted = [c for c in ("id", config.caption_column, column) if c in names]
+    table = canonical(
+        dataset.head(config.limit, columns=wanted), image_column="image", caption_column=config.caption_column
+    )
     if table.num_rows == 0:
         raise ValueError(f"held-out dataset {config.data!r} has no rows")
     n = table.num_rows
+    conditions = table.column(column).cast(pa.binary())
+    ids = (
+        table.column("id") if "id" in table.column_names else pa.array([content_id(b) for b in conditions.to_pylist()])
+    )
     return column, pa.table(
         {
             "index": pa.array(range(n), pa.int64()),
-            "id": table.column("id"),
+            "id": ids,
             "text": table.column("text"),
-            "condition": table.column(column).cast(pa.binary()),
+            "condition": conditions,
             "seed": pa.array([config.seed + i for i in range(n)], pa.int64()),
         }
     )

@@ -45,6 +45,7 @@ from pipelines.common.cluster import ActorCompute, actor_device, actor_pool
 from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, StorageConfig
 from pipelines.common.images import decode_rgb
 from pipelines.common.storage import Location, is_s3, resolve
+from pipelines.data.dataset import canonical, read_manifest  # noqa: F401  (read_manifest: part of this stage's API)
 from pipelines.data.schema import (
     CONDITION_COLUMN,
     EMPTY_PROMPT_FILE,
@@ -80,6 +81,10 @@ class PrecomputeConfig(JobConfig):
     )
     base_model: BaseModelConfig = BaseModelConfig()
     keep_images: bool = Field(default=False, description="Also keep the JPEG image column (not needed to train).")
+    image_column: str = Field(
+        default="image", description="Column holding the images: binary, or Hugging Face Image structs."
+    )
+    caption_column: str = Field(default="text", description="Column holding the captions.")
     compute: ActorCompute = ActorCompute()
 
     def output_uri(self) -> str:
@@ -99,15 +104,6 @@ def load_empty_prompt(data: str, storage: StorageConfig | None = None) -> torch.
             "(run 'zeroconv precompute') or its run did not finish"
         )
     return load(file.read_bytes())[TEXT_EMBEDDING]
-
-
-def read_manifest(data: str, storage: StorageConfig | None = None) -> dict:
-    """The precompute manifest of a dataset folder (scaling factor, shapes, base model), or {} if none."""
-    file = resolve(data, storage).join(MANIFEST)
-    if not file.exists():
-        return {}
-    manifest = json.loads(file.read_bytes())
-    return manifest if manifest.get("format") == PRECOMPUTED_FORMAT else {}
 
 
 def tensor_column(values: np.ndarray) -> pa.Array:
@@ -140,6 +136,8 @@ class PrecomputeJob:
     base_model: str
     keep_images: bool
     batch_size: int
+    image_column: str = "image"  # input names; the output has the canonical image / text
+    caption_column: str = "text"
 
 
 class PrecomputeShards:
@@ -170,7 +168,7 @@ class PrecomputeShards:
     def precompute_shard(self, shard: Shard) -> dict:
         start = time.perf_counter()
         with self.data.fs.open_input_file(shard.path) as f:
-            table = pq.read_table(f)
+            table = canonical(pq.read_table(f), self.job.image_column, self.job.caption_column)
         if table.num_rows == 0:
             # Annotate writes empty shards when every input was rejected. Nothing to encode, and no
             # image to give the tensor columns their shape: no output file (a re-run looks again).
@@ -273,13 +271,13 @@ def list_shards(data: Location) -> list[Shard]:
     return sorted((Shard(i.base_name, i.path, i.size) for i in infos), key=lambda s: s.name)
 
 
-def check_schema(data: Location, shard: Shard) -> pa.Schema:
+def check_schema(data: Location, shard: Shard, image_column: str = "image", caption_column: str = "text") -> pa.Schema:
     try:
         with data.fs.open_input_file(shard.path) as f:
             schema = pq.read_schema(f)
     except Exception as exc:  # pyarrow raises several types for "not parquet"
         raise ValueError(f"{data.uri}: {shard.name} is not readable Parquet: {exc}") from None
-    missing = [c for c in ("id", "image", "text") if c not in schema.names]
+    missing = [c for c in (image_column, caption_column) if c not in schema.names]
     conditions = [c for c in schema.names if CONDITION_COLUMN.match(c)]
     if missing or not conditions:
         what = ", ".join(missing + ([] if conditions else ["conditioning_image or cond_<annotator>"]))
@@ -298,7 +296,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
     ):
         raise ConfigError(f"output {output.uri} is the input or inside it; choose another output")
     shards = list_shards(data)
-    check_schema(data, shards[0])
+    check_schema(data, shards[0], config.image_column, config.caption_column)
 
     # What decides the output's content. New input files are fine (they are new shards); a changed
     # file is caught by its shard's fingerprint.
@@ -350,6 +348,8 @@ def _run_shards(
         base_model=config.base_model.source,
         keep_images=config.keep_images,
         batch_size=config.compute.batch_size,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
     )
     uses_s3 = is_s3(data.uri) or is_s3(output.uri) or is_s3(config.base_model.source)
     # One shard per block and per actor at a time: no actor queues shards while another idles.

@@ -24,9 +24,8 @@ from pathlib import Path
 from pipelines.checkpoint import SUMMARY_FILE
 from pipelines.common.config import ConfigError, flatten
 from pipelines.common.storage import Location, download_dir, is_s3, resolve
+from pipelines.data.dataset import DatasetInfo, inspect_dataset, read_rows
 from pipelines.data.schema import TENSOR_COLUMNS
-from pipelines.data.schema import annotator_spec as schema_annotator_spec
-from pipelines.precompute import read_manifest
 from pipelines.train_config import TrainConfig
 
 IN_MEMORY_BYTES = 512 * 2**20  # decoded datasets up to this size are kept in the object store
@@ -59,106 +58,6 @@ class TrainResult:
         if self.registered_model:
             lines.append(f"  registered: models:/{self.registered_model}@candidate (version {self.model_version})")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks before training
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DatasetInfo:
-    location: Location
-    rows: int
-    columns: list[str]
-    resolution: tuple[int, int]
-    annotator: dict | None
-    validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}
-    scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
-    row_bytes: int  # what one row takes in the object store once decoded (0: unknown)
-    files: list[str]  # the Parquet files (pyarrow's rules: "_" and "." paths, e.g. annotate's _rejects, are not data)
-
-
-def inspect_dataset(config: TrainConfig) -> DatasetInfo:
-    """Open the Parquet metadata (not the images) and check what training needs."""
-    import pyarrow.dataset as pads
-
-    loc = resolve(config.data, config.storage)
-    if not loc.exists():
-        raise FileNotFoundError(
-            f"dataset {config.data!r} does not exist (expected annotated Parquet from 'zeroconv annotate')"
-        )
-    try:
-        dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", exclude_invalid_files=False)
-    except Exception as exc:  # pyarrow raises several types for "not parquet"
-        raise ValueError(f"dataset {config.data!r} is not readable Parquet: {exc}") from None
-    columns = dataset.schema.names
-    precomputed = set(TENSOR_COLUMNS) <= set(columns)
-    missing = [c for c in ("text", config.condition_column, *(() if precomputed else ("image",))) if c not in columns]
-    if missing:
-        raise ValueError(
-            f"dataset {config.data!r} has no column {', '.join(map(repr, missing))}; "
-            f"its columns are {', '.join(columns)}"
-            + ("" if config.condition_column in columns else " (set condition_column to one of the cond_* columns)")
-        )
-    rows = dataset.count_rows()
-    need = config.batch_size * config.num_workers
-    if rows < need:
-        raise ValueError(
-            f"dataset {config.data!r} has {rows} rows; one batch across {config.num_workers} worker(s) needs {need}"
-        )
-    sizes: set[tuple[int, int]] = set()
-    if {"width", "height"} <= set(columns):
-        table = dataset.to_table(columns=["width", "height"])
-        sizes = set(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
-    if len(sizes) > 1:
-        raise ValueError(
-            f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; "
-            "training needs one size (re-annotate with a fixed resolution)"
-        )
-    width, height = resolution = next(iter(sizes), (0, 0))
-    scaling_factor, row_bytes = None, width * height * 3 * 2  # decoded image + condition, uint8
-    if precomputed:
-        scaling_factor, row_bytes = check_precomputed(config, columns)
-    head = dataset.head(max(config.num_validation, 1), columns=["text", config.condition_column])
-    return DatasetInfo(
-        location=loc,
-        rows=rows,
-        columns=columns,
-        resolution=resolution,
-        scaling_factor=scaling_factor,
-        row_bytes=row_bytes,
-        annotator=annotator_spec(dataset.schema, config.condition_column),
-        validation={
-            "text": head.column("text").to_pylist()[: config.num_validation],
-            "condition": head.column(config.condition_column).to_pylist()[: config.num_validation],
-        },
-        files=list(dataset.files),
-    )
-
-
-def check_precomputed(config: TrainConfig, columns: list[str]) -> tuple[float, int]:
-    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling
-    factor and the bytes a row's tensors take."""
-    manifest = read_manifest(config.data, config.storage)
-    if manifest.get("status") != "complete":
-        raise ValueError(
-            f"dataset {config.data!r} has precomputed tensor columns but no complete precompute manifest; "
-            "finish 'zeroconv precompute' (re-run it to resume) or train on the annotated data"
-        )
-    made_with = manifest["job"]["base_model"]
-    if made_with != config.base_model.source:
-        raise ValueError(
-            f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
-            f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again"
-        )
-    shapes = [math.prod(t["shape"]) for t in manifest["tensors"].values()]
-    return float(manifest["scaling_factor"]), 4 * sum(shapes)
-
-
-def annotator_spec(schema, column: str) -> dict | None:
-    """How the condition column was made: the spec ``zeroconv annotate`` stores in the field's metadata."""
-    return schema_annotator_spec(schema.field(column))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,18 +169,13 @@ def training_dataset(data: DatasetInfo, config: TrainConfig, max_in_memory: int 
     A small dataset is decoded once, kept in the object store and chained for as many epochs as the
     run needs: restarting a streaming read per epoch costs about a second, which dominates when an
     epoch is a few batches. A large one streams; the train loop starts a new pass per epoch."""
-    import ray
 
     from pipelines.data.tensors import decode_batch
 
     if data.scaling_factor is not None:  # precomputed: tensors as stored; conditions are decoded per step
-        dataset = ray.data.read_parquet(
-            data.files, filesystem=data.location.fs, columns=[*TENSOR_COLUMNS, "text", config.condition_column]
-        )
+        dataset = read_rows(data, [*TENSOR_COLUMNS, "text", config.condition_column])
     else:
-        dataset = ray.data.read_parquet(
-            data.files, filesystem=data.location.fs, columns=["image", "text", config.condition_column]
-        ).map_batches(
+        dataset = read_rows(data, ["image", "text", config.condition_column]).map_batches(
             decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy"
         )
     if not data.row_bytes or data.rows * data.row_bytes > max_in_memory:

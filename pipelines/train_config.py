@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from model.controlnet import Policy
 from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig
@@ -17,13 +17,20 @@ class TrainConfig(JobConfig):
     """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
 
     data: str = Field(
-        default="runs/annotated", description="Annotated Parquet dataset: a directory or file, local or s3://."
+        default="runs/annotated",
+        description="Annotated Parquet (a directory or file, local or s3://), or a Hugging Face dataset: "
+        "Parquet, or a local save_to_disk folder (docs/huggingface.md).",
     )
     condition_column: str = Field(
         default="conditioning_image",
-        description="Column holding the condition PNGs: 'conditioning_image' for one annotator, "
-        "'cond_<annotator>' for several.",
+        validation_alias=AliasChoices("condition_column", "conditioning_image_column"),
+        description="Column holding the condition images: 'conditioning_image' for one annotator, "
+        "'cond_<annotator>' for several. Also accepted as conditioning_image_column (diffusers' name).",
     )
+    image_column: str = Field(
+        default="image", description="Column holding the images: binary, or Hugging Face Image structs."
+    )
+    caption_column: str = Field(default="text", description="Column holding the captions (strings).")
     base_model: BaseModelConfig = BaseModelConfig()
     run_name: str = Field(
         default="controlnet",
