@@ -145,3 +145,37 @@ def test_cli_stage_help_and_bad_override_without_traceback():
     bad = subprocess.run(run + ["demo", "no_such_field=1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "no_such_field: unknown field" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "promote", "serve", "train"])
+def test_s3_work_dir_without_tracking_server_is_refused_at_start(
+    stage, tmp_path, monkeypatch, capsys, fill50k_parquet
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    extra = [f"data={fill50k_parquet}"] if stage in ("train", "evaluate") else []
+    assert main([stage, "work_dir=s3://bucket/work", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "work_dir s3://bucket/work is not on this machine" in err
+    assert "set mlflow.tracking_uri" in err
+    assert list(tmp_path.iterdir()) == []  # no local "s3:" folder, no empty SQLite registry
+
+
+def test_pipeline_refuses_s3_work_dir_before_annotating(tmp_path, monkeypatch):
+    from pipelines.pipeline import PipelineConfig, run_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config(
+        PipelineConfig, None, ["work_dir=s3://bucket/work", f"annotate.input={tmp_path}/nothing-here-yet"]
+    )
+    with pytest.raises(ConfigError, match="work_dir s3://bucket/work is not on this machine"):
+        run_pipeline(config)  # the old code failed on the input (or, given one, only after annotating it)
+
+
+def test_promote_outside_the_training_folder_names_the_registry_and_creates_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["promote", "my-model"]) == 2
+    err = capsys.readouterr().err
+    assert f"no MLflow registry at {tmp_path}/runs/mlflow.db" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
