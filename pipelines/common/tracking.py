@@ -9,6 +9,7 @@
   and log the resolved config as params.
 * :class:`Tracker` (rank 0 worker) - metrics and validation image grids, by run id, no global state.
 * :func:`close_run` (driver) - mark the run finished or failed.
+* :func:`follow_metric` (driver) - show a running run's steps and loss on a progress bar.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import base64
 import json
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +185,42 @@ def close_run(tracking_uri: str, run_id: str, ok: bool) -> None:
     import mlflow
 
     mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+@contextmanager
+def follow_metric(tracking_uri: str, run_id: str, bar, key: str = "loss", every: float = 5.0):
+    """While the block runs, move ``bar`` (a console progress bar) to the run's latest step of ``key``.
+
+    The workers already log ``key`` by step to MLflow (rank 0); reading it back from a driver thread
+    gives the terminal the same numbers with no channel of its own. Best effort: a failed read waits
+    for the next one.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    stop = threading.Event()
+
+    def show_latest() -> None:
+        try:
+            history = client.get_metric_history(run_id, key)
+        except Exception:  # the server is busy or restarting: the next poll will do
+            return
+        if history:
+            latest = max(history, key=lambda m: m.step)
+            bar.update(max(0, latest.step - bar.done), **{key: latest.value})
+
+    def poll() -> None:
+        while not stop.wait(every):
+            show_latest()
+
+    thread = threading.Thread(target=poll, name="follow-metric", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show_latest()
 
 
 class NullTracker:
