@@ -111,6 +111,9 @@ def connect(tracking_uri: str, experiment: str, artifact_root: str | None = None
     import mlflow
 
     check_tracking_server(tracking_uri)
+    if redact_uri(tracking_uri) != tracking_uri:
+        # MLflow prints "View run at <tracking URI>/#/..." when a run ends, credentials included.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     database = _sqlite_path(tracking_uri)
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)  # MLflow creates the file, not its folder

@@ -77,3 +77,18 @@ def test_a_submitted_job_carries_only_allowed_variables(monkeypatch, tmp_path):
     assert not any(secret in repr(runtime_env) for secret in SECRETS.values())
     with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI holds a password"):
         SubmitConfig(stage="annotate", env={"MLFLOW_TRACKING_URI": SECRETS["MLFLOW_TRACKING_URI"]})
+
+
+def test_ending_a_run_never_prints_credentials(mlflow_server, capfd, monkeypatch):
+    import mlflow
+
+    from pipelines.common.tracking import close_run, connect
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    uri = mlflow_server.replace("http://", "http://alice:zc-secret-in-uri@")
+    experiment_id = connect(uri, "secrets")
+    run_id = mlflow.MlflowClient(uri).create_run(experiment_id).info.run_id
+    close_run(uri, run_id, ok=True)  # MLflow's own "View run at http://alice:...@host" would leak it
+    captured = capfd.readouterr()
+    assert "zc-secret-in-uri" not in captured.out + captured.err
+    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).info.status == "FINISHED"
