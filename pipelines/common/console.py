@@ -128,7 +128,7 @@ class Progress:
     of the way and at the end, so a log holds a few readable lines instead of carriage-return noise.
     """
 
-    def __init__(self, total: int, desc: str, unit: str, stream: IO[str]):
+    def __init__(self, total: int | None, desc: str, unit: str, stream: IO[str]):
         self.total, self.desc, self.unit, self.stream = total, desc, unit, stream
         self.done, self.status = 0, {}
         self.started = time.perf_counter()
@@ -160,8 +160,9 @@ class Progress:
     def _print(self) -> None:
         elapsed = time.perf_counter() - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        parts = [f"{self.desc}: {self.done}/{self.total} {self.unit}s", f"{rate:.1f} {self.unit}s/s"]
-        if self.done < self.total and rate > 0:
+        count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
+        parts = [f"{self.desc}: {count} {self.unit}s", f"{rate:.1f} {self.unit}s/s"]
+        if self.total is not None and self.done < self.total and rate > 0:
             parts.append(f"ETA {_clock((self.total - self.done) / rate)}")
         else:
             parts.append(f"{_clock(elapsed)} elapsed")
@@ -170,8 +171,9 @@ class Progress:
 
 
 @contextmanager
-def progress(total: int, desc: str, unit: str = "item"):
-    """A :class:`Progress` on the terminal, closed (final line printed) when the block ends."""
+def progress(total: int | None, desc: str, unit: str = "item"):
+    """A :class:`Progress` on the terminal, closed (final line printed) when the block ends.
+    ``total`` None: counts and rate, no ETA (e.g. inputs whose number is known only at the end)."""
     bar = Progress(total, desc, unit, terminal())
     try:
         yield bar

@@ -86,3 +86,11 @@ def test_errors_are_short_and_exit_non_zero(argv, status, first_line, capsys, tm
     captured = capsys.readouterr()
     assert captured.err.startswith(first_line) and "Traceback" not in captured.err
     assert len(captured.err.splitlines()) <= 2 and captured.out == ""
+
+
+def test_progress_without_a_total_counts():
+    out = io.StringIO()
+    with_total_unknown = console.Progress(total=None, desc="annotate", unit="image", stream=out)
+    with_total_unknown.update(64)
+    with_total_unknown.close()
+    assert out.getvalue().startswith("annotate: 64 images, ") and out.getvalue().count("\n") == 1
