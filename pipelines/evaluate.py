@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -377,7 +376,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     from pipelines.common.tracking import connect, resolve_tracking_uri
 
     started = time.perf_counter()
-    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
+    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir, must_exist=True)
     connect(tracking_uri, config.mlflow.experiment)
     download = tempfile.mkdtemp(prefix="zc-evaluate-")
     try:
@@ -502,15 +501,11 @@ def _score_on_ray(config: EvaluateConfig, job: EvalJob, rows) -> dict[str, list]
     size = config.compute.batch_size
     blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]  # one block per batch: actors share work
     # An actor on another node downloads the model itself: it needs the S3 and MLflow settings too.
-    env = {
-        **storage_runtime_env().get("env_vars", {}),
-        **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
-    }
     dataset = ray.data.from_arrow(blocks).map_batches(
         FidelityScorer,
         batch_size=size,
         fn_constructor_kwargs={"job": job},
-        runtime_env={"env_vars": env} if env else None,
+        runtime_env=storage_runtime_env() or None,
         **actor_pool(config.compute, len(blocks), config.ray.resources),
     )
     collected: dict[str, list] = {}

@@ -12,19 +12,49 @@ import os
 
 from pydantic import Field
 
+from pipelines.common import console
 from pipelines.common.config import RayConfig, Section
 
-# Where S3 is, for workers: endpoint, region, profile name. Never credentials: Ray writes runtime_env
-# verbatim to its logs, so secrets must reach workers the way they reach any process - the standard
-# AWS chain on each node (environment the node was started with, instance role, IRSA, profile).
-_STORAGE_ENV = (
+# The only environment variables that travel to Ray workers and Ray Jobs (every stage's runtime_env and
+# `zeroconv submit`): where things are, never secrets. Ray writes runtime_env verbatim to its logs, so
+# credentials reach workers the way they reach any process - the standard chain on each node
+# (environment the node was started with, instance role, IRSA, profile, ~/.netrc for MLflow).
+TRAVELLING_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
+    "AWS_CA_BUNDLE",
     "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "HF_HUB_OFFLINE",
 )
+
+
+def travelling_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` checked against :data:`TRAVELLING_ENV`: a variable outside it, or a URI carrying a
+    password or token (``http://user:pass@host``), is refused with a ValueError naming it."""
+    from pipelines.common.tracking import redact_uri
+
+    refused = sorted(k for k in env if k not in TRAVELLING_ENV)
+    if refused:
+        raise ValueError(
+            f"{', '.join(refused)} may not travel to Ray workers or jobs (Ray logs their environment); "
+            f"allowed: {', '.join(TRAVELLING_ENV)}. Secrets reach nodes through their own environment or role"
+        )
+    secret = sorted(k for k, v in env.items() if redact_uri(v) != v)
+    if secret:
+        raise ValueError(
+            f"{', '.join(secret)} holds a password or token; it may not travel to Ray workers or jobs "
+            "(Ray logs their environment): give the nodes the credentials instead (e.g. MLFLOW_TRACKING_PASSWORD)"
+        )
+    return env
 
 
 def ensure_ray(config: RayConfig | None = None) -> bool:
@@ -35,21 +65,32 @@ def ensure_ray(config: RayConfig | None = None) -> bool:
         return False
     config = config or RayConfig()
     address = config.address or os.environ.get("RAY_ADDRESS")
+    # Workers' output is streamed here only with `zeroconv --verbose` (or without the CLI); otherwise
+    # it stays in Ray's session log folder, which the run's summary names.
+    log_to_driver = console.streams_worker_logs()
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray listener on loopback
-    ray.init(num_cpus=config.num_cpus, include_dashboard=False)
+        context = ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray listener on loopback
+        context = ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    session_dir = context.address_info.get("session_dir")
+    if session_dir:
+        console.record_log_location("Ray", f"{session_dir}/logs")
     return True
 
 
 def storage_runtime_env() -> dict:
-    """A Ray ``runtime_env`` telling workers where this process's S3 is (endpoint, region, profile).
+    """A Ray ``runtime_env`` telling workers where this process's S3 and MLflow are (:data:`TRAVELLING_ENV`).
 
-    Credentials are deliberately not forwarded (see _STORAGE_ENV): a local Ray started by zeroconv
-    inherits them from the environment, and cluster nodes get them from their own AWS chain.
+    Credentials are deliberately not forwarded: a local Ray started by zeroconv inherits them from the
+    environment, and cluster nodes get them from their own chain. A variable whose value carries a
+    password or token (a tracking URI with ``user:pass@``) stays behind too.
     """
-    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
+    from pipelines.common.tracking import redact_uri
+
+    env = {
+        k: os.environ[k] for k in TRAVELLING_ENV if os.environ.get(k) and redact_uri(os.environ[k]) == os.environ[k]
+    }
     return {"env_vars": env} if env else {}
 
 

@@ -134,7 +134,7 @@ def test_config_outside_working_dir_is_refused(tmp_path):
 
 
 def test_credentials_never_travel_with_a_job():
-    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY must not travel"):
+    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY may not travel"):
         SubmitConfig(stage="annotate", env={"AWS_SECRET_ACCESS_KEY": "x", "MLFLOW_TRACKING_URI": "http://m"})
 
 
