@@ -93,6 +93,7 @@ def cluster_env() -> dict:
         AUTOSCALER_UPDATE_INTERVAL_S="1",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # every listener on 127.0.0.1
         RAY_AUTH_MODE="disabled",
+        AUTOSCALER_METRIC_PORT=str(free_port()),  # not the fixed default: another Ray on the machine may hold it
         # A node whose raylet died is declared dead after 3 missed 1 s health checks (default 5 x 3 s).
         RAY_health_check_period_ms="1000",
         RAY_health_check_failure_threshold="3",
