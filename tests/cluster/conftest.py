@@ -94,6 +94,9 @@ def cluster_env() -> dict:
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # every listener on 127.0.0.1
         RAY_AUTH_MODE="disabled",
         AUTOSCALER_METRIC_PORT=str(free_port()),  # not the fixed default: another Ray on the machine may hold it
+        # A loaded machine starts agents and workers slowly: wait for them instead of failing the node's start.
+        RAY_agent_register_timeout_ms="120000",
+        RAY_worker_register_timeout_seconds="120",
         # A node whose raylet died is declared dead after 3 missed 1 s health checks (default 5 x 3 s).
         RAY_health_check_period_ms="1000",
         RAY_health_check_failure_threshold="3",

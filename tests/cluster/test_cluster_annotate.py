@@ -74,10 +74,11 @@ def no_decode_nodes(cluster) -> None:
 def test_annotate_from_zero_workers_scales_out_over_nodes(fake_cluster, tmp_path):
     no_decode_nodes(fake_cluster)
     n = 96
-    images = write_image_folder(tmp_path / "images", n=n, size=256, seed=0, broken=True)
-    out = tmp_path / "annotated"
+    images, out = tmp_path / "images", tmp_path / "annotated"
+    config = annotate_config(images, out)
+    write_image_folder(images, n=n, size=256, seed=0, broken=True)
 
-    result = run_annotate(annotate_config(images, out))
+    result = run_annotate(config)
 
     assert (result.read, result.accepted, result.rejected) == (n + BROKEN, n, BROKEN)
     data, rejects = written_rows(out)
@@ -94,9 +95,9 @@ def test_annotate_from_zero_workers_scales_out_over_nodes(fake_cluster, tmp_path
 def test_annotate_survives_losing_a_node_mid_job(fake_cluster, tmp_path):
     no_decode_nodes(fake_cluster)
     n = 160
-    images = write_image_folder(tmp_path / "images", n=n, size=256, seed=1, broken=True)
-    out = tmp_path / "annotated"
+    images, out = tmp_path / "images", tmp_path / "annotated"
     config = annotate_config(images, out)
+    write_image_folder(images, n=n, size=256, seed=1, broken=True)
     shards = -(-(n + BROKEN) // config.shard_size)
     outcome: dict = {}
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from pipelines.annotate import AnnotateConfig, run_annotate
 from pipelines.data.synthetic import write_image_folder
+from pipelines.pipeline import PipelineConfig
 from tests.cluster.test_cluster_train import train_worker_nodes
 
 pytestmark = pytest.mark.cluster
@@ -61,20 +63,20 @@ def pipeline_yaml(work: Path, incoming: Path, heldout: Path, mlflow_uri: str) ->
     }
 
 
+# Only this config error is expected; any other failure fails.
+@pytest.mark.xfail(raises=ValidationError, reason="needs compute.max_actors / compute.resources (shards branch)")
 def test_submit_pipeline_runs_every_stage_on_the_cluster(fake_cluster, mlflow_server, tmp_path):
     import mlflow
 
-    incoming = tmp_path / "incoming"
+    incoming, heldout, work = tmp_path / "incoming", tmp_path / "heldout", tmp_path / "work"
+    tree = pipeline_yaml(work, incoming, heldout, mlflow_server)
+    PipelineConfig.model_validate(tree)  # what `zeroconv submit` checks before submitting, with the exception type
     write_image_folder(incoming / "2026-11-01", n=12, size=RES, seed=0)  # + 4 broken inputs (rejected)
     heldout_images = write_image_folder(tmp_path / "heldout-images", n=2, size=RES, seed=99, broken=False)
-    heldout = tmp_path / "heldout"
     run_annotate(AnnotateConfig(input=str(heldout_images), output=str(heldout), resolution=RES, min_side=32))
     project = tmp_path / "project"  # the job's working_dir: the config travels with it
     (project / "configs").mkdir(parents=True)
-    work = tmp_path / "work"
-    (project / "configs" / "pipeline.yaml").write_text(
-        yaml.safe_dump(pipeline_yaml(work, incoming, heldout, mlflow_server))
-    )
+    (project / "configs" / "pipeline.yaml").write_text(yaml.safe_dump(tree))
     workers_before = set(train_worker_nodes())
 
     done = subprocess.run(
@@ -97,6 +99,8 @@ def test_submit_pipeline_runs_every_stage_on_the_cluster(fake_cluster, mlflow_se
 
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     assert "SUCCEEDED" in done.stdout
+    # Scaling from zero is visible in the job's output, not a silent wait (docs/cluster.md).
+    assert "Adding" in done.stdout and "cpu_decode" in done.stdout, done.stdout[-5000:]
     ledger = json.loads((work / "pipeline" / "state.json").read_text())
     assert ledger["train"]["version"] == "1" and ledger["trained_steps"] == 2
     client = mlflow.MlflowClient(mlflow_server)
