@@ -20,7 +20,9 @@ pytestmark = [
     pytest.mark.cluster,
     # Passed with today's fixed-size pool (compute.num_actors=3 + ray.resources={decode: 1}); written for the
     # autoscaling actor pool of the "shards" branch. Only this config error is expected; any other failure fails.
-    pytest.mark.xfail(raises=ValidationError, reason="needs compute.max_actors / compute.resources (shards branch)"),
+    pytest.mark.xfail(
+        raises=ValidationError, reason="needs the autoscaling actor pool, compute.max_actors (shards branch)"
+    ),
 ]
 
 BROKEN = 4  # write_image_folder(broken=True) adds four inputs that must become reject rows
@@ -37,7 +39,8 @@ def annotate_config(images: Path, out: Path, **overrides) -> AnnotateConfig:
         "min_side": 32,
         "shard_size": 8,
         # The decode node type's resource, as a stage on the AWS cluster asks for it; up to 3 actors (one a node).
-        "compute": {"max_actors": 3, "resources": {"decode": 1}},
+        "ray": {"resources": {"decode": 1}},
+        "compute": {"max_actors": 3},
         **overrides,
     }
     return AnnotateConfig.model_validate(values)

@@ -35,7 +35,8 @@ def pipeline_yaml(work: Path, incoming: Path, heldout: Path, mlflow_uri: str) ->
             "resolution": RES,
             "min_side": 32,
             "shard_size": 4,
-            "compute": {"max_actors": 2, "resources": {"decode": 1}},
+            "ray": {"resources": {"decode": 1}},
+            "compute": {"max_actors": 2},
         },
         "train": {
             "base_model": {"source": "tiny"},
@@ -57,14 +58,17 @@ def pipeline_yaml(work: Path, incoming: Path, heldout: Path, mlflow_uri: str) ->
             "steps": 2,
             "baseline": False,
             "grid_samples": 1,
-            "compute": {"batch_size": 2, "resources": {"annotate_gpu": 1}},
+            "ray": {"resources": {"annotate_gpu": 1}},
+            "compute": {"batch_size": 2},
         },
         "promote": {"margin": 0.0},
     }
 
 
 # Only this config error is expected; any other failure fails.
-@pytest.mark.xfail(raises=ValidationError, reason="needs compute.max_actors / compute.resources (shards branch)")
+@pytest.mark.xfail(
+    raises=ValidationError, reason="needs the autoscaling actor pool, compute.max_actors (shards branch)"
+)
 def test_submit_pipeline_runs_every_stage_on_the_cluster(fake_cluster, mlflow_server, tmp_path):
     import mlflow
 
