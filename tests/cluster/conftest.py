@@ -9,9 +9,10 @@ of ``ray_cluster.yaml`` - the same custom resources, so a stage's ``resources`` 
 node type as on AWS - scaled down to one CPU each, from zero workers. Losing a node is simulated by
 killing its raylet (and everything under it) by PID.
 
-Everything the cluster starts carries its temp dir in its command line; the fixture stops exactly those
-processes (TERM, then KILL) and nothing else: never ``ray stop``, which would stop every Ray on the
-machine, and never ``ray.cluster_utils.AutoscalingCluster`` (it runs ``ray stop --force``).
+Everything the cluster starts carries its temp dir in its command line (the Ray Client server: its GCS
+address); the fixture stops exactly those processes and their children (TERM, then KILL) and nothing
+else: never ``ray stop``, which would stop every Ray on the machine, and never
+``ray.cluster_utils.AutoscalingCluster`` (it runs ``ray stop --force``).
 """
 
 from __future__ import annotations
@@ -117,12 +118,12 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: 
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
-def processes_of(temp_dir: str) -> list[psutil.Process]:
-    """Every process whose command line names ``temp_dir``, and their descendants (workers rename themselves)."""
+def processes_of(*markers: str) -> list[psutil.Process]:
+    """Every process with one of ``markers`` in an argument, and their descendants (workers rename themselves)."""
     found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in arg for arg in proc.info["cmdline"] or ()):
+            if any(m in arg for arg in proc.info["cmdline"] or () for m in markers):
                 for p in (proc, *proc.children(recursive=True)):
                     found[p.pid] = p
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -249,7 +250,8 @@ def fake_cluster(session_tmp):
         yield cluster
     finally:
         ray.shutdown()
+        # The temp dir is in every command line but the Ray Client server's, which names the GCS address.
         # Twice: a process may start another while the first round is stopping (e.g. the autoscaler a node).
         for _ in range(2):
-            terminate(processes_of(temp_dir))
+            terminate(processes_of(temp_dir, f"--address={cluster.address}"))
         shutil.rmtree(temp_dir, ignore_errors=True)
