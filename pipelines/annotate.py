@@ -216,6 +216,7 @@ class AnnotateShards:
             "rejected": rejected,
             "reasons": dict(Counter(tables.rejects["reason"])),
             "seconds": round(time.perf_counter() - start, 3),
+            "node": _node_id(),  # where it ran: shows the work spread over a cluster's nodes
         }
         # Rejects first, data last: the data file is the "shard finished" mark a re-run looks for.
         rejects_file = self.output.join(REJECTS_DIR, shard_name(shard.index))
@@ -306,6 +307,12 @@ class AnnotateShards:
 
     def _map(self, fn, items: Iterable) -> list:
         return list(self.pool.map(fn, items) if self.pool else map(fn, items))
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:
