@@ -146,7 +146,7 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
     from PIL import Image
 
     from deploy.app import ServeConfig, run_serve
-    from pipelines.common.images import decode_condition
+    from pipelines.common.images import decode_condition, encoded_bytes
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,7 +173,7 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
                 "seed": 0,
                 "steps": 20,
                 "guidance_scale": 9.0,
-                "controls": [{"image": base64.b64encode(row["conditioning_image"]).decode()}],
+                "controls": [{"image": base64.b64encode(encoded_bytes(row["conditioning_image"])).decode()}],
             }
         ).encode()
         request = urllib.request.Request(

@@ -12,8 +12,9 @@ The baseline is the same pipeline with the base UNet and ``conditioning_scale=0`
 so it computes exactly what ``StableDiffusionPipeline`` computes from the same initial latents (a
 test checks this), with no second copy of the sampling code.
 
-Generation runs on Ray Data: batches of rows stream through an actor pool, each actor holding the
-pipeline and the annotator (GPU actors where the cluster has GPUs). Results go to the model's own
+Generation runs on the shared actor pool (``pipelines.common.cluster.run_actor_pool``): batches of
+rows stream through actors that each hold the pipeline and the annotator (GPU actors with
+``compute.use_gpu``). Results go to the model's own
 MLflow run: ``fidelity/*`` metrics, a grid image (condition | generated | re-annotated | baseline |
 baseline re-annotated) and a per-sample table; and the model version gets ``fidelity.*`` tags, which
 ``zeroconv promote`` reads. How to read the numbers: docs/evaluation.md.
@@ -38,6 +39,7 @@ from pipelines.common.cluster import ActorCompute, actor_device
 from pipelines.common.config import JobConfig, MLflowConfig, Section, StorageConfig
 from pipelines.common.images import decode_condition, decode_rgb, encode_png
 from pipelines.common.storage import resolve
+from pipelines.data.schema import image_bytes
 
 SINGLE_CONDITION_COLUMN = "conditioning_image"
 TAG_PREFIX = "fidelity."
@@ -329,7 +331,7 @@ def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageCon
     if table.num_rows == 0:
         raise ValueError(f"held-out dataset {config.data!r} has no rows")
     n = table.num_rows
-    conditions = table.column(column).cast(pa.binary())
+    conditions = image_bytes(table.column(column))
     ids = (
         table.column("id") if "id" in table.column_names else pa.array([content_id(b) for b in conditions.to_pylist()])
     )
@@ -492,27 +494,25 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
 
 def _score_on_ray(config: EvaluateConfig, job: EvalJob, rows) -> dict[str, list]:
     """Stream the rows through the scorer actors; collect every output column, in row order."""
-    import ray
-    from tqdm import tqdm
+    from pipelines.common.cluster import run_actor_pool, storage_runtime_env
 
-    from pipelines.common.cluster import actor_pool, ensure_ray, storage_runtime_env
-
-    ensure_ray(config.ray)
-    size = config.compute.batch_size
-    blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]  # one block per batch: actors share work
     # An actor on another node downloads the model itself: it needs the S3 and MLflow settings too.
-    dataset = ray.data.from_arrow(blocks).map_batches(
+    batches = run_actor_pool(
         FidelityScorer,
-        batch_size=size,
-        fn_constructor_kwargs={"job": job},
+        rows.to_pylist(),
+        compute=config.compute,
+        ray_config=config.ray,
+        constructor_kwargs={"job": job},
+        rows_per_call=config.compute.batch_size,
         runtime_env=storage_runtime_env() or None,
-        **actor_pool(config.compute, len(blocks), config.ray.resources),
+        progress=lambda batch: len(batch["index"]),
+        total=rows.num_rows,
+        desc="evaluate",
+        unit="sample",
     )
     collected: dict[str, list] = {}
-    with tqdm(total=rows.num_rows, unit="sample", desc="evaluate", disable=None) as bar:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for key, values in batch.items():
-                collected.setdefault(key, []).extend(values.tolist())
-            bar.update(len(batch["index"]))
+    for batch in batches:
+        for key, values in batch.items():
+            collected.setdefault(key, []).extend(values.tolist())
     order = np.argsort(collected["index"])
     return {k: [v[i] for i in order] for k, v in collected.items()}

@@ -216,3 +216,29 @@ def test_evaluate_user_mistakes(evaluated, mlflow_server, fill50k_parquet, tmp_p
         run_evaluate(evaluate_config(mlflow_server, tmp_path / "missing", "eval-model"))
     with pytest.raises(ValueError, match="has no column 'cond_depth'"):
         run_evaluate(evaluate_config(mlflow_server, fill50k_parquet, "eval-model", condition_column="cond_depth"))
+
+
+def test_heldout_rows_from_annotate_output(fill50k_parquet, tmp_path):
+    """Annotate's layout (shards under data/, conditions as {bytes, path}, rejects beside) gives the scorer
+    the same condition bytes as plain binary columns do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.common.config import StorageConfig
+    from pipelines.data.schema import DATA_DIR, REJECTS_DIR, encoded_images, shard_file_name
+    from pipelines.evaluate import EvaluationSettings, read_heldout
+
+    table = pq.read_table(fill50k_parquet).slice(0, 3)
+    plain = table.column("conditioning_image").to_pylist()
+    index = table.schema.get_field_index("conditioning_image")
+    (tmp_path / DATA_DIR).mkdir()
+    (tmp_path / REJECTS_DIR).mkdir()
+    pq.write_table(
+        table.set_column(index, "conditioning_image", encoded_images(plain)),
+        tmp_path / DATA_DIR / shard_file_name(0, 1),
+    )
+    pq.write_table(pa.table({"id": ["x"], "reason": ["too_small"]}), tmp_path / REJECTS_DIR / "r.parquet")
+
+    column, rows = read_heldout(EvaluationSettings(data=str(tmp_path), limit=8), "canny", StorageConfig())
+    assert column == "conditioning_image" and rows.num_rows == 3
+    assert rows.column("condition").to_pylist() == plain
