@@ -309,6 +309,13 @@ def run_train(config: TrainConfig) -> TrainResult:
     )
 
 
+def recorded_base_model(source: str) -> str:
+    """How the registered model names its base: a local directory as its absolute path (``~`` expanded),
+    anything else (``tiny``, ``s3://``, a hub id) as given."""
+    local = Path(source).expanduser()
+    return str(local.resolve()) if local.exists() else source
+
+
 STEPS_TAG = "zeroconv.steps"  # on a registered version: the training step it was exported at
 
 
@@ -333,10 +340,8 @@ def register(
     name = config.registered_model or None
     if name and (existing := registered_version(name, run_id, steps)):
         return str(existing)
-    source = config.base_model.source
-    local_source = Path(source).expanduser()
     metadata = {
-        "base_model": str(local_source.resolve()) if local_source.exists() else source,
+        "base_model": recorded_base_model(config.base_model.source),
         "annotator": data.annotator,
         "condition_column": config.condition_column,
         "inference": vars(InferenceDefaults()),

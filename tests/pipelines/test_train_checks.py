@@ -189,3 +189,13 @@ def test_precomputed_dataset_must_match_the_base_model(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
     with pytest.raises(ValueError, match="no complete precompute manifest"):
         inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=1))
+
+
+def test_base_model_under_home_is_recorded_with_home_expanded(tmp_path, monkeypatch):
+    from pipelines.train import recorded_base_model
+
+    (tmp_path / "home" / "sd15").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert recorded_base_model("~/sd15") == str(tmp_path / "home" / "sd15")
+    assert recorded_base_model("tiny") == "tiny" and recorded_base_model("s3://b/m") == "s3://b/m"
