@@ -68,7 +68,9 @@ def set_full_value(param, optimizer, value: torch.Tensor, key: str | None = None
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     value = value.to(param.device)
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        set_zero3_partition(param, value, key)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2, bf16
         if key is None:
             safe_set_full_fp32_param(param, value)
         else:
@@ -77,6 +79,16 @@ def set_full_value(param, optimizer, value: torch.Tensor, key: str | None = None
         optimizer.state[param][key].copy_(value)
     if key is None:
         set_module_param(param, value)
+
+
+def set_zero3_partition(param, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of ``value`` into ZeRO-3's fp32 partition (or its optimizer state). Not DeepSpeed's
+    ``safe_set_full_*``: they slice the unpadded value, which fails on the last rank when padding exists."""
+    zero3 = param._z3_optimizer
+    partition, _ = zero3._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    begin = partition.numel() * zero3._get_param_partition_rank(param)
+    flat = torch.nn.functional.pad(value.flatten().float(), (0, max(0, begin + partition.numel() - value.numel())))
+    partition.data.copy_(flat[begin : begin + partition.numel()])
 
 
 def set_module_param(param, value: torch.Tensor) -> None:
@@ -92,13 +104,16 @@ def init_optimizer_state(engine, step: int) -> None:
     """AdamW creates its state at the first step; a resumed run fills it before that, so create it now
     (zeros, at optimizer step ``step``) and let DeepSpeed map its partitions onto the parameters."""
     optimizer = inner_optimizer(engine)
-    for group in optimizer.param_groups:
-        for flat in group["params"]:
-            state = optimizer.state[flat]
-            state.setdefault("step", torch.tensor(0.0))
-            for key in MOMENTS:
-                state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
-            state["step"].fill_(step)
+    # ZeRO-3 hands its flat fp32 partitions to the optimizer only during a step; the others keep them there.
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+        flat for group in optimizer.param_groups for flat in group["params"]
+    ]
+    for flat in flats:
+        state = optimizer.state[flat]
+        state.setdefault("step", torch.tensor(0.0))
+        for key in MOMENTS:
+            state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+        state["step"].fill_(step)
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 and bf16: point each parameter's fragment at the state just made
         link()
