@@ -179,7 +179,7 @@ def load_base(
 # ---------------------------------------------------------------------------------------------
 
 TINY_SEED = 0
-TINY_VERSION = "1"  # bump when the configs below change, so stale caches are rebuilt
+TINY_VERSION = "2"  # bump when the configs below change, so stale caches are rebuilt
 
 
 def ensure_tiny(dest: Path) -> Path:
@@ -269,6 +269,10 @@ def build_tiny(out_dir: Path) -> None:
     # and the tiny model may be built by any rank of a training job.
     from safetensors.torch import save_file
 
+    # So write what save_pretrained adds to the config: the class (diffusers' train_controlnet.py picks the
+    # text-encoder class from ``architectures[0]``) and the weights' dtype.
+    text_encoder.config.architectures = [type(text_encoder).__name__]
+    text_encoder.config.dtype = str(text_encoder.dtype).removeprefix("torch.")
     (out_dir / "text_encoder").mkdir(parents=True, exist_ok=True)
     text_encoder.config.save_pretrained(out_dir / "text_encoder")
     save_file(text_encoder.state_dict(), out_dir / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
