@@ -57,29 +57,13 @@ MIN_MASK_CONTRAST = 32.0
 
 # OpenPose body keypoint colours as controlnet_aux draws them (open_pose/util.py: draw_bodypose):
 # keypoint k is a filled circle of colour k; limbs use 0.6 x these colours, so they never match.
-OPENPOSE_COLOURS = np.array(
-    [
-        [255, 0, 0],
-        [255, 85, 0],
-        [255, 170, 0],
-        [255, 255, 0],
-        [170, 255, 0],
-        [85, 255, 0],
-        [0, 255, 0],
-        [0, 255, 85],
-        [0, 255, 170],
-        [0, 255, 255],
-        [0, 170, 255],
-        [0, 85, 255],
-        [0, 0, 255],
-        [85, 0, 255],
-        [170, 0, 255],
-        [255, 0, 255],
-        [255, 0, 170],
-        [255, 0, 85],
-    ],
-    dtype=np.int16,
-)
+# fmt: off
+OPENPOSE_COLOURS = np.array([
+    [255, 0, 0], [255, 85, 0], [255, 170, 0], [255, 255, 0], [170, 255, 0], [85, 255, 0],
+    [0, 255, 0], [0, 255, 85], [0, 255, 170], [0, 255, 255], [0, 170, 255], [0, 85, 255],
+    [0, 0, 255], [85, 0, 255], [170, 0, 255], [255, 0, 255], [255, 0, 170], [255, 0, 85],
+], dtype=np.int16)
+# fmt: on
 
 
 def family(annotator: str) -> str:
