@@ -157,6 +157,7 @@ def test_loads_and_predicts_where_zeroconv_is_not_installed(registered, without_
     assert not (cache / "tiny-sd").exists()  # the base came with the model: nothing was rebuilt
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(registered, without_zeroconv, mlflow_server, tmp_path):
     import urllib.error
     import urllib.request
