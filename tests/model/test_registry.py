@@ -3,11 +3,13 @@ and served with ``mlflow models serve``, from ``models:/NAME@alias`` on a real M
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
 import subprocess
-from importlib.metadata import version
+import sys
+from importlib.metadata import packages_distributions, version
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,22 @@ except Exception as exc:
     error = str(exc)
 print(json.dumps({"image": image, "error": error, "model_module": sys.modules["model"].__file__}))
 """
+
+
+def _canonical(distribution: str) -> str:
+    return distribution.lower().replace("_", "-")
+
+
+def _third_party_imports(code_dir: Path) -> set[str]:
+    """Top-level names imported anywhere in the files under ``code_dir``, less the stdlib and zeroconv."""
+    names = set()
+    for path in code_dir.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"model", "pipelines"}
 
 
 def _png_b64(image: np.ndarray) -> str:
@@ -99,11 +117,17 @@ def test_registered_model_carries_code_requirements_signature_example_and_base(r
 
     local = Path(mlflow.artifacts.download_artifacts(MODEL_URI, dst_path=str(tmp_path)))
     pins = dict(line.split("==") for line in (local / "requirements.txt").read_text().split())
+    pins = {_canonical(name): pin for name, pin in pins.items()}
     for package in ("torch", "diffusers", "transformers", "safetensors", "mlflow", "numpy", "pillow", "pyarrow"):
         assert pins[package] == version(package).split("+")[0], package
     code = {str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py")}
     assert {"model/registry.py", "model/inference.py", "model/base.py", "pipelines/data/tensors.py"} <= code
     assert not code & {"pipelines/train.py", "pipelines/annotate.py", "model/controlnet.py", "deploy/serve_app.py"}
+    # every library the logged code imports is pinned (open_clip only builds the tiny base, which is logged)
+    imported = _third_party_imports(local / "code") - {"open_clip"}
+    distributions = packages_distributions()
+    for module in imported:
+        assert any(_canonical(d) in pins for d in distributions[module]), f"{module} is not in requirements.txt"
     # the tiny base travels with the model, in diffusers format
     assert (local / "artifacts" / "tiny-sd" / "model_index.json").exists()
     example = json.loads((local / "input_example.json").read_text())
@@ -133,6 +157,7 @@ def test_loads_and_predicts_where_zeroconv_is_not_installed(registered, without_
     assert not (cache / "tiny-sd").exists()  # the base came with the model: nothing was rebuilt
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(registered, without_zeroconv, mlflow_server, tmp_path):
     import urllib.error
     import urllib.request
