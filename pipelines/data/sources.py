@@ -35,11 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.common.config import StorageConfig
 from pipelines.common.storage import resolve
+from pipelines.data.dataset import encoded_images, is_image_type
 from pipelines.data.listing import CAPTION_EXTENSION, ListedFile, list_files, with_captions
 from pipelines.data.schema import MISSING_IMAGE, READ_ERROR, UNSUPPORTED_FILE
 
@@ -198,12 +198,7 @@ class Source:
                 f" set image_column=<name>"
             )
         kind = schema.field(self.image_column).type
-        if not (
-            pa.types.is_binary(kind)
-            or pa.types.is_large_binary(kind)
-            or pa.types.is_struct(kind)
-            and kind.get_field_index("bytes") >= 0
-        ):
+        if not is_image_type(kind):
             raise ValueError(
                 f"{where}: column {self.image_column!r} is {kind}, not image bytes"
                 " (binary, or a struct with a 'bytes' field)"
@@ -261,7 +256,7 @@ class Source:
                 offset += rows
             row = first_row or 0
             for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
-                images = batch.column(0).to_pylist()
+                images = encoded_images(batch.column(0)).to_pylist()
                 captions = batch.column(1).to_pylist() if self.caption_column else [None] * len(images)
                 for image, caption in zip(images, captions):
                     if shard.start <= row < shard.stop:
@@ -357,9 +352,7 @@ def plan_images(files: Iterator[ListedFile], shard_size: int) -> Iterator[Shard]
         yield Shard(index, "images", files=tuple(entries), count=len(entries))
 
 
-def _parquet_item(source: str, image: Any, caption: Any) -> InputItem:
-    if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
-        image = image.get("bytes")
+def _parquet_item(source: str, image: bytes | None, caption: Any) -> InputItem:
     if image is None:
         return InputItem(source, problem=(MISSING_IMAGE, "null image"))
     return InputItem(source, bytes(image), _text(caption))
