@@ -21,8 +21,10 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/zeroconv demo
 
+# Two runs: the suite (one local Ray), then the cluster group on its own simulated multi-node cluster.
 test: $(BIN)/.installed lint
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m cluster tests/cluster
 
 # The architecture and style checks (docs/architecture.md): ruff lint + format, import contracts.
 lint: $(BIN)/.installed

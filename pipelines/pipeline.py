@@ -1,6 +1,6 @@
 """``zeroconv pipeline run CONFIG``: the recurring pipeline, every stage in order, every stage idempotent.
 
-    annotate  each batch of the input not annotated yet   -> <annotate.output>/<batch>/part-*.parquet
+    annotate  each batch of the input not annotated yet   -> <annotate.output>/<batch>/data/train-*.parquet
     train     continue training on everything annotated   -> checkpoints; a new model version, alias candidate
     evaluate  that version on the held-out set            -> fidelity metrics and version tags (MLflow)
     promote   candidate -> champion if it scores better   -> the alias Serve follows moves

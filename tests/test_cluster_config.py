@@ -90,3 +90,28 @@ def test_head_exposes_the_jobs_api_on_loopback_only(cluster):
     start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start  # reached through `ray dashboard`'s SSH tunnel
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
+
+
+def test_head_offers_no_cpu_and_workers_start_at_zero(cluster):
+    """The head runs drivers and the control plane only; every worker node type scales from zero."""
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert "--num-cpus=0" in start.split()  # as its node type declares: tasks and actors never land there
+    assert cluster["available_node_types"][cluster["head_node_type"]]["resources"]["CPU"] == 0
+    workers = [t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]]
+    assert all(t["min_workers"] == 0 for t in workers)
+
+
+def test_the_simulated_cluster_is_derived_from_this_file(cluster):
+    """tests/cluster runs on ray_cluster.yaml's node types and custom resources (scaled down), not on a copy."""
+    from tests.cluster.conftest import HEAD_TYPE, cluster_config
+
+    fake = cluster_config(gcs_port=6379)
+    assert fake["provider"]["type"] == "fake_multinode" and fake["provider"]["gcs_address"] == "127.0.0.1:6379"
+    assert fake["available_node_types"][HEAD_TYPE]["resources"] == {"CPU": 0}
+    launcher_types = {name for name in cluster["available_node_types"] if name != cluster["head_node_type"]}
+    assert set(fake["available_node_types"]) - {HEAD_TYPE} == launcher_types
+    for name in launcher_types:
+        custom = set(cluster["available_node_types"][name]["resources"]) - {"CPU", "GPU"}
+        resources = fake["available_node_types"][name]["resources"]
+        assert custom <= set(resources) and resources["CPU"] == 1, name
+        assert fake["available_node_types"][name]["min_workers"] == 0

@@ -1,6 +1,8 @@
-"""Connecting to Ray, shared by every stage that runs on it (annotate, train, serve).
+"""Connecting to Ray, shared by every stage that runs on it (annotate, train, serve), and the one
+actor-pool runner of annotate, precompute and evaluate.
 
     ensure_ray(config.ray)   # reuse an initialised Ray, else join config.ray.address, else start a local one
+    for batch in run_actor_pool(Actor, items, compute=config.compute, ray_config=config.ray, ...): ...
 
 A local Ray listens on 127.0.0.1 only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) and starts without
 the dashboard. Inside a Ray Job (``RAY_ADDRESS`` set by ``ray job submit``) it joins that cluster.
@@ -8,8 +10,11 @@ the dashboard. Inside a Ray Job (``RAY_ADDRESS`` set by ``ray job submit``) it j
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterator
 
+import numpy as np
 from pydantic import Field
 
 from pipelines.common import console
@@ -94,17 +99,27 @@ def storage_runtime_env() -> dict:
     return {"env_vars": env} if env else {}
 
 
+DEFAULT_MAX_ACTORS = 64  # most actors a pool grows to unless compute.max_actors says otherwise
+
+
 class ActorCompute(Section):
-    """How a stage's Ray Data actor pool is sized and placed (annotate, precompute, evaluate)."""
+    """How a stage's actor pool is sized and placed (annotate, precompute, evaluate).
+
+    The pool autoscales: it starts with one actor and Ray Data adds actors, up to ``max_actors``, while
+    work is queued and the cluster has room (on an autoscaling cluster, room includes nodes the
+    autoscaler can still add). Custom resources that pin actors to a node type are the stage's
+    ``ray.resources``.
+    """
 
     batch_size: int = Field(default=16, ge=1, description="Rows per model call inside an actor.")
-    num_actors: int | None = Field(
+    max_actors: int | None = Field(
         default=None,
         ge=1,
-        description="Model actors. Default: one per GPU when GPUs are used, else one (torch already uses every core).",
+        description=f"Most actors the pool grows to. Default: one per work item, at most {DEFAULT_MAX_ACTORS}; "
+        "on CPUs one for stages whose model already uses every core (precompute, evaluate).",
     )
-    use_gpu: bool | None = Field(default=None, description="Put actors on GPUs. Default: if the Ray cluster has any.")
-    gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs each actor reserves when GPUs are used.")
+    use_gpu: bool = Field(default=False, description="Give each actor gpus_per_actor GPUs.")
+    gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs each actor reserves when use_gpu is set.")
     cpus_per_actor: float = Field(
         default=0.9,
         gt=0,
@@ -113,30 +128,113 @@ class ActorCompute(Section):
     )
 
 
-def actor_pool(
-    compute: ActorCompute, work_items: int, extra_resources: dict[str, float] | None = None, cpu_actors: int = 1
+def actor_pool_options(
+    compute: ActorCompute, work_items: int, resources: dict[str, float] | None = None, single_threaded: bool = False
 ) -> dict:
-    """``map_batches`` keyword arguments for an actor pool: size, GPUs or fractional CPUs.
+    """``map_batches`` keyword arguments for an autoscaling actor pool, from the config alone.
 
-    Without GPUs the pool has ``cpu_actors`` actors unless ``num_actors`` says otherwise: one for stages
-    whose model already uses every core, one per CPU for single-threaded work such as annotation.
+    Nothing here looks at the cluster as it is now: an autoscaling cluster may have no worker yet.
+    ``single_threaded`` stages (annotation) scale out on CPUs too; the others get one CPU actor
+    unless ``max_actors`` says otherwise, because their torch model already uses every core.
     """
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = compute.use_gpu if compute.use_gpu is not None else gpus > 0
-    if use_gpu and gpus <= 0:
-        raise ValueError("compute.use_gpu=true but the Ray cluster has no GPUs")
-    actors = compute.num_actors or (max(1, int(gpus // compute.gpus_per_actor)) if use_gpu else cpu_actors)
+    if compute.max_actors is not None:
+        most = compute.max_actors
+    elif compute.use_gpu or single_threaded:
+        most = DEFAULT_MAX_ACTORS
+    else:
+        most = 1
     options = {
-        "compute": ray.data.ActorPoolStrategy(size=max(1, min(actors, work_items)), max_tasks_in_flight_per_actor=1),
+        "compute": ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, min(most, work_items)), max_tasks_in_flight_per_actor=1
+        ),
         "num_cpus": compute.cpus_per_actor,
     }
-    if use_gpu:
+    if compute.use_gpu:
         options["num_gpus"] = compute.gpus_per_actor
-    if extra_resources:
-        options["resources"] = dict(extra_resources)
+    if resources:
+        options["resources"] = dict(resources)
     return options
+
+
+def check_schedulable(options: dict) -> None:
+    """Raise a clear error if no node can ever host one actor of the pool ``options`` describes.
+
+    Decidable in two cases: the cluster's autoscaler publishes its node types (autoscaler v2,
+    KubeRay), or this process started Ray itself (a fixed local cluster). On a cluster joined by
+    address without published node types, Ray's autoscaler logs "No available node types can
+    fulfill resource request ..." to the driver instead, and the pool waits.
+    """
+    import ray
+    from ray._private import state, worker
+
+    request = {"CPU": options["num_cpus"], **options.get("resources", {})}
+    if "num_gpus" in options:
+        request["GPU"] = options["num_gpus"]
+    cluster_config = state.state.get_cluster_config()
+    if cluster_config is not None and cluster_config.node_group_configs:
+        shapes = [dict(g.resources) for g in cluster_config.node_group_configs if g.max_count != 0]
+        where = "no node type of the cluster offers"
+    else:
+        node = worker._global_node
+        if node is None or not node.head or node._ray_params.autoscaling_config:
+            return  # joined a cluster that may grow: see the docstring
+        shapes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        where = "this local Ray has no node with"
+    if any(all(shape.get(k, 0) >= v for k, v in request.items()) for shape in shapes):
+        return
+    missing = [f"{k}: {v:g}" for k, v in request.items() if not any(shape.get(k, 0) >= v for shape in shapes)]
+    raise ValueError(
+        f"actors cannot be placed: each asks for {_resources_text(request)} and {where} {', '.join(missing)} "
+        "(check compute.use_gpu, compute.cpus_per_actor and ray.resources)"
+    )
+
+
+def _resources_text(request: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(request.items())) + "}"
+
+
+def run_actor_pool(
+    actor: type,
+    items: list[dict],
+    *,
+    compute: ActorCompute,
+    ray_config: RayConfig,
+    constructor_kwargs: dict,
+    rows_per_call: int = 1,
+    single_threaded: bool = False,
+    runtime_env: dict | None = None,
+    progress: Callable[[dict[str, np.ndarray]], int] | None = None,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+) -> Iterator[dict[str, np.ndarray]]:
+    """Map ``items`` through an autoscaling pool of ``actor`` on Ray Data; yield each output batch as it comes.
+
+    ``actor(**constructor_kwargs)`` loads its model once in ``__init__``; ``actor(batch)`` maps up to
+    ``rows_per_call`` items (a numpy batch) to output columns. Items are cut into blocks of
+    ``rows_per_call`` and each actor has one in flight, so no actor sits on a queue while another is
+    idle at the end. ``progress(batch)`` says how much of ``total`` a batch finished (for the bar).
+    """
+    import ray
+    from tqdm import tqdm
+
+    ensure_ray(ray_config)
+    blocks = math.ceil(len(items) / rows_per_call)
+    options = actor_pool_options(compute, blocks, ray_config.resources, single_threaded)
+    check_schedulable(options)
+    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        actor,
+        batch_size=rows_per_call,
+        fn_constructor_kwargs=constructor_kwargs,
+        runtime_env=runtime_env,
+        **options,
+    )
+    with tqdm(total=total, unit=unit, desc=desc, disable=None) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            bar.update(progress(batch) if progress else len(next(iter(batch.values()))))
+            yield batch
 
 
 def actor_device():
