@@ -36,7 +36,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from pipelines.common.cluster import ActorCompute
-from pipelines.common.config import ConfigError, JobConfig, Section, StorageConfig
+from pipelines.common.config import ConfigError, JobConfig, PathStr, Section, StorageConfig
 from pipelines.common.images import ImageRejected, content_id, decode_training_image, encode_jpeg, encode_png
 from pipelines.common.storage import Location, is_s3, resolve
 from pipelines.data.schema import (
@@ -89,7 +89,7 @@ class AnnotateConfig(JobConfig):
     Example: zeroconv annotate input=./photos 'annotators=[{name: canny, params: {low_threshold: 50}}]'
     """
 
-    input: str = Field(
+    input: PathStr = Field(
         default="", description="Images: a folder, s3:// prefix, .parquet file(s) or WebDataset .tar(s)."
     )
     input_format: InputFormat = Field(default="auto", description="How to read the input; auto looks at the files.")
@@ -99,7 +99,7 @@ class AnnotateConfig(JobConfig):
         description="Parquet input: the caption column (null: empty captions). Image folders use "
         "a sidecar .txt per image; WebDataset the .txt member.",
     )
-    output: str | None = Field(
+    output: PathStr | None = Field(
         default=None, description="Local or s3:// folder for the Parquet shards. Default: <work_dir>/annotated."
     )
     annotators: list[AnnotatorEntry] = Field(
@@ -399,7 +399,7 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
             progress=lambda batch: sum(json.loads(s)["read"] for s in batch["summary"]),
             total=sum(known) if all(c is not None for c in known) else None,
             desc="annotate",
-            unit="img",
+            unit="image",
         )
         for batch in batches:  # streams: one small summary per finished shard
             for summary in batch["summary"]:

@@ -36,7 +36,7 @@ from pydantic import AliasChoices, Field
 
 from pipelines import fidelity
 from pipelines.common.cluster import ActorCompute, actor_device
-from pipelines.common.config import JobConfig, MLflowConfig, Section, StorageConfig
+from pipelines.common.config import JobConfig, MLflowConfig, PathStr, Section, StorageConfig
 from pipelines.common.images import decode_condition, decode_rgb, encode_png
 from pipelines.common.storage import resolve
 from pipelines.data.schema import image_bytes
@@ -56,7 +56,7 @@ PROTOCOL_ARTIFACT = "evaluation/protocol.json"
 class EvaluationSettings(Section):
     """What is measured and how: two scores are comparable only if these agree (see ``protocol``)."""
 
-    data: str = Field(
+    data: PathStr = Field(
         default="runs/heldout", description="Held-out annotated Parquet (not trained on), local or s3://."
     )
     condition_column: str | None = Field(

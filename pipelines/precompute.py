@@ -41,7 +41,7 @@ import torch
 from pydantic import Field
 
 from pipelines.common.cluster import ActorCompute, actor_device
-from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, StorageConfig
+from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, PathStr, StorageConfig
 from pipelines.common.images import decode_rgb
 from pipelines.common.storage import Location, is_s3, resolve
 from pipelines.data.dataset import canonical, read_manifest  # noqa: F401  (read_manifest: part of this stage's API)
@@ -72,10 +72,10 @@ class PrecomputeConfig(JobConfig):
     columns beside the condition maps. Train on the output with the same base model. Re-running on
     the same output resumes."""
 
-    data: str = Field(
+    data: PathStr = Field(
         default="runs/annotated", description="Annotated Parquet dataset (folder or file, local or s3://)."
     )
-    output: str | None = Field(
+    output: PathStr | None = Field(
         default=None, description="Local or s3:// folder for the output. Default: <work_dir>/precomputed."
     )
     base_model: BaseModelConfig = BaseModelConfig()

@@ -135,7 +135,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.common import tracking
+    from pipelines.common import console, tracking
     from pipelines.common.cluster import ensure_ray, storage_runtime_env
     from pipelines.common.tracking import check_tracking_server, resolve_tracking_uri
     from pipelines.train_data import TrainFiles
@@ -188,7 +188,12 @@ def run_train(config: TrainConfig) -> TrainResult:
                 worker_runtime_env=storage_runtime_env(),
             ),
         )
-        result = trainer.fit()
+        # The workers log the loss to MLflow by step; the driver reads it back for the terminal.
+        with (
+            console.progress(config.max_steps, "train", "step") as bar,
+            tracking.follow_metric(tracking_uri, run_id, bar),
+        ):
+            result = trainer.fit()
         export = run_dir.join("export")
         final = json.loads(export.join(SUMMARY_FILE).read_bytes())  # rank 0 wrote it with the export
         unet_dir = export.join("unet").uri if config.policy != "locked" else None

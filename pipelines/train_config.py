@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 
 from model.controlnet import Policy
-from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig, Section
+from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig, PathStr, Section
 
 LRSchedule = Literal["constant_with_warmup", "cosine"]
 TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -31,7 +31,7 @@ class TrainDebug(Section):
 class TrainConfig(JobConfig):
     """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
 
-    data: str = Field(
+    data: PathStr = Field(
         default="runs/annotated",
         description="Annotated Parquet (a directory or file, local or s3://), or a Hugging Face dataset: "
         "Parquet, or a local save_to_disk folder (docs/huggingface.md).",
@@ -51,7 +51,7 @@ class TrainConfig(JobConfig):
         default="controlnet",
         description="Run name: checkpoints live under storage_path/run_name; re-run the same name to resume.",
     )
-    storage_path: str | None = Field(
+    storage_path: PathStr | None = Field(
         default=None, description="Checkpoints and exports, local or s3://. Default: <work_dir>/train."
     )
     registered_model: str | None = Field(

@@ -218,7 +218,6 @@ def run_actor_pool(
     idle at the end. ``progress(batch)`` says how much of ``total`` a batch finished (for the bar).
     """
     import ray
-    from tqdm import tqdm
 
     ensure_ray(ray_config)
     blocks = math.ceil(len(items) / rows_per_call)
@@ -231,7 +230,7 @@ def run_actor_pool(
         runtime_env=runtime_env,
         **options,
     )
-    with tqdm(total=total, unit=unit, desc=desc, disable=None) as bar:
+    with console.progress(total, desc, unit) as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             bar.update(progress(batch) if progress else len(next(iter(batch.values()))))
             yield batch

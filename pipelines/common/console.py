@@ -1,15 +1,16 @@
 """What a person sees in the terminal: zeroconv's own lines and progress bars; everything else goes to log files.
 
-    with console.session(verbose=False):     # the CLI, around a stage's run
-    with console.progress(260, "annotate", "image") as bar:
-        bar.update(64)                  # counts, rate, ETA; bar.update(1, loss=0.12) adds a status
-    console.log_locations()             # where the libraries' logs went, for the run's summary
+    with console.session(verbose=False):          # the CLI, around a stage's run
+        with console.progress(260, "annotate", "image") as bar:
+            bar.update(64)                         # counts, rate, ETA; bar.update(1, loss=0.12) adds a status
+        console.log_locations()                    # where the libraries' logs went, for the run's summary
 
-Quiet (the default of the ``zeroconv`` command, inside :func:`session`): this process's stderr - where Python logging,
-warnings and library progress bars write (Ray, Ray Data, MLflow, DeepSpeed, diffusers) - is a log
-file under the cache dir, and Ray keeps its workers' output in its session's log folder instead of
-streaming it to the driver (``ensure_ray`` asks :func:`streams_worker_logs`). Progress and errors
-go to the real terminal. ``zeroconv --verbose`` leaves all streams alone, as if zeroconv did nothing.
+Quiet (the ``zeroconv`` command's default, inside :func:`session`): this process's stderr - where
+Python logging, warnings and library progress bars write (Ray, Ray Data, MLflow, DeepSpeed,
+diffusers) - is a log file under the cache dir, logging handlers that libraries pointed at the
+terminal at import time are pointed at it too, and Ray keeps its workers' output in its session's
+log folder instead of streaming it here (``ensure_ray`` asks :func:`streams_worker_logs`). Progress
+and errors go to the real terminal. ``zeroconv --verbose`` leaves every stream alone.
 
 Code that never enters :func:`session` (tests, notebooks, ``import pipelines``) sees no change either.
 """
@@ -30,7 +31,7 @@ from pipelines.common.storage import cache_dir
 # The real terminal, saved before session() points sys.stderr at the log file.
 _terminal: IO[str] = sys.stderr
 _log_file: Path | None = None
-_log_locations: dict[str, str] = {}  # what -> where, e.g. "Ray workers" -> session log folder
+_log_locations: dict[str, str] = {}  # what -> where, e.g. "Ray" -> its session's log folder
 
 
 @contextmanager
@@ -57,9 +58,6 @@ def session(verbose: bool = False):
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    # Ray Data's own progress output would duplicate ours; the Hub's download bars only fill the log.
-    saved_env = {k: os.environ.get(k) for k in _QUIET_ENV}
-    os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
     _log_locations["log"] = str(_log_file)
     try:
         yield _log_file
@@ -69,16 +67,10 @@ def session(verbose: bool = False):
         root.setLevel(level)
         for h, stream in moved:
             h.setStream(stream)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
         sys.stderr = _terminal
         log.close()
         _log_file = None
         _log_locations.clear()
-
-
-_QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def _move_handlers(to: IO[str]) -> list:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.common import console
 from pipelines.common.config import ConfigError
 from pipelines.common.storage import Location
 from pipelines.data.schema import DATA_DIR, EMPTY_DIR, MAX_SHARDS, REJECTS_DIR, dumps, shard_file_name
@@ -223,7 +223,7 @@ def run_resumable(
         print(
             f"stopped with {len(summaries)} of {output.total} shards written to {output.location.uri}; finished "
             "shards are kept: re-run the same command to resume",
-            file=sys.stderr,
+            file=console.terminal(),
         )
         raise
     finally:

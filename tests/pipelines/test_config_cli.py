@@ -132,6 +132,25 @@ def test_home_is_expanded_in_paths(tmp_path):
     assert load_config(TrainConfig, None, ["run_name=~x"]).run_name == "~x"  # not a path field
 
 
+def test_home_is_expanded_in_every_stage_path_field():
+    from pipelines.annotate import AnnotateConfig
+    from pipelines.evaluate import EvaluateConfig
+    from pipelines.precompute import PrecomputeConfig
+    from pipelines.train_config import TrainConfig
+
+    home = os.path.expanduser("~")
+    fields = {
+        AnnotateConfig: ["input", "output"],
+        PrecomputeConfig: ["data", "output"],
+        TrainConfig: ["data", "storage_path"],
+        EvaluateConfig: ["data"],
+    }
+    for cls, names in fields.items():
+        cfg = load_config(cls, None, [f"{name}=~/{name}" for name in names])
+        assert [getattr(cfg, name) for name in names] == [f"{home}/{name}" for name in names], cls.__name__
+        assert getattr(load_config(cls, None, [f"{names[0]}=s3://b/~x"]), names[0]) == "s3://b/~x"
+
+
 def test_cli_help_lists_every_stage(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out

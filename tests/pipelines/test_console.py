@@ -94,3 +94,13 @@ def test_progress_without_a_total_counts():
     with_total_unknown.update(64)
     with_total_unknown.close()
     assert out.getvalue().startswith("annotate: 64 images, ") and out.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv", [["--verbose", "promote", "x"], ["promote", "x", "--verbose"], ["-v", "promote", "x"]]
+)
+def test_verbose_goes_before_or_after_the_stage(argv):
+    from pipelines.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(argv)
+    assert (args.verbose, args.stage, args.overrides, extra) == (True, "promote", ["x"], [])
