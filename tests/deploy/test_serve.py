@@ -115,10 +115,8 @@ def request_for(sample, seed: int = 0, **extra) -> dict:
     return body
 
 
-def offline(models: list[str], prompts, conditions, scheduler=None, **kwargs) -> np.ndarray:
-    """What the offline pipeline gives on the same registered artifacts (same thread count as the replica).
-
-    ``scheduler``: a diffusers scheduler class to use instead of the pipeline's own DDIM."""
+def offline(models: list[str], prompts, conditions, **kwargs) -> np.ndarray:
+    """What the offline pipeline (DDIM) gives on the same registered artifacts (same thread count as the replica)."""
     import torch
     from diffusers import DDIMScheduler
 
@@ -128,8 +126,6 @@ def offline(models: list[str], prompts, conditions, scheduler=None, **kwargs) ->
     resolved = [resolve_model(name) for name in models]
     pipe = load_pipeline(resolved[0].base_model, [r.controlnet_dir for r in resolved])
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # float sums depend on the thread count; the replica runs one thread
     try:
@@ -214,8 +210,6 @@ def test_source_image_is_annotated_on_the_server(server, samples):
 
 
 def test_defaults_are_the_models_recorded_ones_else_ddim_20_steps_cfg_9(server, samples):
-    from diffusers import EulerDiscreteScheduler
-
     sample = samples[2]
     bare = {"prompt": sample.text, "seed": 9, "controls": [{"image": png_b64(sample.condition)}]}
     recorded = post(server, bare).json()
@@ -225,11 +219,10 @@ def test_defaults_are_the_models_recorded_ones_else_ddim_20_steps_cfg_9(server, 
     answer = post(server, bare)
     assert (answer.json()["steps"], answer.json()["guidance_scale"]) == (20, 9.0)
     served = decode_answer(answer)
-    ddim = offline([SECOND], [sample.text], sample.condition[None], seed=9)[0]  # generate's defaults
+    ddim = offline([SECOND], [sample.text], sample.condition[None], seed=9)[0]  # DDIM, generate's defaults
     np.testing.assert_array_equal(served, ddim)
-    # The comparison sees the sampler: the same call with another scheduler gives another image.
-    euler = offline([SECOND], [sample.text], sample.condition[None], seed=9, scheduler=EulerDiscreteScheduler)[0]
-    assert not np.array_equal(served, euler)
+    # (The tiny random model's images barely depend on the sampler or the step count, so the steps and
+    # guidance the replica used are read from its answer; test_serve_store checks the pipeline is DDIM.)
 
 
 def test_server_side_annotator_is_the_one_training_recorded(server, samples, mlsd_weights):
@@ -439,18 +432,19 @@ def test_timed_out_requests_free_the_model_for_the_next_request(server):
         **server[1],
         "models": [SECOND],
         "auth_token_env": None,
-        "request_timeout_s": 5,
+        "request_timeout_s": 10,
         "reload_interval_s": 0,
-        "limits": {"max_size": 512, "max_steps": 100},
+        "limits": {"max_size": 256, "max_steps": 100},
     }
     serve.run(build_app(args), name="timeouts", route_prefix="/timeouts")
     url = f"{server[0]}/timeouts/v1/generate"
     try:
-        slow = {"prompt": "x", "controls": [{"image": png_b64(np.zeros((512, 512, 3), np.uint8))}], "steps": 100}
+        # Many short steps: minutes of work in all, but a pipeline call stops within one step.
+        slow = {"prompt": "x", "controls": [{"image": png_b64(np.zeros((256, 256, 3), np.uint8))}], "steps": 100}
         with ThreadPoolExecutor(max_workers=8) as pool:
             burst = list(pool.map(lambda i: requests.post(url, json={**slow, "seed": i}, timeout=120), range(8)))
         assert [a.status_code for a in burst] == [504] * 8, [a.text for a in burst]
-        assert burst[0].json() == {"error": "generation took longer than 5.0s", "field": None}
+        assert burst[0].json() == {"error": "generation took longer than 10.0s", "field": None}
 
         quick = {"prompt": "x", "controls": [{"image": png_b64(np.zeros((64, 64, 3), np.uint8))}], "steps": 2}
         answer = requests.post(url, json=quick, timeout=120)

@@ -43,9 +43,12 @@ def store_for(registry, models: list[str], **fields) -> ModelStore:
 
 
 def test_hot_reload_loads_only_when_the_alias_moves(sqlite_registry):
+    from diffusers import DDIMScheduler
+
     sqlite_registry(NAME, seed=1)
     store = store_for(sqlite_registry, [NAME], reload_interval_s=30)
     loaded = store.models[NAME]
+    assert isinstance(store.pipeline([loaded]).scheduler, DDIMScheduler)  # what every batch generates with
     # SQLite answers the alias's version as an int; the store holds "1": that is no move.
     assert store.refresh() == [] and store.models[NAME] is loaded
     assert store.health() == {"status": "ok", "models": {NAME: "1"}}
