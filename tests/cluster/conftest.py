@@ -201,6 +201,20 @@ class FakeCluster:
         )
 
 
+def start_head(command: list[str], env: dict, temp_dir: str, attempts: int = 3) -> None:
+    """``ray start --head``; again after a failed start (Ray gives a node 30 s to register with its GCS,
+    which a loaded machine can miss), having stopped what the failed attempt left running."""
+    for attempt in range(1, attempts + 1):
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if started.returncode == 0:
+            return
+        terminate(processes_of(temp_dir))
+    raise RuntimeError(
+        f"the head did not start in {attempts} attempts (exit {started.returncode}):\n"
+        f"{(started.stdout + started.stderr)[-4000:]}"
+    )
+
+
 @pytest.fixture(scope="session")
 def fake_cluster(session_tmp):
     """Start the head (no CPUs: nothing runs on it but drivers and the control plane), connect, yield
@@ -248,11 +262,7 @@ def fake_cluster(session_tmp):
     os.environ.update(DRIVER_ENV, RAY_ADDRESS=cluster.address)
     env = cluster_env()
     try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        if started.returncode != 0:
-            raise RuntimeError(
-                f"the head did not start (exit {started.returncode}):\n{(started.stdout + started.stderr)[-4000:]}"
-            )
+        start_head(command, env, temp_dir)
         wait_http(f"{cluster.dashboard}/api/version", timeout=120)
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         yield cluster
