@@ -204,7 +204,7 @@ class FakeCluster:
 def start_head(command: list[str], env: dict, temp_dir: str, attempts: int = 3) -> None:
     """``ray start --head``; again after a failed start (Ray gives a node 30 s to register with its GCS,
     which a loaded machine can miss), having stopped what the failed attempt left running."""
-    for attempt in range(1, attempts + 1):
+    for _ in range(attempts):
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         if started.returncode == 0:
             return
