@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -94,7 +94,7 @@ def _construct(cls: type[Annotator], params: dict[str, Any]) -> Annotator:
     return cls(**params)
 
 
-_REGISTRY: dict[str, Callable[..., Annotator]] = {}
+_REGISTRY: dict[str, type[Annotator]] = {}
 
 
 def register(cls: type[Annotator]) -> type[Annotator]:
@@ -121,13 +121,46 @@ def available() -> list[str]:
     return sorted(set(_REGISTRY) | set(BUILTIN))
 
 
-def create(name: str, **params: Any) -> Annotator:
-    """Build a registered annotator; unknown names are a clear error listing what exists."""
+def annotator_class(name: str) -> type[Annotator]:
+    """The registered annotator class; unknown names are a clear error listing what exists."""
     if name not in _REGISTRY and name in BUILTIN:
         importlib.import_module(BUILTIN[name])  # registers it
     if name not in _REGISTRY:
         raise ValueError(f"unknown annotator {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def create(name: str, **params: Any) -> Annotator:
+    """Build a registered annotator by name."""
+    cls = annotator_class(name)
     try:
-        return _REGISTRY[name](**params)
+        return cls(**params)
     except TypeError as exc:
         raise ValueError(f"annotator {name!r}: bad parameters {params}: {exc}") from None
+
+
+def from_spec(spec: dict[str, Any], weights_source: str | None = None, **runtime: Any) -> Annotator:
+    """Rebuild the annotator a recorded :meth:`Annotator.spec` describes: same code version, parameters and weights.
+
+    Serving and evaluation must re-annotate exactly as the training data was annotated. The weights
+    come from the recorded source, or ``weights_source`` (a mirror: a local dir or ``s3://`` prefix),
+    and every file must match its recorded sha256; anything else is a clear error, never a silent
+    fallback to other weights. ``runtime`` (device, batch_size, storage) only applies to annotators
+    with weights.
+    """
+    name = spec.get("name")
+    if not name:
+        raise ValueError(f"annotator spec {spec!r} does not name its annotator")
+    cls = annotator_class(name)
+    if spec.get("version") and spec["version"] != cls.version:
+        raise ValueError(
+            f"annotator {name!r} was recorded at version {spec['version']}, but this code has version "
+            f"{cls.version}: its outputs would differ from the training data's"
+        )
+    params = dict(spec.get("params") or {})
+    recorded = spec.get("weights")
+    if cls.weights is not None:
+        if not (recorded and recorded.get("sha256")):
+            raise ValueError(f"annotator {name!r} loads weights, but the recorded spec does not say which (no sha256)")
+        params.update(runtime, weights_source=weights_source or recorded["source"], weights_sha256=recorded["sha256"])
+    return create(name, **params)

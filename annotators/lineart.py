@@ -1,7 +1,8 @@
 """Line art: ``lineart_standard`` (weightless, image processing) and ``lineart`` (a network).
 
-Both match controlnet-aux's LineartStandardDetector / LineartDetector. Maps are white lines on black
-for lineart_standard and, as controlnet-aux returns them, black lines on white for lineart.
+Both match controlnet-aux's LineartStandardDetector / LineartDetector. Both draw white lines on black:
+the lineart network draws dark lines on white and, as controlnet-aux does, its map is inverted
+(ControlNet 1.1 inverted it at the model input instead, so its raw lineart maps are dark on white).
 """
 
 from __future__ import annotations

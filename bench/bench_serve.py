@@ -148,7 +148,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from deploy.serve_app import build_app
+    from deploy.app import build_app
     from pipelines.common.images import encode_png
 
     load_before = os.getloadavg()[0]

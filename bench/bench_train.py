@@ -6,8 +6,9 @@ Same tiny model, same Fill50K-style data (64 px), same micro-batch, one CPU thre
             ControlNet + UNet, MSE, backward, grad clip, AdamW - on batches decoded into memory first
             (the most favourable baseline: no data loading inside the timed loop). It runs before and
             after the Ray runs; its rate is the mean of the two, so machine noise hits both sides.
-* zeroconv: ``run_train`` - Ray Data streaming the Parquet shard, DeepSpeed ZeRO-2, prompt dropout,
-            checkpoint at the end - with 1 worker (the comparison) and 2 workers (gloo, shown too).
+* zeroconv: ``run_train`` - each worker reading its share of the Parquet files in the resumable epoch
+            order, DeepSpeed ZeRO-2, prompt dropout, checkpoint at the end - with 1 worker (the
+            comparison) and 2 workers (gloo, shown too).
             Its rate is the loop's own steady-state metric (``steady_samples_per_s``: the training
             steps' time, leaving out the first steps after start; not Ray/DeepSpeed start-up).
 
@@ -20,6 +21,7 @@ Prints one JSON object. Peak RSS: the plain loop's process; for zeroconv each wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -132,6 +134,32 @@ def zeroconv(data: Path, work: Path, steps: int, batch: int, workers: int) -> di
     }
 
 
+@contextlib.contextmanager
+def local_ray():
+    """A local Ray for this process, stopped with every process it started: ``ray.shutdown()`` alone can
+    leave a worker that is still exiting (e.g. Ray Train's ``TrainController`` actor) orphaned, so the
+    processes are recorded first and any survivor is stopped by its PID."""
+    import psutil
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp"),
+    )
+    try:
+        yield
+    finally:
+        started = psutil.Process().children(recursive=True)  # GCS, raylet and, below it, every worker
+        ray.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="timed optimizer steps per run")
@@ -140,25 +168,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # a Ray worker with 1 CPU runs torch on one thread: the same here
 
-    import ray
-
     from pipelines.data.synthetic import write_fill50k_parquet
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data = write_fill50k_parquet(Path(tmp) / "data", n=args.rows, size=64, seed=0, shards=2)
         plain_before = plain_pytorch(data, args.steps, args.batch)
         plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            _temp_dir=tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp"),
-        )
-        try:
+        with local_ray():
             ours = zeroconv(data, Path(tmp) / "one", args.steps, args.batch, workers=1)
             two = zeroconv(data, Path(tmp) / "two", args.steps, args.batch, workers=2)
-        finally:
-            ray.shutdown()
         plain_after = plain_pytorch(data, args.steps, args.batch)
     plain = (plain_before + plain_after) / 2
     print(

@@ -10,7 +10,8 @@ Every rejected request gets one JSON shape, naming the field at fault::
     {"error": "steps must be between 1 and 50, got 500", "field": "steps"}
 
 with status 400 (malformed: not JSON, bad base64, not an image), 401 (auth), 413 (over a size
-limit), 422 (a value out of range, an unknown model or annotator) or 504 (timed out).
+limit), 422 (a value out of range, an unknown model or annotator), 503 (an annotator this server
+offers could not be loaded) or 504 (timed out).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class GenerateResponse(BaseModel):
     steps: int
     guidance_scale: float
     models: list[ModelVersion]
+    batch_size: int  # requests that shared this pipeline call (1: it ran alone)
     elapsed_ms: float
 
 

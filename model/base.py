@@ -6,7 +6,8 @@ tokenizer/ scheduler/``). :func:`load_base` accepts:
 * ``tiny`` - a tiny SD built from configs in code with a fixed seed and CLIP's real tokenizer,
   saved once in diffusers format under the cache dir, then loaded like any other directory;
 * a local directory;
-* ``s3://bucket/prefix`` - copied to the cache dir first;
+* ``s3://bucket/prefix`` - copied to the cache dir first, once per version of its files (see
+  :func:`s3_base_dir`);
 * a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (needs network).
 """
 
@@ -81,11 +82,7 @@ def resolve_base_dir(source: str, storage=None) -> Path:
     if source == TINY:
         return ensure_tiny(cache_dir() / "tiny-sd")
     if source.startswith("s3://"):
-        from pipelines.common.storage import download_dir
-
-        dest = cache_dir() / "s3" / hashlib.sha256(source.encode()).hexdigest()[:16]
-        if not (dest / "model_index.json").exists():
-            download_dir(source, dest, storage)
+        dest = s3_base_dir(source, storage)
         _check_diffusers_dir(dest, source)
         return dest
     path = Path(source).expanduser()
@@ -108,6 +105,44 @@ def resolve_base_dir(source: str, storage=None) -> Path:
         f"base model {source!r} does not exist. Use 'tiny', a local diffusers directory, "
         f"an s3:// URI or a hub id like 'org/name'."
     )
+
+
+def s3_base_dir(source: str, storage=None) -> Path:
+    """The local copy of an ``s3://`` base model, downloaded once per version of its files.
+
+    The cache key is the listing (each file's path, size and LastModified, which every upload changes), so
+    a model replaced on S3 is downloaded again. Workers on one node share the download: a file lock lets
+    one copy into a temp dir while the others wait, and the finished copy is renamed into place, so a
+    download killed part-way is never mistaken for a model (its temp dir is removed by the next one)."""
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    from pipelines.common import storage as store
+
+    src = store.resolve(source, storage)
+    files = src.list_files()
+    if not files:
+        raise FileNotFoundError(
+            f"base model {source!r} does not exist. Use 'tiny', a local diffusers directory, "
+            f"an s3:// URI or a hub id like 'org/name'."
+        )
+    listing = sorted((f.path[len(src.path) :], f.size, f.mtime_ns) for f in files)
+    root = store.cache_dir() / "s3" / hashlib.sha256(source.encode()).hexdigest()[:16]
+    dest = root / hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    if dest.is_dir():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".lock"):
+        if dest.is_dir():  # another worker finished it while this one waited
+            return dest
+        for stale in root.glob(".download-*"):  # left by a download that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+        store.download_dir(source, tmp, storage)
+        tmp.rename(dest)
+    return dest
 
 
 def _check_diffusers_dir(path: Path, source: str) -> None:
@@ -144,7 +179,7 @@ def load_base(
 # ---------------------------------------------------------------------------------------------
 
 TINY_SEED = 0
-TINY_VERSION = "1"  # bump when the configs below change, so stale caches are rebuilt
+TINY_VERSION = "2"  # bump when the configs below change, so stale caches are rebuilt
 
 
 def ensure_tiny(dest: Path) -> Path:
@@ -234,6 +269,10 @@ def build_tiny(out_dir: Path) -> None:
     # and the tiny model may be built by any rank of a training job.
     from safetensors.torch import save_file
 
+    # So write what save_pretrained adds to the config: the class (diffusers' train_controlnet.py picks the
+    # text-encoder class from ``architectures[0]``) and the weights' dtype.
+    text_encoder.config.architectures = [type(text_encoder).__name__]
+    text_encoder.config.dtype = str(text_encoder.dtype).removeprefix("torch.")
     (out_dir / "text_encoder").mkdir(parents=True, exist_ok=True)
     text_encoder.config.save_pretrained(out_dir / "text_encoder")
     save_file(text_encoder.state_dict(), out_dir / "text_encoder" / "model.safetensors", metadata={"format": "pt"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,10 @@ from pipelines.data.tensors import condition_tensor
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 9.0
+
+
+class GenerationStopped(RuntimeError):
+    """``generate`` stopped early because its ``should_stop`` hook said so (e.g. nobody waits for the images)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ def generate(
     conditioning_scale: float | Sequence[float] = 1.0,
     negative_prompt: str | None = None,
     guess_mode: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Images for ``prompts`` under ``conditions`` -> uint8 (N, H, W, 3).
 
@@ -85,6 +90,8 @@ def generate(
     ``seed[i]`` when ``seed`` is a sequence, e.g. a served batch of independent requests) and its
     initial latents are drawn on the CPU, so a batch gives the same images as one-by-one calls, up to
     float summation order (on CPU a few pixels may differ by one level between batch sizes).
+    ``should_stop`` is asked after every denoising step; when it answers True, GenerationStopped is
+    raised instead of finishing (a served request that timed out frees the model at once).
     """
     multi = isinstance(conditions, (list, tuple))
     per_net = list(conditions) if multi else [conditions]
@@ -99,6 +106,12 @@ def generate(
     # Draw initial latents per image on the CPU: identical on any device and any batch size.
     shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)
+
+    def after_step(pipe, step: int, timestep, tensors: dict) -> dict:
+        if should_stop():
+            raise GenerationStopped(f"stopped after step {step + 1} of {steps}")
+        return tensors
+
     out = pipe(
         prompt=list(prompts),
         negative_prompt=[negative_prompt] * n if negative_prompt else None,
@@ -111,5 +124,6 @@ def generate(
         height=h,
         width=w,
         output_type="np",
+        callback_on_step_end=after_step if should_stop else None,
     ).images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

@@ -1,29 +1,48 @@
 """MLflow: log a trained ControlNet as a pyfunc model, register it, move aliases, resolve it back.
 
-A registered zeroconv model is an MLflow pyfunc whose artifacts are
+A registered zeroconv model is an MLflow pyfunc that carries everything ``predict`` needs, so
+``mlflow.pyfunc.load_model("models:/NAME@ALIAS")`` works in any environment that has the pinned
+libraries, with or without zeroconv:
 
-    controlnet/      the exported ControlNet (diffusers format)
-    unet/            only when a policy unlocked the UNet
-    zeroconv.json    base model reference, annotator spec, inference defaults, resolution
+    artifacts/controlnet/     the exported ControlNet (diffusers format)
+    artifacts/unet/           only when a policy unlocked the UNet
+    artifacts/tiny-sd/        the base model, when it is built in code (``tiny``): nothing to rebuild
+    artifacts/zeroconv.json   base model reference, annotator spec, inference defaults, resolution
+    code/model, code/pipelines  the zeroconv modules ``predict`` imports, and only those
+    requirements.txt          the exact installed versions of the libraries they import
+    MLmodel                   + a signature and an input example (one prompt and one condition)
 
-so anything that can resolve ``models:/NAME@ALIAS`` can rebuild the exact pipeline: the pyfunc's own
-``predict`` (for MLflow users) and the Ray Serve deployment (which reads the same artifacts).
+The Ray Serve deployment and the evaluation job read the same artifacts through :func:`resolve_model`.
 Stages are deprecated in MLflow 3: promotion is an alias move (``candidate`` -> ``champion``).
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 METADATA_FILE = "zeroconv.json"
+BASE_MODEL_ARTIFACT = "base_model"
+
+# The request format: required columns, then optional ones with their MLflow types.
+REQUIRED_INPUTS = ("prompt", "condition")
+OPTIONAL_INPUTS = {
+    "seed": "long",
+    "steps": "long",
+    "guidance_scale": "double",
+    "conditioning_scale": "double",
+    "negative_prompt": "string",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,12 +50,17 @@ METADATA_FILE = "zeroconv.json"
 # ---------------------------------------------------------------------------------------------
 
 
-def _png_to_array(data: str | bytes) -> np.ndarray:
+def _png_to_array(data: str | bytes, row: int) -> np.ndarray:
     from PIL import Image
 
-    raw = base64.b64decode(data) if isinstance(data, str) else data
-    with Image.open(io.BytesIO(raw)) as img:
-        return np.asarray(img.convert("RGB"))
+    try:
+        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else data
+        with Image.open(io.BytesIO(raw)) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as exc:  # binascii.Error, PIL.UnidentifiedImageError, TypeError, ...
+        raise MlflowException.invalid_parameter_value(
+            f"row {row}: 'condition' is not a base64-encoded image ({type(exc).__name__})"
+        ) from None
 
 
 def _array_to_png_b64(image: np.ndarray) -> str:
@@ -45,6 +69,12 @@ def _array_to_png_b64(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _optional(row: dict, column: str, default):
+    """The row's value, or ``default`` when the column is absent or empty (NaN in a mixed batch)."""
+    value = row.get(column)
+    return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
 class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
@@ -57,7 +87,8 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
 
         self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
         self.pipe = load_pipeline(
-            self.metadata["base_model"],
+            # A base built in code travels with the model; any other is named (a hub id, s3://, a path).
+            context.artifacts.get(BASE_MODEL_ARTIFACT, self.metadata["base_model"]),
             [context.artifacts["controlnet"]],
             context.artifacts.get("unet"),
         )
@@ -67,36 +98,56 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
 
         from model.inference import generate
 
+        model_input = pd.DataFrame(model_input)
+        missing = [c for c in REQUIRED_INPUTS if c not in model_input.columns]
+        if missing:
+            raise MlflowException.invalid_parameter_value(
+                f"model input is missing column {', '.join(map(repr, missing))}: expected 'prompt' (text) and "
+                f"'condition' (base64 PNG), optionally {', '.join(map(repr, OPTIONAL_INPUTS))}"
+            )
         defaults = self.metadata.get("inference", {})
         images = []
-        for row in model_input.to_dict("records"):
+        for i, row in enumerate(model_input.to_dict("records")):
             image = generate(
                 self.pipe,
                 [row["prompt"]],
-                _png_to_array(row["condition"])[None],
-                seed=int(row.get("seed", 0)),
-                steps=int(row.get("steps", defaults.get("steps", 20))),
-                guidance_scale=float(row.get("guidance_scale", defaults.get("guidance_scale", 9.0))),
-                conditioning_scale=float(row.get("conditioning_scale", 1.0)),
-                negative_prompt=row.get("negative_prompt") or None,
+                _png_to_array(row["condition"], i)[None],
+                seed=int(_optional(row, "seed", 0)),
+                steps=int(_optional(row, "steps", defaults.get("steps", 20))),
+                guidance_scale=float(_optional(row, "guidance_scale", defaults.get("guidance_scale", 9.0))),
+                conditioning_scale=float(_optional(row, "conditioning_scale", 1.0)),
+                negative_prompt=_optional(row, "negative_prompt", None) or None,
             )[0]
             images.append(_array_to_png_b64(image))
         return pd.DataFrame({"image": images})
 
 
-# What the pyfunc needs to load and predict. Listing it skips MLflow's requirement inference, which
+# ---------------------------------------------------------------------------------------------
+# What travels with the model: code, requirements, signature, input example
+# ---------------------------------------------------------------------------------------------
+
+# The distributions the logged code imports (directly, or through diffusers/transformers at load
+# time), pinned to the installed versions. Listing them skips MLflow's requirement inference, which
 # re-imports the model in a subprocess (8-30 s per logged model on a 2-core machine).
 PYFUNC_PACKAGES = (
     "torch",
     "diffusers",
     "transformers",
-    "accelerate",
+    "tokenizers",
     "safetensors",
+    "accelerate",
+    "huggingface-hub",
     "numpy",
     "pillow",
     "pandas",
+    "opencv-python-headless",
+    "pyarrow",
+    "pydantic",
+    "pyyaml",
     "mlflow",
+    "cloudpickle",
 )
+_PROJECT_PACKAGES = ("model", "pipelines")
 
 
 def pip_requirements() -> list[str]:
@@ -105,10 +156,68 @@ def pip_requirements() -> list[str]:
     pins = []
     for package in PYFUNC_PACKAGES:
         try:
-            pins.append(f"{package}=={version(package)}")
+            # Drop a local version label (torch 2.x+cu128): pip can only resolve the public version.
+            pins.append(f"{package}=={version(package).split('+')[0]}")
         except PackageNotFoundError:
             pass
     return pins
+
+
+def predict_sources(root_module: str = __name__) -> list[Path]:
+    """The project files ``root_module`` imports, transitively, plus their packages' ``__init__``s.
+
+    Read from the source (function-level imports included), so the logged code follows the code:
+    a new import in ``model.inference`` is logged with the next model, nothing else is.
+    """
+    root = Path(__file__).resolve().parents[1]
+    todo, found = [root_module], set()
+    while todo:
+        parts = todo.pop().split(".")
+        if parts[0] not in _PROJECT_PACKAGES:
+            continue
+        package = root.joinpath(*parts)
+        path = package / "__init__.py" if package.is_dir() else package.with_suffix(".py")
+        if path in found or not path.exists():  # a name imported from a module, not a module
+            continue
+        found.add(path)
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return sorted(path.relative_to(root) for path in found)
+
+
+def copy_predict_code(dest: Path) -> list[str]:
+    """Copy :func:`predict_sources` under ``dest``; returns the top-level package dirs (MLflow ``code_paths``)."""
+    root = Path(__file__).resolve().parents[1]
+    for relative in predict_sources():
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / relative, dest / relative)
+    return sorted(str(path) for path in dest.iterdir())
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = [ColSpec("string", name) for name in REQUIRED_INPUTS]
+    inputs += [ColSpec(kind, name, required=False) for name, kind in OPTIONAL_INPUTS.items()]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("string", "image")]))
+
+
+def input_example():
+    """One request: a Fill50K prompt and its 64x64 outline condition. MLflow runs ``predict`` on it once
+    when the model is logged (to check that it can be served), so it asks for 2 steps to keep that cheap."""
+    import pandas as pd
+
+    from pipelines.data.synthetic import fill50k
+
+    sample = fill50k(1, size=64)[0]
+    return pd.DataFrame(
+        {"prompt": [sample.text], "condition": [_array_to_png_b64(sample.condition)], "seed": [0], "steps": [2]}
+    )
 
 
 def log_controlnet_model(
@@ -128,18 +237,25 @@ def log_controlnet_model(
         raise ValueError("model metadata must include 'base_model'")
     import tempfile
 
+    from model.base import TINY, resolve_base_dir
+
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / METADATA_FILE
         meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=True))
         artifacts = {"controlnet": str(controlnet_dir), "metadata": str(meta_path)}
         if unet_dir:
             artifacts["unet"] = str(unet_dir)
+        if metadata["base_model"] == TINY:
+            artifacts[BASE_MODEL_ARTIFACT] = str(resolve_base_dir(TINY))
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=ControlNetPyfunc(),
             artifacts=artifacts,
+            code_paths=copy_predict_code(Path(tmp) / "code"),
             registered_model_name=registered_name,
             pip_requirements=pip_requirements(),
+            signature=pyfunc_signature(),
+            input_example=input_example(),
         )
     if registered_name and alias:
         mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(info.registered_model_version))

@@ -5,14 +5,16 @@
 How the work is cut, and why:
 
 * The driver lists the input once and cuts it into deterministic shards (``pipelines.data.sources``).
-  Shard ``k`` always holds the same inputs and always becomes ``part-<k>.parquet``.
-* Ray Data streams the shard list through a pool of annotator actors. Each actor does all the
-  work of one shard in one place - read, decode, resize/crop, annotate, encode - so full-size
-  pixel arrays never travel through the object store; only a one-line summary comes back.
-* An actor writes its shard atomically (temp name + rename; one PUT on S3), rejects first, data
-  last. A shard whose data file exists is finished: a re-run skips it, so an interrupted job
-  resumes where it stopped and no row is ever written twice. The counts of finished shards live
-  in their Parquet footers, so the manifest is rebuilt exactly on every run.
+  Shard ``k`` always holds the same inputs and always becomes ``data/train-<k>-of-<n>.parquet``.
+* The shard list streams through an autoscaling pool of annotator actors
+  (``pipelines.common.cluster.run_actor_pool``). Each actor does all the work of one shard in one
+  place - read, decode, resize/crop, annotate, encode - so full-size pixel arrays never travel
+  through the object store; only a one-line summary comes back.
+* An actor writes its shard through ``pipelines.data.shards.ShardedOutput``: atomically, rejects
+  first, data last, counts in the footer. A re-run skips finished shards, so an interrupted job
+  resumes where it stopped and no row is ever written twice.
+* An input that cannot be used is a reject row; an annotator that raises is retried on the same
+  batch, then fails the shard (and the job) loudly - a flaky model never turns good images into rejects.
 
 Memory is bounded by (actors x one shard of encoded output), whatever the size of the input.
 Output layout and columns: docs/data-schema.md.
@@ -22,19 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from pipelines.common.cluster import ActorCompute
@@ -43,20 +41,20 @@ from pipelines.common.images import ImageRejected, content_id, decode_training_i
 from pipelines.common.storage import Location, is_s3, resolve
 from pipelines.data.schema import (
     ANNOTATED_FORMAT,
-    ANNOTATOR_ERROR,
+    ENCODED_IMAGE,
     MANIFEST,
     REJECTS_DIR,
     REJECTS_SCHEMA,
     annotated_schema,
     condition_columns,
     dumps,
+    encoded_images,
 )
+from pipelines.data.shards import Manifest, ShardedOutput, run_resumable
 from pipelines.data.sources import InputFormat, Shard, Source
 
-_SHARD_FILE = re.compile(r"^part-(\d+)\.parquet$")
-_TEMP_FILE = re.compile(r"^\.part-\d+\.parquet\.tmp-")  # see Location.write_bytes_atomic
-_FOOTER_KEY = b"zeroconv.shard"
-_ROW_GROUP_ROWS = 256
+FOOTER_KEY = b"zeroconv.shard"  # each annotated shard's summary (docs/data-schema.md)
+ANNOTATOR_ATTEMPTS = 3  # calls of an annotator on one batch before its shard fails
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,15 +69,15 @@ class AnnotatorEntry(Section):
 
 class ComputeConfig(ActorCompute):
     batch_size: int = Field(default=16, ge=1, description="Images per annotator call.")
-    num_actors: int | None = Field(
-        default=None, ge=1, description="Annotator actors. Default: one per GPU when GPUs are used, else one per CPU."
-    )
     threads_per_actor: int | None = Field(
         default=None,
         ge=1,
-        description="Decode/encode threads inside each actor. Default: 1 on CPUs (one actor per CPU already), "
-        "the node's CPUs per GPU actor when GPUs are used, so decoding keeps the GPU fed.",
+        description="Decode/encode threads inside each actor. Default: the CPUs it reserves (cpus_per_actor, "
+        "rounded; at least 1): give GPU actors several CPUs so decoding keeps the GPU fed.",
     )
+
+    def threads(self) -> int:
+        return self.threads_per_actor or max(1, round(self.cpus_per_actor))
 
 
 class AnnotateConfig(JobConfig):
@@ -139,10 +137,6 @@ class AnnotateConfig(JobConfig):
         return self.output or f"{self.work_dir.rstrip('/')}/annotated"
 
 
-def shard_name(index: int) -> str:
-    return f"part-{index:06d}.parquet"
-
-
 # ---------------------------------------------------------------------------------------------
 # Worker side: one shard in, its Parquet written, one summary out
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +148,7 @@ class ShardJob:
 
     source: Source
     output: str
+    shards: int  # in the whole job: part of every shard's file name
     storage: StorageConfig
     annotators: tuple[tuple[str, dict], ...]
     columns: dict[str, dict]
@@ -192,7 +187,7 @@ class AnnotateShards:
 
         self.job = job
         self.annotators = [create(name, **params) for name, params in job.annotators]
-        self.output = resolve(job.output, job.storage)
+        self.output = ShardedOutput(resolve(job.output, job.storage), job.shards, FOOTER_KEY)
         self.schema = annotated_schema(job.columns)
         self.pool = ThreadPoolExecutor(job.threads) if job.threads > 1 else None
 
@@ -206,30 +201,27 @@ class AnnotateShards:
         for items in _batched(self.job.source.read(shard), self.job.batch_size):
             tables.read += len(items)
             self._annotate_batch(items, tables)
-        accepted = len(tables.rows["id"])
-        rejected = len(tables.rejects["id"])
+        rejects = pa.table(tables.rejects, schema=REJECTS_SCHEMA)
+        data = pa.table(
+            [
+                encoded_images(tables.rows[f.name])
+                if f.type == ENCODED_IMAGE
+                else pa.array(tables.rows[f.name], f.type)
+                for f in self.schema
+            ],
+            schema=self.schema,
+        )
         summary = {
-            "shard": shard.index,
             "fingerprint": shard.fingerprint(),
             "read": tables.read,
-            "accepted": accepted,
-            "rejected": rejected,
+            "accepted": data.num_rows,
+            "rejected": rejects.num_rows,
             "reasons": dict(Counter(tables.rejects["reason"])),
             "seconds": round(time.perf_counter() - start, 3),
             "node": _node_id(),  # where it ran: shows the work spread over a cluster's nodes
         }
-        # Rejects first, data last: the data file is the "shard finished" mark a re-run looks for.
-        rejects_file = self.output.join(REJECTS_DIR, shard_name(shard.index))
-        if rejected:
-            rejects_file.write_bytes_atomic(_parquet_bytes(pa.table(tables.rejects, schema=REJECTS_SCHEMA)))
-        elif rejects_file.exists():  # left by an earlier attempt whose failures were transient
-            rejects_file.fs.delete_file(rejects_file.path)
-        data = pa.table(tables.rows, schema=self.schema).replace_schema_metadata(
-            {**(self.schema.metadata or {}), _FOOTER_KEY: dumps(summary)}
-        )
-        encoded_columns = ["image", *self.job.columns]
-        self.output.join(shard_name(shard.index)).write_bytes_atomic(_parquet_bytes(data, encoded_columns))
-        return summary
+        self.output.write_shard(shard.index, data, summary, rejects, encoded={"image", *self.job.columns})
+        return {**summary, "shard": shard.index}
 
     def _annotate_batch(self, items: list, tables: _ShardTables) -> None:
         decoded = []
@@ -240,20 +232,14 @@ class AnnotateShards:
                 tables.reject(*result)
         if not decoded:
             return
-        conditions, failures = self._annotate(np.stack([d.pixels for d in decoded]))
-        keep = []
-        for i, d in enumerate(decoded):
-            if i in failures:
-                tables.reject(d.id, d.source, ANNOTATOR_ERROR, failures[i])
-            else:
-                keep.append(i)
+        images = np.stack([d.pixels for d in decoded])
+        conditions = [self._annotate(annotator, images) for annotator in self.annotators]
         encoded = self._map(
             lambda i: (encode_jpeg(decoded[i].pixels, self.job.jpeg_quality), [encode_png(c[i]) for c in conditions]),
-            keep,
+            range(len(decoded)),
         )
         rows = tables.rows
-        for i, (image, condition_pngs) in zip(keep, encoded):
-            d = decoded[i]
+        for d, (image, condition_pngs) in zip(decoded, encoded):
             rows["id"].append(d.id)
             rows["image"].append(image)
             rows["text"].append(d.caption)
@@ -275,35 +261,21 @@ class AnnotateShards:
             return (id_, item.source, exc.reason, exc.detail)
         return _Decoded(id_, item.source, item.caption, pixels, size)
 
-    def _annotate(self, images: np.ndarray) -> tuple[list[np.ndarray], dict[int, str]]:
-        """Every annotator on the batch. If a batch call fails, retry image by image so one bad
-        image costs only itself; if every image of a batch fails alone too, the annotator is
-        broken, not the images: raise (finished shards stay; a re-run resumes)."""
-        outputs, failures = [], {}
-        for annotator in self.annotators:
+    @staticmethod
+    def _annotate(annotator, images: np.ndarray) -> np.ndarray:
+        """One annotator on a batch of decoded images. The images are known good (they decoded), so an
+        exception is the annotator failing, not the input: try again (a GPU hiccup, a lost weight
+        download), then fail the shard loudly. Finished shards stay; a re-run resumes."""
+        for attempt in range(1, ANNOTATOR_ATTEMPTS + 1):
             try:
-                outputs.append(annotator(images))
-                continue
+                return annotator(images)
             except Exception as exc:
-                batch_error = exc
-            one_by_one = np.zeros((*images.shape[:3], annotator.channels), np.uint8)
-            if len(images) == 1:  # nothing to retry: the one image is the batch
-                errors = {0: f"{annotator.name}: {type(batch_error).__name__}: {batch_error}"}
-            else:
-                errors = {}
-                for i in range(len(images)):
-                    try:
-                        one_by_one[i] = annotator(images[i : i + 1])[0]
-                    except Exception as exc:
-                        errors[i] = f"{annotator.name}: {type(exc).__name__}: {exc}"
-                if len(errors) == len(images):
+                if attempt == ANNOTATOR_ATTEMPTS:
                     raise RuntimeError(
-                        f"annotator {annotator.name!r} failed on every image of a batch: {next(iter(errors.values()))}"
-                    ) from batch_error
-            for i, message in errors.items():
-                failures.setdefault(i, message)
-            outputs.append(one_by_one)
-        return outputs, failures
+                        f"annotator {annotator.name!r} failed {attempt} times on a batch of {len(images)} images: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                time.sleep(0.1 * 2**attempt)
 
     def _map(self, fn, items: Iterable) -> list:
         return list(self.pool.map(fn, items) if self.pool else map(fn, items))
@@ -324,22 +296,6 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-def _parquet_bytes(table: pa.Table, binary: list[str] | None = None) -> bytes:
-    """Serialise a table; already-compressed image columns skip compression, dictionaries, statistics."""
-    binary = set(binary or [])
-    others = [n for n in table.column_names if n not in binary]
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=_ROW_GROUP_ROWS,
-        compression={n: ("none" if n in binary else "snappy") for n in table.column_names},
-        use_dictionary=others,
-        write_statistics=others,
-    )
-    return sink.getvalue().to_pybytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,34 +358,55 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     specs = [a.spec() for a in built]
     del built  # the actors build their own
     columns = dict(zip(condition_columns([a.name for a in config.annotators]), specs))
-    shards = source.plan(config.shard_size)
+    shards = list(source.plan(config.shard_size))
     if not shards:
         raise FileNotFoundError(f"input {config.input!r} holds nothing to annotate")
-    job_identity = _job_identity(config, source, shards, columns)
+    sharded = ShardedOutput(output, len(shards), FOOTER_KEY)
+    manifest = Manifest(
+        output.join(MANIFEST),
+        ANNOTATED_FORMAT,
+        "annotation",
+        _job_identity(config, source, shards, columns),
+        _describe(output),
+    )
 
-    manifest = _Manifest(output.join(MANIFEST), job_identity)
-    manifest.check_compatible()
-    _remove_temp_files(output)
-    finished = _finished_shards(output, shards)
-    pending = [s for s in shards if s.index not in finished]
-    manifest.write("running", finished)
+    def annotate(pending: list[int], done) -> None:
+        from pipelines.common.cluster import run_actor_pool, storage_runtime_env
 
-    summaries = dict(finished)
-    try:
-        if pending:
-            _run_shards(config, source, output, columns, pending, summaries)
-    except BaseException:
-        print(
-            f"annotate stopped with {len(summaries)} of {len(shards)} shards written to {output.uri}; "
-            "finished shards are kept: re-run the same command to resume",
-            file=sys.stderr,
+        todo = [shards[i] for i in pending]
+        job = ShardJob(
+            source=source,
+            output=output.uri,
+            shards=len(shards),
+            storage=config.storage,
+            annotators=tuple((a.name, a.params) for a in config.annotators),
+            columns=columns,
+            resolution=config.resolution,
+            min_side=config.min_side,
+            jpeg_quality=config.jpeg_quality,
+            batch_size=config.compute.batch_size,
+            threads=config.compute.threads(),
         )
-        raise
-    finally:
-        manifest.write("complete" if len(summaries) == len(shards) else "incomplete", summaries)
+        known = [s.count for s in todo]
+        batches = run_actor_pool(
+            AnnotateShards,
+            [{"shard": s.to_json()} for s in todo],
+            compute=config.compute,
+            ray_config=config.ray,
+            constructor_kwargs={"job": job},
+            single_threaded=True,  # annotation is one image at a time: actors scale out on CPUs too
+            runtime_env=storage_runtime_env() if is_s3(source.uri) or is_s3(output.uri) else None,
+            progress=lambda batch: sum(json.loads(s)["read"] for s in batch["summary"]),
+            total=sum(known) if all(c is not None for c in known) else None,
+            desc="annotate",
+            unit="img",
+        )
+        for batch in batches:  # streams: one small summary per finished shard
+            for summary in batch["summary"]:
+                done(json.loads(summary))
 
+    summaries, finished = run_resumable(sharded, manifest, {s.index: s.fingerprint() for s in shards}, annotate)
     totals = _totals(summaries.values())
-    processed = sum(s["read"] for i, s in summaries.items() if i not in finished)
     return AnnotateResult(
         output=output.uri,
         rejects=output.join(REJECTS_DIR).uri,
@@ -440,64 +417,11 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
         rejected=totals["rejected"],
         reasons=totals["reasons"],
         shards=len(shards),
-        shards_written=len(pending),
+        shards_written=len(shards) - len(finished),
         shards_skipped=len(finished),
-        processed=processed,
+        processed=sum(s["read"] for i, s in summaries.items() if i not in finished),
         seconds=time.perf_counter() - started,
     )
-
-
-def _run_shards(
-    config: AnnotateConfig,
-    source: Source,
-    output: Location,
-    columns: dict[str, dict],
-    pending: list[Shard],
-    summaries: dict[int, dict],
-) -> None:
-    import ray
-    from tqdm import tqdm
-
-    from pipelines.common.cluster import actor_pool, ensure_ray, storage_runtime_env
-
-    ensure_ray(config.ray)
-    compute = config.compute
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Annotation is single-threaded per image: one actor per CPU, or per GPU when actors get GPUs.
-    pool = actor_pool(compute, len(pending), config.ray.resources, cpu_actors=max(1, cpus))
-    actors = pool["compute"].min_size
-    threads = compute.threads_per_actor or (max(1, cpus // actors) if "num_gpus" in pool else 1)
-
-    job = ShardJob(
-        source=source,
-        output=output.uri,
-        storage=config.storage,
-        annotators=tuple((a.name, a.params) for a in config.annotators),
-        columns=columns,
-        resolution=config.resolution,
-        min_side=config.min_side,
-        jpeg_quality=config.jpeg_quality,
-        batch_size=compute.batch_size,
-        threads=threads,
-    )
-    uses_s3 = is_s3(source.uri) or is_s3(output.uri)
-    # One shard per block, one shard in flight per actor: shards take seconds, so this costs
-    # nothing, and no actor sits on a queue of shards while another is idle at the end.
-    dataset = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
-    dataset = dataset.map_batches(
-        AnnotateShards,
-        batch_size=1,
-        fn_constructor_kwargs={"job": job},
-        runtime_env=storage_runtime_env() if uses_s3 else None,
-        **pool,
-    )
-    known = [s.count for s in pending]
-    total = sum(known) if all(c is not None for c in known) else None
-    with tqdm(total=total, unit="img", desc="annotate", disable=None) as bar:
-        for row in dataset.iter_rows():  # streams: one small summary per finished shard
-            summary = json.loads(row["summary"])
-            summaries[summary["shard"]] = summary
-            bar.update(summary["read"])
 
 
 def _job_identity(config: AnnotateConfig, source: Source, shards: list[Shard], columns: dict[str, dict]) -> dict:
@@ -517,48 +441,18 @@ def _job_identity(config: AnnotateConfig, source: Source, shards: list[Shard], c
     return json.loads(dumps(identity))
 
 
-@dataclass
-class _Manifest:
-    location: Location
-    job: dict
+def _describe(output: Location):
+    """The manifest's annotate fields: where the rejects are, and the counts so far."""
 
-    def check_compatible(self) -> None:
-        if not self.location.exists():
-            return
-        try:
-            previous = json.loads(self.location.read_bytes())["job"]
-        except (ValueError, KeyError) as exc:
-            raise ValueError(
-                f"{self.location.uri} is not a zeroconv annotate manifest ({exc}); choose another output"
-            ) from None
-        changed = [key for key in sorted(set(previous) | set(self.job)) if previous.get(key) != self.job.get(key)]
-        if changed:
-            what = "; ".join(f"{k}: {dumps(previous.get(k))} then, {dumps(self.job.get(k))} now" for k in changed)
-            raise ConfigError(
-                f"output {self.location.uri.rsplit('/', 1)[0]} holds a different annotation job, so it cannot be "
-                f"resumed ({what}). Use a new output, or delete the old one."
-            )
-
-    def write(self, status: str, summaries: dict[int, dict]) -> None:
+    def describe(summaries: dict[int, dict]) -> dict:
         totals = _totals(summaries.values())
-        output = self.location.uri.rsplit("/", 1)[0]
-        self.location.write_bytes_atomic(
-            json.dumps(
-                {
-                    "format": ANNOTATED_FORMAT,
-                    "status": status,
-                    "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "output": output,
-                    "rejects": f"{output}/{REJECTS_DIR}",
-                    "job": self.job,
-                    "counts": {k: totals[k] for k in ("read", "accepted", "rejected")},
-                    "reject_reasons": totals["reasons"],
-                    "shards": {"total": self.job["plan"]["shards"], "done": len(summaries)},
-                },
-                indent=2,
-                sort_keys=False,
-            ).encode()
-        )
+        return {
+            "rejects": output.join(REJECTS_DIR).uri,
+            "counts": {k: totals[k] for k in ("read", "accepted", "rejected")},
+            "reject_reasons": totals["reasons"],
+        }
+
+    return describe
 
 
 def _totals(summaries: Iterable[dict]) -> dict:
@@ -573,47 +467,6 @@ def _totals(summaries: Iterable[dict]) -> dict:
             f"lost inputs: read {totals['read']} != accepted {totals['accepted']} + rejected {totals['rejected']}"
         )
     return totals
-
-
-def _finished_shards(output: Location, shards: list[Shard]) -> dict[int, dict]:
-    """Summaries of the shards already written, read from their footers."""
-    if not output.exists():
-        return {}
-    by_index = {s.index: s for s in shards}
-    files = [f for f in output.list_files(recursive=False) if _SHARD_FILE.match(f.base_name)]
-
-    def summary(info) -> tuple[int, dict] | None:
-        try:
-            with output.fs.open_input_file(info.path) as f:
-                meta = pq.read_schema(f).metadata or {}
-        except (pa.ArrowInvalid, OSError):
-            # No readable footer: an upload cut short (S3 completes a multipart upload even when the
-            # writer failed mid-way). Not finished: this run writes it again.
-            return None
-        if _FOOTER_KEY not in meta:
-            raise ValueError(
-                f"{output.uri}/{info.base_name} was not written by zeroconv annotate; choose another output"
-            )
-        s = json.loads(meta[_FOOTER_KEY])
-        shard = by_index.get(s["shard"])
-        if shard is None or shard.fingerprint() != s["fingerprint"]:
-            raise ValueError(
-                f"{output.uri}/{info.base_name} was made from different inputs than this job's shard "
-                f"{s['shard']}; the input changed since that run. Use a new output."
-            )
-        return s["shard"], s
-
-    with ThreadPoolExecutor(16) as pool:  # one footer read each; round trips on S3
-        return dict(s for s in pool.map(summary, files) if s is not None)
-
-
-def _remove_temp_files(output: Location) -> None:
-    """Half-written files from an interrupted run (the rename never happened)."""
-    for folder in (output, output.join(REJECTS_DIR)):
-        if folder.exists():
-            for info in folder.list_files(recursive=False):
-                if _TEMP_FILE.match(info.base_name):
-                    folder.fs.delete_file(info.path)
 
 
 def _check_not_inside(output: Location, source: Source) -> None:

@@ -1,11 +1,14 @@
 """The ``zeroconv`` command. It only parses and prints: each stage is ``run_<stage>(config)``.
 
-    zeroconv STAGE [--config FILE.yaml] [key=value ...]
+    zeroconv [--verbose] STAGE [--config FILE.yaml] [key=value ...]
     zeroconv submit STAGE [--config FILE.yaml] [key=value ...] [submit.KEY=VALUE ...]
     zeroconv pipeline run CONFIG.yaml [key=value ...]
 
 Every stage takes a YAML config and/or dotted overrides (``train.lr=2e-5``); ``zeroconv STAGE
 --help`` lists every field with its default and meaning, generated from the stage's typed config.
+
+The terminal shows zeroconv's progress, its result and one line per error; the libraries' logs go
+to files named at the end (``pipelines.common.console``), or live with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ import textwrap
 
 from pydantic import BaseModel
 
+from pipelines.common import console
+from pipelines.common.config import ConfigError
 from pipelines.stages import STAGES, load_stage
+
+# Mistakes a user can fix (config, paths, data): one line naming the problem, exit status 2.
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError)
 
 
 def _field_help(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -43,8 +51,6 @@ def stage_arguments(stage: str, config: str | None, words: list[str]) -> tuple[s
       zeroconv pipeline run CONFIG [key=value ...]           the same as: zeroconv pipeline --config CONFIG
       zeroconv promote NAME [key=value ...]                  the same as: zeroconv promote model=NAME
     """
-    from pipelines.common.config import ConfigError
-
     if stage == "submit":
         if not words or "=" in words[0]:
             raise ConfigError(f"usage: zeroconv submit {STAGES['submit'].usage}")
@@ -71,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
             Run 'zeroconv STAGE --help' to see a stage's fields and defaults."""),
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show Ray's, MLflow's and the workers' logs live (default: in log files the summary names)",
+    )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     for name, stage in STAGES.items():
         p = sub.add_parser(
@@ -83,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config file for this stage")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("-h", "--help", action="store_true", help="show this stage's fields and exit")
+        # Also accepted after the stage name; SUPPRESS keeps `zeroconv --verbose STAGE` from being reset.
+        p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stage:
         parser.print_help()
         return 0
-    from pipelines.common.config import ConfigError, dump_config, load_config
+    from pipelines.common.config import dump_config, load_config
 
     config_cls, run = load_stage(args.stage)
     if args.help:
@@ -116,19 +131,55 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(config), end="")
             return 0
-        result = run(config)
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as exc:
-        # User mistakes (bad config, missing path, bad model dir) get one clear line, not a traceback.
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
-    if result is not None:
-        print(result)
+        return _report_error(exc)
+    with console.session(verbose=args.verbose):
+        try:
+            result = run(config)
+        except KeyboardInterrupt:
+            print("interrupted: re-run the same command to resume", file=console.terminal())
+            return 130
+        except Exception as exc:
+            if args.debug:
+                raise
+            return _report_error(exc)
+        if result is not None:
+            print(result)
+        _print_log_locations()
     return getattr(result, "exit_code", 0)  # e.g. a submitted job's own exit status
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error a worker raised, out of Ray's wrappers (a task's RayTaskError, Ray Train's WorkerGroupError)."""
+    while True:
+        failures = getattr(exc, "worker_failures", None)  # Ray Train: rank -> the worker's exception
+        inner = next(iter(failures.values()), None) if failures else getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException) or inner is exc:
+            return exc
+        exc = inner
+
+
+def _report_error(exc: Exception) -> int:
+    """One line on the terminal, the traceback in the log. User mistakes exit 2, anything else 1."""
+    cause = root_cause(exc)
+    console.log_exception(f"{type(exc).__name__}: {exc}")
+    if isinstance(cause, USER_ERRORS):
+        # Bad config, missing path, bad data: what to fix, not where in the code it was noticed.
+        print(f"error: {str(cause).strip()}", file=console.terminal())
+        return 2
+    message = (str(cause).strip().splitlines() or [""])[0]
+    where = console.log_locations().get("log")
+    hint = f" (traceback in {where})" if where else " (run with --debug for the traceback)"
+    print(f"error: {type(cause).__name__}: {message}{hint}", file=console.terminal())
+    return 1
+
+
+def _print_log_locations() -> None:
+    locations = console.log_locations()
+    if locations:
+        print("logs: " + ", ".join(f"{what} {where}" for what, where in locations.items()), file=console.terminal())
 
 
 if __name__ == "__main__":

@@ -144,10 +144,9 @@ def annotate_heldout(config: DemoConfig, work: Path, heldout_images: Path) -> No
 def serve_one_request(config: DemoConfig, work: Path) -> Path:
     """Serve models:/NAME@champion over HTTP on 127.0.0.1, ask for one image, save it next to its condition."""
     from PIL import Image
-    from ray import serve
 
-    from deploy.serve_app import ServeConfig, run_serve
-    from pipelines.common.images import decode_condition
+    from deploy.app import ServeConfig, run_serve
+    from pipelines.common.images import decode_condition, encoded_bytes
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,7 +173,7 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
                 "seed": 0,
                 "steps": 20,
                 "guidance_scale": 9.0,
-                "controls": [{"image": base64.b64encode(row["conditioning_image"]).decode()}],
+                "controls": [{"image": base64.b64encode(encoded_bytes(row["conditioning_image"])).decode()}],
             }
         ).encode()
         request = urllib.request.Request(
@@ -185,7 +184,7 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
             answer = json.loads(response.read())
         elapsed = time.perf_counter() - started
     finally:
-        serve.shutdown()
+        served.stop()
     generated = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image"]))).convert("RGB"))
     condition = decode_condition(row["conditioning_image"], channels=3)
     out = work / "generated.png"

@@ -12,8 +12,9 @@ The baseline is the same pipeline with the base UNet and ``conditioning_scale=0`
 so it computes exactly what ``StableDiffusionPipeline`` computes from the same initial latents (a
 test checks this), with no second copy of the sampling code.
 
-Generation runs on Ray Data: batches of rows stream through an actor pool, each actor holding the
-pipeline and the annotator (GPU actors where the cluster has GPUs). Results go to the model's own
+Generation runs on the shared actor pool (``pipelines.common.cluster.run_actor_pool``): batches of
+rows stream through actors that each hold the pipeline and the annotator (GPU actors with
+``compute.use_gpu``). Results go to the model's own
 MLflow run: ``fidelity/*`` metrics, a grid image (condition | generated | re-annotated | baseline |
 baseline re-annotated) and a per-sample table; and the model version gets ``fidelity.*`` tags, which
 ``zeroconv promote`` reads. How to read the numbers: docs/evaluation.md.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -32,13 +32,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from pipelines import fidelity
 from pipelines.common.cluster import ActorCompute, actor_device
 from pipelines.common.config import JobConfig, MLflowConfig, Section, StorageConfig
 from pipelines.common.images import decode_condition, decode_rgb, encode_png
 from pipelines.common.storage import resolve
+from pipelines.data.schema import image_bytes
 
 SINGLE_CONDITION_COLUMN = "conditioning_image"
 TAG_PREFIX = "fidelity."
@@ -59,8 +60,11 @@ class EvaluationSettings(Section):
         default="runs/heldout", description="Held-out annotated Parquet (not trained on), local or s3://."
     )
     condition_column: str | None = Field(
-        default=None, description="Condition column. Default: conditioning_image, else cond_<the model's annotator>."
+        default=None,
+        validation_alias=AliasChoices("condition_column", "conditioning_image_column"),
+        description="Condition column. Default: conditioning_image, else cond_<the model's annotator>.",
     )
+    caption_column: str = Field(default="text", description="Caption column (Hugging Face datasets: often 'text').")
     limit: int = Field(default=64, ge=1, description="Evaluate the dataset's first N rows.")
     seed: int = Field(default=0, description="Row i is generated with seed + i, for the model and the baseline alike.")
     steps: int | None = Field(default=None, ge=1, description="DDIM steps. Default: the model's inference default.")
@@ -75,6 +79,14 @@ class EvaluationSettings(Section):
     )
     pose_tolerance: float = Field(
         default=0.05, gt=0, description="Pose annotators: a keypoint matches within this fraction of the image size."
+    )
+    protocol: fidelity.Protocol = Field(
+        default="zeroconv",
+        description="Metrics: zeroconv (ours, per annotator family) or controlnet_pp (ControlNet++'s: canny F1, "
+        "HED/lineart MS-SSIM, depth RMSE).",
+    )
+    mask_iou: bool = Field(
+        default=False, description="Fill50K-style data: also score the filled circle's mask IoU (image vs condition)."
     )
     baseline: bool = Field(
         default=True, description="Also score the base model without control, same seeds and prompts."
@@ -167,13 +179,10 @@ class EvalJob:
     base_model: str
     tracking_uri: str
     annotator: dict
-    family: str
+    scoring: fidelity.Scoring
     steps: int
     guidance_scale: float
     baseline: bool
-    edge_tolerance: int
-    edge_threshold: int
-    pose_tolerance: float
     storage: StorageConfig
 
 
@@ -181,7 +190,7 @@ class FidelityScorer:
     """Ray Data actor: generate -> re-annotate -> score, for the model and (optionally) the baseline."""
 
     def __init__(self, job: EvalJob):
-        from annotators import create
+        from annotators import from_spec
         from model.inference import load_pipeline
 
         self.job = job
@@ -200,7 +209,8 @@ class FidelityScorer:
                 else load_pipeline(job.base_model, [job.controlnet_dir], None, device=str(device), storage=job.storage)
             )
         spec = job.annotator
-        self.annotator = create(spec["name"], **spec.get("params", {}))
+        # Exactly the annotator (parameters, weights by sha256) that made the training conditions.
+        self.annotator = from_spec(spec, storage=job.storage)
         self.channels = int(spec.get("channels", self.annotator.channels))
 
     @staticmethod
@@ -235,10 +245,7 @@ class FidelityScorer:
                 conditioning_scale=conditioning_scale,
             )
             maps = self.annotator(images)
-            scores = [
-                fidelity.score(job.family, m, c, job.edge_tolerance, job.edge_threshold, job.pose_tolerance)
-                for m, c in zip(maps, conditions)
-            ]
+            scores = [job.scoring(i, m, c) for i, m, c in zip(images, maps, conditions)]
             for key in scores[0]:
                 out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)
             out[prefix + "generated"] = np.array([encode_png(i) for i in images], dtype=object)
@@ -301,34 +308,39 @@ def condition_column_for(columns: list[str], annotator: str, wanted: str | None,
 
 
 def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageConfig):
-    """The first ``limit`` rows (id, text, condition) of the held-out dataset, in file order."""
+    """The first ``limit`` rows (id, text, condition) of the held-out dataset, in file order. Any
+    dataset training reads works here (annotated Parquet, Hugging Face Parquet or save_to_disk);
+    one without an ``id`` column gets the condition's content hash as id."""
     import pyarrow as pa
-    import pyarrow.dataset as pads
 
-    location = resolve(config.data, storage)
-    if not location.exists():
-        raise FileNotFoundError(
-            f"held-out dataset {config.data!r} does not exist (annotated Parquet, e.g. from "
-            "'zeroconv annotate' on images kept out of training)"
+    from pipelines.common.images import content_id
+    from pipelines.data.dataset import canonical, open_dataset
+
+    _, _, dataset, _ = open_dataset(config.data, storage, what="held-out dataset")
+    names = dataset.schema.names
+    column = condition_column_for(names, annotator, config.condition_column, config.data)
+    if config.caption_column not in names:
+        raise ValueError(
+            f"held-out dataset {config.data!r} has no column {config.caption_column!r} (set caption_column); "
+            f"its columns are {', '.join(names)}"
         )
-    try:
-        dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
-    except Exception as exc:  # pyarrow raises several types for "not parquet"
-        raise ValueError(f"held-out dataset {config.data!r} is not readable Parquet: {exc}") from None
-    column = condition_column_for(dataset.schema.names, annotator, config.condition_column, config.data)
-    missing = [c for c in ("id", "text") if c not in dataset.schema.names]
-    if missing:
-        raise ValueError(f"held-out dataset {config.data!r} has no column {', '.join(missing)}")
-    table = dataset.head(config.limit, columns=["id", "text", column])
+    wanted = [c for c in ("id", config.caption_column, column) if c in names]
+    table = canonical(
+        dataset.head(config.limit, columns=wanted), image_column="image", caption_column=config.caption_column
+    )
     if table.num_rows == 0:
         raise ValueError(f"held-out dataset {config.data!r} has no rows")
     n = table.num_rows
+    conditions = image_bytes(table.column(column))
+    ids = (
+        table.column("id") if "id" in table.column_names else pa.array([content_id(b) for b in conditions.to_pylist()])
+    )
     return column, pa.table(
         {
             "index": pa.array(range(n), pa.int64()),
-            "id": table.column("id"),
+            "id": ids,
             "text": table.column("text"),
-            "condition": table.column(column).cast(pa.binary()),
+            "condition": conditions,
             "seed": pa.array([config.seed + i for i in range(n)], pa.int64()),
         }
     )
@@ -366,7 +378,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     from pipelines.common.tracking import connect, resolve_tracking_uri
 
     started = time.perf_counter()
-    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
+    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir, must_exist=True)
     connect(tracking_uri, config.mlflow.experiment)
     download = tempfile.mkdtemp(prefix="zc-evaluate-")
     try:
@@ -385,7 +397,14 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             if config.guidance_scale is not None
             else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
         )
-        kind = fidelity.family(spec["name"])
+        scoring = fidelity.Scoring(
+            annotator=spec["name"],
+            protocol=config.protocol,
+            edge_tolerance=config.edge_tolerance,
+            edge_threshold=config.edge_threshold,
+            pose_tolerance=config.pose_tolerance,
+            mask_iou=config.mask_iou,
+        )
         settings = {
             "data": resolve(config.data, config.storage).uri,
             "condition_column": column,
@@ -395,13 +414,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             "steps": steps,
             "guidance_scale": guidance,
             "annotator": {k: spec.get(k) for k in ("name", "version", "params")},
-            "family": kind,
-            **(
-                {"edge_tolerance": config.edge_tolerance, "edge_threshold": config.edge_threshold}
-                if kind == "edge"
-                else {}
-            ),
-            **({"pose_tolerance": config.pose_tolerance} if kind == "pose" else {}),
+            **scoring.settings(),
         }
         protocol = protocol_of(settings)
         job = EvalJob(
@@ -412,20 +425,17 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             base_model=resolved.base_model,
             tracking_uri=tracking_uri,
             annotator=spec,
-            family=kind,
+            scoring=scoring,
             steps=steps,
             guidance_scale=guidance,
             baseline=config.baseline,
-            edge_tolerance=config.edge_tolerance,
-            edge_threshold=config.edge_threshold,
-            pose_tolerance=config.pose_tolerance,
             storage=config.storage,
         )
         results = _score_on_ray(config, job, rows)
     finally:
         shutil.rmtree(download, ignore_errors=True)
 
-    headline = fidelity.HEADLINE[kind]
+    headline = scoring.headline
     score_keys = [k for k in results if k not in ("index",) and not k.endswith(("generated", "reannotated"))]
     metrics = {k: _mean(results[k]) for k in score_keys}
     record = FidelityRecord(
@@ -484,31 +494,25 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
 
 def _score_on_ray(config: EvaluateConfig, job: EvalJob, rows) -> dict[str, list]:
     """Stream the rows through the scorer actors; collect every output column, in row order."""
-    import ray
-    from tqdm import tqdm
+    from pipelines.common.cluster import run_actor_pool, storage_runtime_env
 
-    from pipelines.common.cluster import actor_pool, ensure_ray, storage_runtime_env
-
-    ensure_ray(config.ray)
-    size = config.compute.batch_size
-    blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]  # one block per batch: actors share work
     # An actor on another node downloads the model itself: it needs the S3 and MLflow settings too.
-    env = {
-        **storage_runtime_env().get("env_vars", {}),
-        **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
-    }
-    dataset = ray.data.from_arrow(blocks).map_batches(
+    batches = run_actor_pool(
         FidelityScorer,
-        batch_size=size,
-        fn_constructor_kwargs={"job": job},
-        runtime_env={"env_vars": env} if env else None,
-        **actor_pool(config.compute, len(blocks), config.ray.resources),
+        rows.to_pylist(),
+        compute=config.compute,
+        ray_config=config.ray,
+        constructor_kwargs={"job": job},
+        rows_per_call=config.compute.batch_size,
+        runtime_env=storage_runtime_env() or None,
+        progress=lambda batch: len(batch["index"]),
+        total=rows.num_rows,
+        desc="evaluate",
+        unit="sample",
     )
     collected: dict[str, list] = {}
-    with tqdm(total=rows.num_rows, unit="sample", desc="evaluate", disable=None) as bar:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for key, values in batch.items():
-                collected.setdefault(key, []).extend(values.tolist())
-            bar.update(len(batch["index"]))
+    for batch in batches:
+        for key, values in batch.items():
+            collected.setdefault(key, []).extend(values.tolist())
     order = np.argsort(collected["index"])
     return {k: [v[i] for i in order] for k, v in collected.items()}

@@ -1,72 +1,69 @@
-"""How well a generated image obeys its condition: scores between two condition maps.
+"""How well a generated image obeys its condition: scores between condition maps, under a protocol.
 
 Evaluation re-runs the model's own annotator on each generated image and compares the result with
-the condition the image was generated from. Every function here takes two maps of the same size,
-``generated`` (the re-annotated output) and ``reference`` (the input condition), as uint8 or float
-arrays (H, W) or (H, W, C), and returns plain floats. All headline scores are "higher is better".
+the condition the image was generated from. A :class:`Scoring` holds everything that decides the
+numbers (protocol, annotator, tolerances) and scores one sample from three uint8 arrays, (H, W) or
+(H, W, C): the generated ``image``, its re-annotation ``reannotated`` and the input ``condition``.
 
-Families, chosen by annotator name (:func:`family`):
+Two protocols:
 
-* edge  - canny, hed, pidinet, lineart, mlsd, ...: edge F1 with a pixel tolerance (BSDS-style).
-* depth - midas, zoe, leres, ...: Pearson correlation (invariant to the scale and shift a relative
-          depth map is only defined up to) and the scale-invariant log error of Eigen et al. 2014.
-* pose  - openpose, dwpose: PCK of keypoints recovered from the rendered skeleton's colours (a proxy,
-          see :func:`pose_keypoints`).
-* every annotator also gets SSIM and normalised correlation of the two maps (the ``generic`` family
-  uses SSIM as its headline), so models with any annotator can be compared.
+* ``zeroconv`` (ours), by annotator family (:func:`family`); every headline is higher-is-better:
+  edge  - canny, hed, lineart, mlsd, ...: edge F1 with a pixel tolerance (BSDS-style);
+  depth - midas, zoe, ...: Pearson correlation and Eigen et al.'s scale-invariant log error;
+  pose  - openpose, dwpose: PCK of keypoints read back from the rendered skeleton's colours;
+  every annotator also gets SSIM and Pearson correlation of the maps (the headline of ``generic``).
+* ``controlnet_pp``: the evaluation of ControlNet++ (Li et al., ECCV 2024; liming-ai/ControlNet_Plus_Plus
+  eval/eval.py, eval_edge.py, eval_depth.py): canny F1 x 100 of kornia's canny (0.1 / 0.2 on [0, 1]
+  images), exact pixels; HED-style soft edges and lineart: MS-SSIM of the grayscale maps, data range 1;
+  depth: RMSE on the 0-255 scale, the prediction divided by its max, the condition min-max normalised.
+  Other annotators have no ControlNet++ metric and are refused.
+
+Both can add ``mask_iou`` for Fill50K-style data (a filled circle; :func:`circle_mask_iou`).
+
+Line maps come in two polarities: controlnet-aux and our annotators draw bright lines on black, while
+ControlNet 1.1's raw lineart (and many datasets) are dark lines on white. Every edge map is brought to
+bright-on-black first (:func:`line_map`), so a dark-on-white drawing is not scored as solid edges.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import cv2
 import numpy as np
 
-EDGE_ANNOTATORS = frozenset(
-    {
-        "canny",
-        "hed",
-        "softedge",
-        "pidinet",
-        "teed",
-        "anyline",
-        "scribble",
-        "lineart",
-        "lineart_anime",
-        "lineart_standard",
-        "mlsd",
-    }
-)
+Protocol = Literal["zeroconv", "controlnet_pp"]
+PROTOCOLS = ("zeroconv", "controlnet_pp")
+
+SOFT_EDGE_ANNOTATORS = frozenset({"hed", "softedge", "pidinet", "teed", "anyline"})
+LINEART_ANNOTATORS = frozenset({"lineart", "lineart_anime", "lineart_standard"})
+EDGE_ANNOTATORS = SOFT_EDGE_ANNOTATORS | LINEART_ANNOTATORS | {"canny", "scribble", "mlsd"}
 DEPTH_ANNOTATORS = frozenset({"midas", "zoe", "leres", "leres++", "depth", "depth_anything", "dpt"})
 POSE_ANNOTATORS = frozenset({"openpose", "dwpose"})
 
-# The score promotion compares, per family; each is in [0, 1] (depth_corr in [-1, 1]), higher is better.
+# zeroconv: the score promotion compares, per family; each is in [0, 1] (depth_corr in [-1, 1]).
 HEADLINE = {"edge": "edge_f1", "depth": "depth_corr", "pose": "pose_pck", "generic": "ssim"}
+# controlnet_pp: promotion needs higher-is-better, so depth is promoted on the negated RMSE.
+CONTROLNET_PP_HEADLINE = {"canny": "canny_f1", "soft_edge": "ms_ssim", "depth": "neg_depth_rmse"}
+
+# ControlNet++ (eval/eval.py): kornia.filters.canny(image / 255, 0.1, 0.2) for conditions and outputs.
+KORNIA_CANNY_THRESHOLDS = (0.1, 0.2)
+# Wang et al. 2003's five scale weights (torchmetrics' default), used whenever the image is large enough.
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+# A generated pixel belongs to the Fill50K circle if its colour is this far (RGB distance) from the
+# background at least; the palette's closest pair of colours (orange/yellow) is 83 apart.
+MIN_MASK_CONTRAST = 32.0
 
 # OpenPose body keypoint colours as controlnet_aux draws them (open_pose/util.py: draw_bodypose):
 # keypoint k is a filled circle of colour k; limbs use 0.6 x these colours, so they never match.
-OPENPOSE_COLOURS = np.array(
-    [
-        [255, 0, 0],
-        [255, 85, 0],
-        [255, 170, 0],
-        [255, 255, 0],
-        [170, 255, 0],
-        [85, 255, 0],
-        [0, 255, 0],
-        [0, 255, 85],
-        [0, 255, 170],
-        [0, 255, 255],
-        [0, 170, 255],
-        [0, 85, 255],
-        [0, 0, 255],
-        [85, 0, 255],
-        [170, 0, 255],
-        [255, 0, 255],
-        [255, 0, 170],
-        [255, 0, 85],
-    ],
-    dtype=np.int16,
-)
+# fmt: off
+OPENPOSE_COLOURS = np.array([
+    [255, 0, 0], [255, 85, 0], [255, 170, 0], [255, 255, 0], [170, 255, 0], [85, 255, 0],
+    [0, 255, 0], [0, 255, 85], [0, 255, 170], [0, 255, 255], [0, 170, 255], [0, 85, 255],
+    [0, 0, 255], [85, 0, 255], [170, 0, 255], [255, 0, 255], [255, 0, 170], [255, 0, 85],
+], dtype=np.int16)
+# fmt: on
 
 
 def family(annotator: str) -> str:
@@ -80,31 +77,98 @@ def family(annotator: str) -> str:
     return "generic"
 
 
-def score(
-    kind: str,
-    generated: np.ndarray,
-    reference: np.ndarray,
-    edge_tolerance: int = 2,
-    edge_threshold: int = 128,
-    pose_tolerance: float = 0.05,
-) -> dict[str, float]:
-    """Every score for one pair of maps: the family's own plus the generic ones."""
-    if generated.shape[:2] != reference.shape[:2]:
-        raise ValueError(f"condition maps differ in size: {generated.shape} vs {reference.shape}")
-    scores = {"ssim": ssim(generated, reference), "corr": correlation(generated, reference)}
-    if kind == "edge":
-        scores.update(edge_scores(generated, reference, edge_tolerance, edge_threshold))
-    elif kind == "depth":
-        scores.update(depth_scores(generated, reference))
-    elif kind == "pose":
-        scores.update(pose_scores(generated, reference, pose_tolerance))
-    elif kind != "generic":
-        raise ValueError(f"unknown score family {kind!r}; choose one of {', '.join(HEADLINE)}")
-    return scores
+def controlnet_pp_task(annotator: str) -> str:
+    """ControlNet++'s task for an annotator: 'canny', 'soft_edge' (HED, lineart) or 'depth'."""
+    if annotator == "canny":
+        return "canny"
+    if annotator in SOFT_EDGE_ANNOTATORS | LINEART_ANNOTATORS:
+        return "soft_edge"
+    if annotator in DEPTH_ANNOTATORS:
+        return "depth"
+    raise ValueError(
+        f"protocol controlnet_pp has no metric for annotator {annotator!r} (ControlNet++ scores canny, "
+        "HED-style soft edges, lineart and depth); use protocol=zeroconv"
+    )
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How one annotator's samples are scored. Scores are comparable only under equal ``settings()``."""
+
+    annotator: str
+    protocol: Protocol = "zeroconv"
+    edge_tolerance: int = 2
+    edge_threshold: int = 128
+    pose_tolerance: float = 0.05
+    mask_iou: bool = False
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.protocol == "controlnet_pp":
+            controlnet_pp_task(self.annotator)  # refuse an annotator ControlNet++ has no metric for, up front
+
+    @property
+    def family(self) -> str:
+        return family(self.annotator)
+
+    @property
+    def headline(self) -> str:
+        """The score promotion compares (higher is better)."""
+        if self.protocol == "controlnet_pp":
+            return CONTROLNET_PP_HEADLINE[controlnet_pp_task(self.annotator)]
+        return HEADLINE[self.family]
+
+    def settings(self) -> dict:
+        """Everything here that decides a score's value (part of evaluate's protocol hash)."""
+        settings: dict = {"metrics": self.protocol, "family": self.family}
+        if self.protocol == "zeroconv" and self.family == "edge":
+            settings.update(edge_tolerance=self.edge_tolerance, edge_threshold=self.edge_threshold)
+        if self.protocol == "zeroconv" and self.family == "pose":
+            settings["pose_tolerance"] = self.pose_tolerance
+        if self.mask_iou:
+            settings["mask_iou"] = True
+        return settings
+
+    def __call__(self, image: np.ndarray, reannotated: np.ndarray, condition: np.ndarray) -> dict[str, float]:
+        if reannotated.shape[:2] != condition.shape[:2] or image.shape[:2] != condition.shape[:2]:
+            raise ValueError(
+                f"image, re-annotation and condition differ in size: {image.shape}, {reannotated.shape}, "
+                f"{condition.shape}"
+            )
+        if self.protocol == "zeroconv":
+            scores = self._zeroconv(reannotated, condition)
+        else:
+            scores = self._controlnet_pp(image, reannotated, condition)
+        if self.mask_iou:
+            scores["mask_iou"] = circle_mask_iou(image, condition)
+        return scores
+
+    def _zeroconv(self, generated: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        kind = self.family
+        if kind == "edge":
+            generated, reference = line_map(generated), line_map(reference)
+        scores = {"ssim": ssim(generated, reference), "corr": correlation(generated, reference)}
+        if kind == "edge":
+            scores.update(edge_scores(generated, reference, self.edge_tolerance, self.edge_threshold))
+        elif kind == "depth":
+            scores.update(depth_scores(generated, reference))
+        elif kind == "pose":
+            scores.update(pose_scores(generated, reference, self.pose_tolerance))
+        return scores
+
+    def _controlnet_pp(self, image: np.ndarray, generated: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        task = controlnet_pp_task(self.annotator)
+        if task == "canny":
+            return {"canny_f1": canny_f1(image, reference)}
+        if task == "soft_edge":
+            return {"ms_ssim": ms_ssim(line_map(generated), line_map(reference))}
+        rmse = depth_rmse(generated, reference)
+        return {"depth_rmse": rmse, "neg_depth_rmse": -rmse}
 
 
 # ---------------------------------------------------------------------------------------------
-# Generic
+# Map conversions
 # ---------------------------------------------------------------------------------------------
 
 
@@ -114,32 +178,55 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return arr.mean(axis=-1) if arr.ndim == 3 else arr
 
 
-def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
-    """Mean structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) of two maps."""
-    x, y = _gray(a), _gray(b)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+def line_map(image: np.ndarray) -> np.ndarray:
+    """An edge/line map as uint8 (H, W), bright lines on black, whichever polarity it came in.
 
-    def blur(img: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(img, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)
+    Colour maps use their brightest channel. Lines cover a minority of any line map, so its median is
+    the background: a map whose median is bright (dark lines on white) is inverted.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 3:
+        arr = arr.max(axis=-1)
+    arr = arr.astype(np.uint8)
+    return 255 - arr if np.median(arr) > 127 else arr
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    ssim_map = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(ssim_map.mean())
 
+def _tensor(gray: np.ndarray):
+    """float (H, W) -> float32 tensor (1, 1, H, W)."""
+    import torch
 
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two maps; two constant maps score 1 if equal, else 0."""
-    x, y = _gray(a).ravel(), _gray(b).ravel()
-    x, y = x - x.mean(), y - y.mean()
-    norm = np.sqrt((x * x).sum() * (y * y).sum())
-    if norm == 0:
-        return float(np.array_equal(_gray(a), _gray(b)))
-    return float((x * y).sum() / norm)
+    return torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None]
 
 
 # ---------------------------------------------------------------------------------------------
-# Edges
+# Generic (torchmetrics)
+# ---------------------------------------------------------------------------------------------
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Mean structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) of two maps."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    value = structural_similarity_index_measure(
+        _tensor(_gray(a)), _tensor(_gray(b)), gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=data_range
+    )
+    return float(value)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two maps; two constant maps (undefined) score 1 if equal, else 0."""
+    import torch
+    from torchmetrics.functional import pearson_corrcoef
+
+    x, y = _gray(a), _gray(b)
+    if x.std() == 0 or y.std() == 0:
+        return float(np.array_equal(x, y))
+    # float64: float32 sums over a 512 x 512 map lose digits that a correlation near 1 needs.
+    return float(pearson_corrcoef(torch.from_numpy(x.ravel()), torch.from_numpy(y.ravel())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges (zeroconv)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -156,11 +243,11 @@ def edge_scores(
 
     A generated edge pixel is correct if a reference edge lies within ``tolerance`` (Euclidean) of it;
     a reference edge pixel is found if a generated edge lies within ``tolerance`` of it. Tolerance is
-    implemented by dilating the other map with a disk. Soft edge maps (HED, PiDiNet) are binarised at
-    ``threshold``; colour maps use their brightest channel. Both maps empty: 1.0 (nothing to draw,
-    nothing drawn); exactly one empty: 0.0.
+    implemented by dilating the other map with a disk. Maps go through :func:`line_map` (polarity,
+    brightest channel); soft edge maps (HED, PiDiNet) are then binarised at ``threshold``. Both maps
+    empty: 1.0 (nothing to draw, nothing drawn); exactly one empty: 0.0.
     """
-    pred, ref = _edges(generated, threshold), _edges(reference, threshold)
+    pred, ref = line_map(generated) >= threshold, line_map(reference) >= threshold
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
     if n_pred == 0 or n_ref == 0:
         value = 1.0 if n_pred == n_ref else 0.0
@@ -174,15 +261,111 @@ def edge_scores(
     return {"edge_precision": precision, "edge_recall": recall, "edge_f1": f1}
 
 
-def _edges(image: np.ndarray, threshold: int) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim == 3:
-        arr = arr.max(axis=-1)
-    return arr >= threshold
+# ---------------------------------------------------------------------------------------------
+# ControlNet++ (controlnet_pp)
+# ---------------------------------------------------------------------------------------------
+
+
+def kornia_canny(image: np.ndarray) -> np.ndarray:
+    """ControlNet++'s canny: kornia's, thresholds 0.1 / 0.2 on the [0, 1] image -> bool (H, W)."""
+    import torch
+    from kornia.filters import canny
+
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1)[None]
+    low, high = KORNIA_CANNY_THRESHOLDS
+    return canny(x, low, high)[1][0, 0].numpy() > 0.5
+
+
+def canny_f1(image: np.ndarray, condition: np.ndarray) -> float:
+    """F1 x 100 of kornia's canny edges of the generated ``image`` against the condition's edges, pixel
+    for pixel (torchmetrics' BinaryF1Score, as ControlNet++; no edges anywhere scores 0 there too)."""
+    import torch
+    from torchmetrics.functional.classification import binary_f1_score
+
+    pred = torch.from_numpy(kornia_canny(image).ravel()).long()
+    target = torch.from_numpy((line_map(condition) >= 128).ravel()).long()
+    return 100.0 * float(binary_f1_score(pred, target))
+
+
+def _ms_ssim_betas(side: int) -> tuple[float, ...]:
+    """The five standard scale weights, or, for an image too small for five (torchmetrics needs
+    side // (scales - 1)^2 > 10, i.e. 176 px), the first ones that fit, renormalised to sum 1."""
+    for scales in range(len(MS_SSIM_BETAS), 0, -1):
+        if side >= 2**scales and side // max(1, scales - 1) ** 2 > 10:
+            if scales == len(MS_SSIM_BETAS):
+                return MS_SSIM_BETAS
+            kept = MS_SSIM_BETAS[:scales]
+            return tuple(b / sum(kept) for b in kept)
+    raise ValueError(f"maps of {side} px are too small for MS-SSIM (11 px window)")
+
+
+def ms_ssim(generated: np.ndarray, reference: np.ndarray) -> float:
+    """Multi-scale SSIM of two grayscale maps in [0, 1] (data range 1), torchmetrics' implementation.
+
+    ``normalize="relu"``: equal to the default wherever that is defined; where a negative contrast
+    term (anti-correlated maps) would make the default NaN, this scores 0.
+    """
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    x, y = _gray(generated) / 255.0, _gray(reference) / 255.0
+    betas = _ms_ssim_betas(min(x.shape))
+    value = multiscale_structural_similarity_index_measure(
+        _tensor(x), _tensor(y), data_range=1.0, betas=betas, normalize="relu"
+    )
+    return float(value)
+
+
+def depth_rmse(generated: np.ndarray, reference: np.ndarray) -> float:
+    """ControlNet++'s depth RMSE (lower is better) on the 0-255 scale: the re-annotated depth divided by
+    its max, the condition min-max normalised, both truncated to integers as their PNG files are."""
+    pred, ref = _gray(generated), _gray(reference)
+    pred = np.floor(pred / pred.max() * 255.0) if pred.max() > 0 else np.zeros_like(pred)
+    span = ref.max() - ref.min()
+    ref = np.floor((ref - ref.min()) / span * 255.0) if span > 0 else np.zeros_like(ref)
+    return float(np.sqrt(np.mean((pred - ref) ** 2)))
 
 
 # ---------------------------------------------------------------------------------------------
-# Depth
+# Fill50K: the filled circle
+# ---------------------------------------------------------------------------------------------
+
+
+def circle_mask_from_condition(condition: np.ndarray) -> np.ndarray:
+    """The disc a Fill50K outline encloses, bool (H, W): an ellipse fitted to the outline's pixels
+    (a least-squares fit, so a circle cut by the image border still gives the whole disc)."""
+    lines = line_map(condition) >= 128
+    mask = np.zeros(lines.shape, np.uint8)
+    points = np.argwhere(lines)[:, ::-1].astype(np.float32)  # (x, y)
+    if len(points) >= 5:  # fitEllipse's minimum
+        (cx, cy), (width, height), angle = cv2.fitEllipse(points)
+        cv2.ellipse(mask, ((cx, cy), (width, height), angle), 1, thickness=-1)
+    return mask.astype(bool)
+
+
+def circle_mask_from_image(image: np.ndarray) -> np.ndarray:
+    """The filled circle of a Fill50K image, bool (H, W): pixels whose colour is far from the background.
+
+    The background colour is the median of the border pixels (the circle covers at most a sixth of the
+    border); "far" is Otsu's threshold on the colour distance, at least ``MIN_MASK_CONTRAST``.
+    """
+    rgb = np.asarray(image, dtype=np.float64)
+    rgb = rgb if rgb.ndim == 3 else rgb[..., None]
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    distance = np.linalg.norm(rgb - np.median(border, axis=0), axis=-1)
+    otsu, _ = cv2.threshold(distance.clip(0, 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return distance > max(otsu, MIN_MASK_CONTRAST)
+
+
+def circle_mask_iou(image: np.ndarray, condition: np.ndarray) -> float:
+    """IoU of the circle in the generated image with the disc its condition outlines; both empty: 1.0."""
+    generated, wanted = circle_mask_from_image(image), circle_mask_from_condition(condition)
+    union = int((generated | wanted).sum())
+    return 1.0 if union == 0 else float((generated & wanted).sum() / union)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth (zeroconv)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -206,7 +389,7 @@ def depth_scores(generated: np.ndarray, reference: np.ndarray) -> dict[str, floa
 
 
 # ---------------------------------------------------------------------------------------------
-# Pose
+# Pose (zeroconv)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """``zeroconv pipeline run CONFIG``: the recurring pipeline, every stage in order, every stage idempotent.
 
-    annotate  each batch of the input not annotated yet   -> <annotate.output>/<batch>/part-*.parquet
+    annotate  each batch of the input not annotated yet   -> <annotate.output>/<batch>/data/train-*.parquet
     train     continue training on everything annotated   -> checkpoints; a new model version, alias candidate
     evaluate  that version on the held-out set            -> fidelity metrics and version tags (MLflow)
     promote   candidate -> champion if it scores better   -> the alias Serve follows moves
@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 from pipelines.annotate import AnnotateConfig, run_annotate
 from pipelines.common.config import JobConfig, MLflowConfig, Section
 from pipelines.common.storage import Location, resolve
+from pipelines.common.tracking import resolve_tracking_uri
 from pipelines.evaluate import EvaluateConfig, run_evaluate
 from pipelines.promote import PromoteConfig, run_promote
 from pipelines.train import TrainConfig, run_train
@@ -185,6 +186,8 @@ class PipelineResult:
 def run_pipeline(config: PipelineConfig) -> PipelineResult:
     started = time.perf_counter()
     config = resolved_stages(config)
+    for stage in (config.train, config.evaluate, config.promote):  # an S3 work_dir with no tracking server fails
+        resolve_tracking_uri(stage.mlflow.tracking_uri, stage.work_dir)  # here, not after annotating everything
     annotated_root = config.annotate.output_uri()
 
     # 1. Annotate: every batch; annotate itself skips the shards that are written.

@@ -87,9 +87,9 @@ def run_promote(config: PromoteConfig) -> PromoteResult:
     import mlflow
 
     from model.registry import set_alias
-    from pipelines.common.tracking import connect, resolve_tracking_uri
+    from pipelines.common.tracking import connect, redact_uri, resolve_tracking_uri
 
-    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
+    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir, must_exist=True)
     experiment_id = connect(tracking_uri, config.mlflow.experiment)
     client = mlflow.MlflowClient()
     if config.candidate_alias == config.champion_alias:
@@ -97,8 +97,9 @@ def run_promote(config: PromoteConfig) -> PromoteResult:
     candidate = _version(client, config.model, config.candidate_alias)
     if candidate is None:
         raise ValueError(
-            f"registered model {config.model!r} has no version with alias {config.candidate_alias!r} "
-            "(train one with 'zeroconv train', or set candidate_alias)"
+            f"registered model {config.model!r} has no version with alias {config.candidate_alias!r} in the "
+            f"registry at {redact_uri(tracking_uri)} (train one with 'zeroconv train', or set candidate_alias, "
+            "work_dir or mlflow.tracking_uri)"
         )
     champion = _version(client, config.model, config.champion_alias)
     if champion is not None and champion == candidate:

@@ -54,9 +54,7 @@ STAGES: dict[str, Stage] = {
         "run_promote",
         "move the champion alias to the candidate if its fidelity beats the champion's by a margin",
     ),
-    "serve": Stage(
-        "deploy.serve_app", "ServeConfig", "run_serve", "serve registered ControlNets over HTTP (Ray Serve)"
-    ),
+    "serve": Stage("deploy.app", "ServeConfig", "run_serve", "serve registered ControlNets over HTTP (Ray Serve)"),
     "pipeline": Stage(
         "pipelines.pipeline",
         "PipelineConfig",

@@ -23,11 +23,10 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from pipelines.common.cluster import travelling_env
 from pipelines.common.config import ConfigError, Section, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # where `ray dashboard ray_cluster.yaml` tunnels the head's Jobs API
-# Never shipped with a job: nodes get S3 access from their own credential chain (instance profile, IRSA).
-CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class SubmitConfig(Section):
@@ -53,8 +52,8 @@ class SubmitConfig(Section):
     )
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="Environment variables for the job, e.g. {MLFLOW_TRACKING_URI: ...}. Never credentials: "
-        "the cluster's nodes use their own AWS credential chain.",
+        description="Environment variables for the job, e.g. {MLFLOW_TRACKING_URI: ...}; only the names in "
+        "pipelines.common.cluster.TRAVELLING_ENV, never credentials: the cluster's nodes use their own.",
     )
     entrypoint_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom resources the job's driver needs; empty: it runs on the head."
@@ -66,14 +65,8 @@ class SubmitConfig(Section):
 
     @field_validator("env")
     @classmethod
-    def _no_credentials(cls, env: dict[str, str]) -> dict[str, str]:
-        leaked = sorted(k for k in env if k.upper() in CREDENTIAL_VARIABLES)
-        if leaked:
-            raise ValueError(
-                f"{', '.join(leaked)} must not travel with a job; the cluster's nodes reach S3 with their "
-                "own credentials (instance profile or IRSA)"
-            )
-        return env
+    def _only_travelling_env(cls, env: dict[str, str]) -> dict[str, str]:
+        return travelling_env(env)
 
 
 @dataclass
@@ -129,6 +122,14 @@ def build_entrypoint(config: SubmitConfig) -> str:
     return shlex.join(command + list(config.stage_overrides))
 
 
+def job_runtime_env(config: SubmitConfig) -> dict:
+    """What travels with the job: the project directory, and ``submit.env`` (checked against the allow-list)."""
+    runtime_env = {"working_dir": str(Path(config.working_dir).expanduser().resolve()), "excludes": config.excludes}
+    if config.env:
+        runtime_env["env_vars"] = travelling_env(config.env)
+    return runtime_env
+
+
 def run_submit(config: SubmitConfig) -> SubmitResult:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -141,12 +142,9 @@ def run_submit(config: SubmitConfig) -> SubmitResult:
             f"cannot reach the Ray Jobs API at {address} ({exc}); is the cluster up and "
             "`ray dashboard ray_cluster.yaml` running?"
         ) from None
-    runtime_env = {"working_dir": str(Path(config.working_dir).expanduser().resolve()), "excludes": config.excludes}
-    if config.env:
-        runtime_env["env_vars"] = config.env
     job_id = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env=runtime_env,
+        runtime_env=job_runtime_env(config),
         submission_id=config.submission_id,
         entrypoint_resources=config.entrypoint_resources or None,
         metadata={"zeroconv_stage": config.stage},

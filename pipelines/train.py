@@ -2,7 +2,8 @@
 
 The driver (this module) checks everything a user can get wrong before any worker starts (dataset,
 condition column, image sizes, policy, precision, tracking server), opens or resumes the MLflow run,
-then hands the dataset to a ``TorchTrainer`` whose workers run :func:`pipelines.train_loop.train_loop`.
+then starts a ``TorchTrainer`` whose workers run :func:`pipelines.train_loop.train_loop`, each reading
+its share of the Parquet files in a resumable order (:mod:`pipelines.train_data`).
 When the workers finish, the exported ControlNet is logged as a pyfunc model and registered with the
 alias ``candidate``.
 
@@ -13,23 +14,19 @@ same MLflow run); a worker that dies mid-run is restarted from the latest checkp
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pipelines.checkpoint import SUMMARY_FILE
 from pipelines.common.config import ConfigError, flatten
-from pipelines.common.storage import Location, download_dir, is_s3, resolve
-from pipelines.data.schema import TENSOR_COLUMNS
-from pipelines.data.schema import annotator_spec as schema_annotator_spec
-from pipelines.precompute import read_manifest
+from pipelines.common.storage import download_dir, is_s3, resolve
+from pipelines.data.dataset import DatasetInfo, inspect_dataset
+from pipelines.data.schema import ANNOTATED_FORMAT, MANIFEST, TENSOR_COLUMNS
 from pipelines.train_config import TrainConfig
-
-IN_MEMORY_BYTES = 512 * 2**20  # decoded datasets up to this size are kept in the object store
 
 
 @dataclass
@@ -62,117 +59,32 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks before training
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DatasetInfo:
-    location: Location
-    rows: int
-    columns: list[str]
-    resolution: tuple[int, int]
-    annotator: dict | None
-    validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}
-    scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
-    row_bytes: int  # what one row takes in the object store once decoded (0: unknown)
-    files: list[str]  # the Parquet files (pyarrow's rules: "_" and "." paths, e.g. annotate's _rejects, are not data)
-
-
-def inspect_dataset(config: TrainConfig) -> DatasetInfo:
-    """Open the Parquet metadata (not the images) and check what training needs."""
-    import pyarrow.dataset as pads
-
-    loc = resolve(config.data, config.storage)
-    if not loc.exists():
-        raise FileNotFoundError(
-            f"dataset {config.data!r} does not exist (expected annotated Parquet from 'zeroconv annotate')"
-        )
-    try:
-        dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", exclude_invalid_files=False)
-    except Exception as exc:  # pyarrow raises several types for "not parquet"
-        raise ValueError(f"dataset {config.data!r} is not readable Parquet: {exc}") from None
-    columns = dataset.schema.names
-    precomputed = set(TENSOR_COLUMNS) <= set(columns)
-    missing = [c for c in ("text", config.condition_column, *(() if precomputed else ("image",))) if c not in columns]
-    if missing:
-        raise ValueError(
-            f"dataset {config.data!r} has no column {', '.join(map(repr, missing))}; "
-            f"its columns are {', '.join(columns)}"
-            + ("" if config.condition_column in columns else " (set condition_column to one of the cond_* columns)")
-        )
-    rows = dataset.count_rows()
-    need = config.batch_size * config.num_workers
-    if rows < need:
-        raise ValueError(
-            f"dataset {config.data!r} has {rows} rows; one batch across {config.num_workers} worker(s) needs {need}"
-        )
-    sizes: set[tuple[int, int]] = set()
-    if {"width", "height"} <= set(columns):
-        table = dataset.to_table(columns=["width", "height"])
-        sizes = set(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
-    if len(sizes) > 1:
-        raise ValueError(
-            f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; "
-            "training needs one size (re-annotate with a fixed resolution)"
-        )
-    width, height = resolution = next(iter(sizes), (0, 0))
-    scaling_factor, row_bytes = None, width * height * 3 * 2  # decoded image + condition, uint8
-    if precomputed:
-        scaling_factor, row_bytes = check_precomputed(config, columns)
-    head = dataset.head(max(config.num_validation, 1), columns=["text", config.condition_column])
-    return DatasetInfo(
-        location=loc,
-        rows=rows,
-        columns=columns,
-        resolution=resolution,
-        scaling_factor=scaling_factor,
-        row_bytes=row_bytes,
-        annotator=annotator_spec(dataset.schema, config.condition_column),
-        validation={
-            "text": head.column("text").to_pylist()[: config.num_validation],
-            "condition": head.column(config.condition_column).to_pylist()[: config.num_validation],
-        },
-        files=list(dataset.files),
-    )
-
-
-def check_precomputed(config: TrainConfig, columns: list[str]) -> tuple[float, int]:
-    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling
-    factor and the bytes a row's tensors take."""
-    manifest = read_manifest(config.data, config.storage)
-    if manifest.get("status") != "complete":
-        raise ValueError(
-            f"dataset {config.data!r} has precomputed tensor columns but no complete precompute manifest; "
-            "finish 'zeroconv precompute' (re-run it to resume) or train on the annotated data"
-        )
-    made_with = manifest["job"]["base_model"]
-    if made_with != config.base_model.source:
-        raise ValueError(
-            f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
-            f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again"
-        )
-    shapes = [math.prod(t["shape"]) for t in manifest["tensors"].values()]
-    return float(manifest["scaling_factor"]), 4 * sum(shapes)
-
-
-def annotator_spec(schema, column: str) -> dict | None:
-    """How the condition column was made: the spec ``zeroconv annotate`` stores in the field's metadata."""
-    return schema_annotator_spec(schema.field(column))
-
-
-# ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_config(config: TrainConfig, cluster_gpus: float) -> TrainConfig:
-    """Fill in the automatic fields, so the workers and MLflow see exactly what runs."""
+def check_annotation_finished(config: TrainConfig) -> None:
+    """An annotated dataset whose ``zeroconv annotate`` run stopped part-way is refused (it would silently
+    train on a part of the data), unless ``allow_incomplete_data``."""
+    manifest_file = resolve(config.data, config.storage).join(MANIFEST)
+    if config.allow_incomplete_data or not manifest_file.exists():
+        return
+    manifest = json.loads(manifest_file.read_bytes())
+    if manifest.get("format") == ANNOTATED_FORMAT and manifest.get("status") != "complete":
+        shards = manifest.get("shards", {})
+        raise ValueError(
+            f"dataset {config.data!r} is not finished: its annotate manifest says {manifest.get('status')!r} "
+            f"({shards.get('done', '?')} of {shards.get('total', '?')} shards); re-run 'zeroconv annotate' to "
+            "finish it, or set allow_incomplete_data=true"
+        )
+
+
+def resolve_config(config: TrainConfig, has_gpu_nodes: bool) -> TrainConfig:
+    """Fill in the automatic fields, so the workers and MLflow see exactly what runs. Nothing here sizes
+    the run from the cluster as it is now: on an autoscaling cluster the workers do not exist yet."""
     from pipelines.common.tracking import resolve_tracking_uri
 
-    use_gpu = cluster_gpus > 0 if config.use_gpu is None else config.use_gpu
-    if use_gpu and cluster_gpus < config.num_workers:
-        raise ConfigError(f"use_gpu needs {config.num_workers} GPU(s); the Ray cluster has {cluster_gpus:g}")
+    use_gpu = has_gpu_nodes if config.use_gpu is None else config.use_gpu
     precision = ("bf16" if use_gpu else "fp32") if config.precision == "auto" else config.precision
     if precision == "fp16" and not use_gpu:
         raise ConfigError("precision fp16 is not supported on CPU (DeepSpeed refuses it); use fp32 or bf16")
@@ -193,6 +105,31 @@ def resolve_config(config: TrainConfig, cluster_gpus: float) -> TrainConfig:
     )
 
 
+def worker_resources(config: TrainConfig) -> dict[str, float]:
+    """What each worker reserves: its CPUs, a GPU if used, and the custom resources of ``ray.resources``
+    (e.g. {train_gpu: 1} to land on a node type of an autoscaling cluster)."""
+    return {"CPU": config.cpus_per_worker, **({"GPU": 1.0} if config.use_gpu else {}), **config.ray.resources}
+
+
+def check_fits_fixed_cluster(resources: dict[str, float], num_workers: int, nodes: list[dict]) -> None:
+    """On a cluster that cannot grow (a local Ray), a request no node can hold would wait forever: refuse it,
+    naming what is missing. ``nodes``: the alive nodes' total resources."""
+    fits = [min(int(node.get(k, 0) // v) for k, v in resources.items() if v > 0) for node in nodes]
+    if sum(fits) >= num_workers:
+        return
+    if not any(fits):
+        missing = sorted(k for k, v in resources.items() if not any(node.get(k, 0) >= v for node in nodes))
+        offered = ", ".join(f"{k}={max(node.get(k, 0) for node in nodes):g}" for k in missing)
+        raise ConfigError(
+            f"no node of this Ray cluster can hold one training worker: it needs "
+            f"{', '.join(f'{k}={resources[k]:g}' for k in missing)} (the largest node has {offered}); "
+            "lower cpus_per_worker / ray.resources, or use a cluster that offers them"
+        )
+    raise ConfigError(
+        f"this Ray cluster can hold {sum(fits)} training worker(s) of {resources}, not num_workers={num_workers}"
+    )
+
+
 def run_train(config: TrainConfig) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -201,32 +138,44 @@ def run_train(config: TrainConfig) -> TrainResult:
     from pipelines.common import tracking
     from pipelines.common.cluster import ensure_ray, storage_runtime_env
     from pipelines.common.tracking import check_tracking_server, resolve_tracking_uri
-    from pipelines.train_loop import train_loop
+    from pipelines.train_data import TrainFiles
+    from pipelines.train_loop import LoopInputs, train_loop
 
     # Everything a user can get wrong fails here, before a worker starts.
     data = inspect_dataset(config)
+    check_annotation_finished(config)
     check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir))
     ensure_ray(config.ray)
-    config = resolve_config(config, ray.cluster_resources().get("GPU", 0))
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    config = resolve_config(config, has_gpu_nodes=any(node.get("GPU", 0) > 0 for node in nodes))
+    resources = worker_resources(config)
+    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):  # a local Ray: these nodes are all there is
+        check_fits_fixed_cluster(resources, config.num_workers, nodes)
     storage = resolve(config.storage_path, config.storage)
     run_dir = storage.join(config.run_name)
     tracking_uri = config.mlflow.tracking_uri
     run_id = tracking.open_run(tracking_uri, config.mlflow.experiment, run_dir, config.run_name, flatten(config))
 
     try:
-        dataset = training_dataset(data, config)
-        resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {}), **config.ray.resources}
+        precomputed = data.scaling_factor is not None
+        # Names as the files have them; the workers read rows as image / text (pipelines.data.dataset.canonical).
+        columns = [*(TENSOR_COLUMNS if precomputed else (data.image_column,)), data.caption_column]
+        columns += [config.condition_column] + (["id"] if "id" in data.columns else [])
+        inputs = LoopInputs(
+            config=config,
+            files=TrainFiles.open(
+                data.files, data.location.fs, columns, data.image_column, data.caption_column, data.format
+            ),
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            run_dir=run_dir.uri,
+            validation=data.validation,
+            scaling_factor=data.scaling_factor,
+        )
+        # Ray Train requests the workers' resources and waits for them: on an autoscaling cluster the
+        # autoscaler adds the nodes (a request no node type can satisfy shows as infeasible in `ray status`).
         trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "config": config.model_dump(mode="json"),
-                "tracking_uri": tracking_uri,
-                "run_id": run_id,
-                "validation": data.validation,
-                "export_uri": run_dir.join("export").uri,
-                "scaling_factor": data.scaling_factor,
-                "failure_marker": failure_marker(config, run_dir),
-            },
+            partial(train_loop, inputs),
             scaling_config=ScalingConfig(
                 num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
             ),
@@ -238,7 +187,6 @@ def run_train(config: TrainConfig) -> TrainResult:
                 checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
                 worker_runtime_env=storage_runtime_env(),
             ),
-            datasets={"train": dataset},
         )
         result = trainer.fit()
         export = run_dir.join("export")
@@ -263,57 +211,39 @@ def run_train(config: TrainConfig) -> TrainResult:
     )
 
 
-def training_dataset(data: DatasetInfo, config: TrainConfig, max_in_memory: int = IN_MEMORY_BYTES):
-    """Ray Data: read the Parquet files, decode images and conditions (uint8 arrays) in Ray tasks; or,
-    for a precomputed dataset, read its tensor columns.
-
-    A small dataset is decoded once, kept in the object store and chained for as many epochs as the
-    run needs: restarting a streaming read per epoch costs about a second, which dominates when an
-    epoch is a few batches. A large one streams; the train loop starts a new pass per epoch."""
-    import ray
-
-    from pipelines.data.tensors import decode_batch
-
-    if data.scaling_factor is not None:  # precomputed: tensors as stored; conditions are decoded per step
-        dataset = ray.data.read_parquet(
-            data.files, filesystem=data.location.fs, columns=[*TENSOR_COLUMNS, "text", config.condition_column]
-        )
-    else:
-        dataset = ray.data.read_parquet(
-            data.files, filesystem=data.location.fs, columns=["image", "text", config.condition_column]
-        ).map_batches(
-            decode_batch, fn_kwargs={"condition_column": config.condition_column}, batch_size=64, batch_format="numpy"
-        )
-    if not data.row_bytes or data.rows * data.row_bytes > max_in_memory:
-        return dataset
-    epochs = math.ceil(config.max_steps * config.effective_batch / data.rows) + 1
-    dataset = dataset.materialize()
-    return dataset.union(*[dataset] * (epochs - 1)) if epochs > 1 else dataset
+def recorded_base_model(source: str) -> str:
+    """How the registered model names its base: a local directory as its absolute path (``~`` expanded),
+    anything else (``tiny``, ``s3://``, a hub id) as given."""
+    local = Path(source).expanduser()
+    return str(local.resolve()) if local.exists() else source
 
 
-def failure_marker(config: TrainConfig, run_dir: Location) -> str | None:
-    """Where the ``fail_at_step`` hook records that it fired (so it fires once per run)."""
-    if config.fail_at_step is None:
-        return None
-    if is_s3(run_dir.uri):
-        return str(
-            Path(tempfile.gettempdir()) / f"zeroconv-failure-{hashlib.sha256(run_dir.uri.encode()).hexdigest()[:16]}"
-        )
-    return str(Path(run_dir.path) / "failure_injected")
+STEPS_TAG = "zeroconv.steps"  # on a registered version: the training step it was exported at
+
+
+def registered_version(name: str, run_id: str, steps: int) -> str | None:
+    """The version this run already registered at ``steps`` (a re-run of a finished training), if any."""
+    import mlflow
+
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return next((v.version for v in versions if v.tags.get(STEPS_TAG) == str(steps)), None)
 
 
 def register(
     config: TrainConfig, data: DatasetInfo, steps: int, run_id: str, controlnet_uri: str, unet_uri: str | None
 ) -> str | None:
-    """Log the export as a pyfunc model on the training run; register it with alias 'candidate'."""
+    """Log the export as a pyfunc model on the training run; register it with alias 'candidate' - once:
+    re-running a finished training returns the version it registered."""
     import mlflow
 
     from model.inference import InferenceDefaults
     from model.registry import log_controlnet_model
 
-    source = config.base_model.source
+    name = config.registered_model or None
+    if name and (existing := registered_version(name, run_id, steps)):
+        return str(existing)
     metadata = {
-        "base_model": str(Path(source).resolve()) if Path(source).expanduser().exists() else source,
+        "base_model": recorded_base_model(config.base_model.source),
         "annotator": data.annotator,
         "condition_column": config.condition_column,
         "inference": vars(InferenceDefaults()),
@@ -327,7 +257,9 @@ def register(
             return str(download_dir(uri, Path(tmp) / Path(uri).name, config.storage)) if uri and is_s3(uri) else uri
 
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = log_controlnet_model(
-                local(controlnet_uri), metadata, config.registered_model or None, unet_dir=local(unet_uri)
-            )
-    return str(info.registered_model_version) if config.registered_model else None
+            info = log_controlnet_model(local(controlnet_uri), metadata, name, unet_dir=local(unet_uri))
+    if not name:
+        return None
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient().set_model_version_tag(name, version, STEPS_TAG, str(steps))
+    return version

@@ -4,26 +4,48 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from model.controlnet import Policy
-from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig
+from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig, Section
 
 LRSchedule = Literal["constant_with_warmup", "cosine"]
 TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class TrainDebug(Section):
+    """Debug options (``debug.*``): exercise recovery and check the data order; off by default."""
+
+    fail_at_step: int | None = Field(
+        default=None,
+        description="The last rank exits abruptly once, before this step (after the latest checkpoint is "
+        "committed), like a lost node: exercises recovery.",
+    )
+    record_samples: str | None = Field(
+        default=None,
+        description="A local directory (on the workers' nodes): each rank appends the sample ids of every step to "
+        "samples_rank<R>.jsonl there.",
+    )
 
 
 class TrainConfig(JobConfig):
     """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
 
     data: str = Field(
-        default="runs/annotated", description="Annotated Parquet dataset: a directory or file, local or s3://."
+        default="runs/annotated",
+        description="Annotated Parquet (a directory or file, local or s3://), or a Hugging Face dataset: "
+        "Parquet, or a local save_to_disk folder (docs/huggingface.md).",
     )
     condition_column: str = Field(
         default="conditioning_image",
-        description="Column holding the condition PNGs: 'conditioning_image' for one annotator, "
-        "'cond_<annotator>' for several.",
+        validation_alias=AliasChoices("condition_column", "conditioning_image_column"),
+        description="Column holding the condition images: 'conditioning_image' for one annotator, "
+        "'cond_<annotator>' for several. Also accepted as conditioning_image_column (diffusers' name).",
     )
+    image_column: str = Field(
+        default="image", description="Column holding the images: binary, or Hugging Face Image structs."
+    )
+    caption_column: str = Field(default="text", description="Column holding the captions (strings).")
     base_model: BaseModelConfig = BaseModelConfig()
     run_name: str = Field(
         default="controlnet",
@@ -42,7 +64,9 @@ class TrainConfig(JobConfig):
         default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed); leave some for Ray Data."
     )
     use_gpu: bool | None = Field(
-        default=None, description="One GPU per worker. Default: yes if the Ray cluster has GPUs."
+        default=None,
+        description="One GPU per worker. Default: yes if a node of the Ray cluster has a GPU now; on an "
+        "autoscaling cluster that starts without GPU nodes set it to true (the workers then wait for them).",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(
         default=2, description="DeepSpeed ZeRO stage (2: shard optimizer state and grads; 3: also params)."
@@ -82,6 +106,17 @@ class TrainConfig(JobConfig):
         default=0.9999, gt=0, lt=1, description="EMA decay (warmed up as min(decay, (1+n)/(10+n)))."
     )
     seed: int = Field(default=0, description="Random seed (noise, timesteps, prompt dropout, data order).")
+    shuffle_buffer: int = Field(
+        default=1024,
+        ge=1,
+        description="Rows shuffled together after the per-epoch shuffle of the files (memory: this many encoded rows "
+        "per worker).",
+    )
+    allow_incomplete_data: bool = Field(
+        default=False,
+        description="Train on an annotated dataset whose annotate run did not finish (its manifest status is not "
+        "complete).",
+    )
     # Checkpoints, logging, validation
     checkpoint_every: int = Field(
         default=500, ge=1, description="Steps between checkpoints (a final one is always written)."
@@ -99,10 +134,7 @@ class TrainConfig(JobConfig):
     )
     validation_steps: int = Field(default=20, ge=1, description="DDIM steps for validation images.")
     mlflow: MLflowConfig = MLflowConfig()
-    fail_at_step: int | None = Field(
-        default=None,
-        description="Testing hook: the last rank exits abruptly once, before this step, to exercise recovery.",
-    )
+    debug: TrainDebug = TrainDebug()
 
     @property
     def effective_batch(self) -> int:

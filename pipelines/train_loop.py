@@ -2,18 +2,20 @@
 
 Each worker loads the frozen base (VAE, text encoder, UNet), builds UNet + ControlNet, wraps it in a
 DeepSpeed engine (ZeRO stage from the config), resumes from Ray's latest checkpoint if there is one,
-and streams its shard of the dataset: decode -> VAE latents + text embeddings -> prompt dropout ->
-noise -> predict -> MSE -> step. Rank 0 logs to MLflow; all ranks checkpoint and export together.
+and reads its share of the data from where the run stopped (pipelines/train_data.py): decode -> VAE
+latents + text embeddings -> prompt dropout -> noise -> predict -> MSE -> step. Rank 0 logs to MLflow
+(other ranks get a NullTracker); all ranks checkpoint and export together.
 
 This module must stay importable (Ray pickles ``train_loop`` by reference).
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import ray.train
@@ -25,35 +27,19 @@ from pipelines.checkpoint import (
     changed_params,
     export_model,
     full_state_dict,
+    master_weights,
     restore_checkpoint,
     save_checkpoint,
     sub_state_dict,
 )
 from pipelines.common.dtypes import torch_dtype
 from pipelines.common.images import decode_condition
-from pipelines.data.tensors import batch_tensors
+from pipelines.data.tensors import batch_tensors, decode_batch
 from pipelines.train_config import TrainConfig
+from pipelines.train_data import SampleStream, TrainFiles
+from pipelines.train_debug import StepHooks
 
 TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocation, first-call overheads
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def micro_batches(shard, batch_size: int, seed: int):
-    """Endless micro-batches from this worker's shard; each pass over the data is locally reshuffled."""
-    epoch = 0
-    while True:
-        yield from shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=8 * batch_size,
-            local_shuffle_seed=seed + epoch,
-        )
-        epoch += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +96,8 @@ def local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
 class EMA:
     """Exponential moving average of the trained weights, fp32, over this rank's share of each one."""
 
-    def __init__(self, params, decay: float):
-        self.params = [p for p in params if p.requires_grad]
+    def __init__(self, named_params, decay: float):
+        self.names, self.params = zip(*[(n, p) for n, p in named_params if p.requires_grad])
         self.shadow = [local_tensor(p).detach().float().clone() for p in self.params]
         self.decay, self.updates = decay, 0
 
@@ -123,15 +109,33 @@ class EMA:
             shadow.lerp_(local_tensor(p).float(), 1 - decay)
 
     @torch.no_grad()
-    def copy_to_model(self) -> None:
-        for shadow, p in zip(self.shadow, self.params):
-            local_tensor(p).copy_(shadow)
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, full size, fp32 CPU tensors (every rank calls: ZeRO-3 shards are gathered)."""
+        import torch.distributed as dist
 
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "updates": self.updates}
+        out = {}
+        for name, shadow, p in zip(self.names, self.shadow, self.params):
+            if hasattr(p, "ds_tensor"):  # a ZeRO-3 shard of the flattened, padded parameter
+                parts = [torch.empty_like(shadow) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, shadow)
+                shadow = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+            out[name] = shadow.detach().to("cpu", copy=True)
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow, self.updates = [s.to(t.device) for s, t in zip(state["shadow"], self.shadow)], state["updates"]
+    @torch.no_grad()
+    def load_full_weights(self, weights: dict[str, torch.Tensor], updates: int) -> None:
+        """The inverse of :meth:`full_weights`, into this rank's share (e.g. from a checkpoint of another
+        number of workers)."""
+        import torch.distributed as dist
+
+        for shadow, name, p in zip(self.shadow, self.names, self.params):
+            value = weights[name].to(shadow.device, torch.float32).flatten()
+            if hasattr(p, "ds_tensor"):
+                begin = dist.get_rank() * shadow.numel()
+                value = torch.nn.functional.pad(value, (0, max(0, begin + shadow.numel() - value.numel())))
+                value = value[begin : begin + shadow.numel()]
+            shadow.copy_(value.view_as(shadow))
+        self.updates = updates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,35 +160,8 @@ def validation_images(state: dict, model: ControlledUNet, base, validation: dict
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Metrics
 # ---------------------------------------------------------------------------------------------
-
-
-def train_step(
-    engine, base, batches, empty_prompt: torch.Tensor, config: TrainConfig, scaling_factor: float | None
-) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (detached)."""
-    dtype = torch_dtype(config.precision)
-    total = torch.zeros((), device=engine.device)
-    for _ in range(config.grad_accum):
-        latents, text, conditions = batch_tensors(
-            next(batches), base, config.condition_column, scaling_factor, engine.device
-        )
-        text = drop_prompts(text, empty_prompt, config.prompt_dropout)
-        loss = diffusion_loss(engine, base.noise_scheduler, latents.to(dtype), text.to(dtype), [conditions.to(dtype)])
-        engine.backward(loss)
-        engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries
-        total += loss.detach()
-    return total / config.grad_accum
-
-
-def maybe_fail(config: TrainConfig, step: int, rank: int, world: int, marker: str | None) -> None:
-    """Testing hook: the last rank dies like a lost node before ``fail_at_step``, once per run (marker file).
-    It waits until Ray has committed the latest checkpoint, so where the run resumes is known exactly."""
-    if config.fail_at_step == step and rank == world - 1 and marker and not os.path.exists(marker):
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        Path(marker).touch()
-        os._exit(1)
 
 
 def global_mean(value: torch.Tensor) -> float:
@@ -239,92 +216,174 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def log_validation(engine, model, base, validation: dict, config: TrainConfig, tracker, step: int, rank: int) -> None:
-    """All ranks gather the weights (ZeRO-3 needs everyone); rank 0 generates and logs the grid."""
-    state = full_state_dict(engine, rank)
-    if tracker:
-        tracker.log_grid(validation_images(state, model, base, validation, config), step)
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
 
 
-def train_loop(loop_config: dict) -> None:
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker (pickled once with the train function)."""
+
+    config: TrainConfig
+    files: TrainFiles
+    tracking_uri: str
+    run_id: str
+    run_dir: str  # storage_path/run_name: checkpoints live here (through Ray), the export under export/
+    validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}: the fixed validation rows
+    scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
+
+    @property
+    def export_uri(self) -> str:
+        return f"{self.run_dir}/export"
+
+
+@dataclass
+class TrainState:
+    """Everything one worker's loop carries from step to step."""
+
+    engine: object  # the DeepSpeed engine around ``model``
+    model: ControlledUNet
+    base: object  # model.base.BaseModel: frozen VAE, text encoder, noise scheduler
+    ema: EMA | None
+    tracker: object  # Tracker on rank 0, NullTracker elsewhere
+    console: Callable[[str], None]  # print on rank 0, silent elsewhere
+    hooks: StepHooks
+    batches: SampleStream
+    empty_prompt: torch.Tensor
+    step: int  # optimizer steps done
+    position: int  # samples consumed by the whole run (all ranks): where the data stream resumes
+    meter: Meter
+    metrics: dict = field(default_factory=dict)
+
+
+def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (detached)."""
+    config, engine, base = inputs.config, state.engine, state.base
+    dtype = torch_dtype(config.precision)
+    total = torch.zeros((), device=engine.device)
+    for _ in range(config.grad_accum):
+        batch = next(state.batches)
+        state.hooks.on_batch(state.step + 1, batch.pop("ids", None))
+        latents, text, conditions = batch_tensors(
+            batch, base, config.condition_column, inputs.scaling_factor, engine.device
+        )
+        text = drop_prompts(text, state.empty_prompt, config.prompt_dropout)
+        loss = diffusion_loss(engine, base.noise_scheduler, latents.to(dtype), text.to(dtype), [conditions.to(dtype)])
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries
+        total += loss.detach()
+    state.step += 1
+    state.position += config.effective_batch
+    if state.ema is not None:
+        state.ema.update()
+    return total / config.grad_accum
+
+
+def setup(inputs: LoopInputs) -> TrainState:
+    """Load the base, build model + engine, restore the latest checkpoint, open the data stream there."""
     from model.base import load_base
-    from pipelines.common.tracking import Tracker
+    from pipelines.common.storage import resolve
+    from pipelines.common.tracking import NullTracker, Tracker
 
-    config = TrainConfig.model_validate(loop_config["config"])
+    config = inputs.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(config.seed * 1000 + rank)  # ranks draw different noise, timesteps and dropout
-
     base = load_base(config.base_model.source, storage=config.storage, device=device)
     model = build_model(base, config)
     engine = build_engine(model, config)
-    ema = EMA(model.parameters(), config.ema_decay) if config.ema else None
-    step = restore_checkpoint(engine, ema)
-    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    empty_prompt = base.encode_prompts([""])
-    batches = micro_batches(ray.train.get_dataset_shard("train"), config.batch_size, config.seed + step)
-
-    meter, metrics = Meter(config.effective_batch), {}
-    while step < config.max_steps:
-        maybe_fail(config, step + 1, rank, world, loop_config.get("failure_marker"))
-        started = time.perf_counter()
-        loss = train_step(engine, base, batches, empty_prompt, config, loop_config["scaling_factor"])
-        synchronize(device)
-        meter.add(loss, time.perf_counter() - started)
-        step += 1
-        if ema is not None:
-            ema.update()
-        if step % config.log_every == 0 or step == config.max_steps:
-            metrics = {
-                **meter.window(),
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                **learning_rates(engine),
-            }
-            if tracker:
-                tracker.log_metrics(metrics, step)
-                print(
-                    f"step {step}/{config.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-                    flush=True,
-                )
-        if (
-            config.num_validation
-            and config.validate_every
-            and step % config.validate_every == 0
-            and step < config.max_steps
-        ):
-            log_validation(engine, model, base, loop_config["validation"], config, tracker, step, rank)
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
-            save_checkpoint(engine, step, {**metrics, "step": step}, ema)
-
-    finish(
-        engine,
-        model,
-        base,
-        config,
-        loop_config,
-        ema,
-        tracker,
-        {**metrics, "step": step, "steady_samples_per_s": meter.steady_samples_per_s(), "peak_rss_mb": peak_rss_mb()},
-        rank,
+    ema = EMA(model.named_parameters(), config.ema_decay) if config.ema else None
+    step, position = restore_checkpoint(engine, ema)
+    # Ranks draw different noise, timesteps and dropout; a resumed run does not replay the first steps' draws.
+    torch.manual_seed(int(np.random.SeedSequence([config.seed, rank, step]).generate_state(1)[0]))
+    decode = (
+        None if inputs.scaling_factor is not None else partial(decode_batch, condition_column=config.condition_column)
+    )
+    batches = SampleStream(
+        inputs.files, config.seed, config.shuffle_buffer, rank, world, config.batch_size, position, decode
+    )
+    return TrainState(
+        engine=engine,
+        model=model,
+        base=base,
+        ema=ema,
+        tracker=Tracker(inputs.tracking_uri, inputs.run_id) if rank == 0 else NullTracker(),
+        console=print if rank == 0 else (lambda line: None),
+        hooks=StepHooks(config.debug, resolve(inputs.run_dir, config.storage), rank, world),
+        batches=batches,
+        empty_prompt=base.encode_prompts([""]),
+        step=step,
+        position=position,
+        meter=Meter(config.effective_batch),
     )
 
 
-def finish(engine, model, base, config: TrainConfig, loop_config: dict, ema, tracker, final: dict, rank: int) -> None:
+def train_loop(inputs: LoopInputs) -> None:
+    """What every Ray Train worker runs."""
+    config = inputs.config
+    state = setup(inputs)
+    while state.step < config.max_steps:
+        state.hooks.before_step(state.step + 1)
+        started = time.perf_counter()
+        loss = train_step(state, inputs)
+        synchronize(state.engine.device)
+        state.meter.add(loss, time.perf_counter() - started)
+        step, last = state.step, state.step == config.max_steps
+        if step % config.log_every == 0 or last:
+            log_metrics(state, config.max_steps)
+        if config.num_validation and config.validate_every and step % config.validate_every == 0 and not last:
+            log_validation(state, inputs)
+        if step % config.checkpoint_every == 0 or last:
+            save_checkpoint(state.engine, step, state.position, {**state.metrics, "step": step}, state.ema)
+    finish(state, inputs)
+
+
+def log_metrics(state: TrainState, max_steps: int) -> None:
+    """All ranks call (the loss is averaged across them); rank 0's tracker and console record it."""
+    state.metrics = {
+        **state.meter.window(),
+        "grad_norm": float(state.engine.get_global_grad_norm() or 0.0),
+        **learning_rates(state.engine),
+    }
+    state.tracker.log_metrics(state.metrics, state.step)
+    state.console(f"step {state.step}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in state.metrics.items()))
+
+
+def log_validation(state: TrainState, inputs: LoopInputs) -> None:
+    """All ranks gather the weights (ZeRO-3 needs everyone); rank 0 generates and logs the grid."""
+    weights = full_state_dict(state.engine, master_weights(state.engine))
+    if weights is not None:  # rank 0
+        grid = validation_images(weights, state.model, state.base, inputs.validation, inputs.config)
+        state.tracker.log_grid(grid, state.step)
+
+
+def finish(state: TrainState, inputs: LoopInputs) -> None:
     """All ranks gather the final (EMA) weights once; rank 0 checks the UNet against the base on disk,
-    logs the last grid and writes the export with ``final`` (the driver reads the metrics from it)."""
+    logs the last grid and writes the export with the final metrics (the driver reads them from it)."""
     from diffusers import UNet2DConditionModel
 
-    if ema is not None:
-        ema.copy_to_model()  # the run is over: the module may hold the averaged weights now
-    state = full_state_dict(engine, rank)
-    if rank != 0:
+    config = inputs.config
+    trained = state.ema.full_weights() if state.ema is not None else master_weights(state.engine)
+    weights = full_state_dict(state.engine, trained)
+    if weights is None:  # only rank 0 holds the gathered weights
         return
-    base_unet = UNet2DConditionModel.from_pretrained(base.local_dir, subfolder="unet")
-    final["unet_params_changed"] = changed_params(
-        sub_state_dict(state, "unet."), base_unet, torch_dtype(config.precision)
-    )
+    base_unet = UNet2DConditionModel.from_pretrained(state.base.local_dir, subfolder="unet").state_dict()
+    final = {
+        **state.metrics,
+        "step": state.step,
+        "steady_samples_per_s": state.meter.steady_samples_per_s(),
+        "peak_rss_mb": peak_rss_mb(),
+        "unet_params_changed": changed_params(
+            sub_state_dict(weights, "unet."), base_unet, torch_dtype(config.precision)
+        ),
+    }
+    # Weights that did not train are exported as the base's own, not as their copies in the training dtype.
+    trained = {name for name, p in state.model.named_parameters() if p.requires_grad}
+    weights.update({f"unet.{k}": v for k, v in base_unet.items() if f"unet.{k}" not in trained})
     if config.num_validation:
-        tracker.log_grid(validation_images(state, model, base, loop_config["validation"], config), final["step"])
-    tracker.log_metrics({k: final[k] for k in ("steady_samples_per_s", "peak_rss_mb")}, final["step"])
-    export_model(state, model, config.policy != "locked", final, loop_config["export_uri"], config.storage)
+        state.tracker.log_grid(
+            validation_images(weights, state.model, state.base, inputs.validation, config), state.step
+        )
+    state.tracker.log_metrics({k: final[k] for k in ("steady_samples_per_s", "peak_rss_mb")}, state.step)
+    export_model(weights, state.model, config.policy != "locked", final, inputs.export_uri, config.storage)

@@ -63,15 +63,20 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
+def encoded_bytes(value: bytes | dict) -> bytes:
+    """An image cell's bytes: plain binary, or Hugging Face's ``{"bytes": ..., "path": ...}`` (annotated data)."""
+    return value["bytes"] if isinstance(value, dict) else value
+
+
+def decode_rgb(data: bytes | dict) -> np.ndarray:
     """Decode any PIL-readable image to uint8 (H, W, 3), upright and without transparency."""
-    with open_image(data) as img:
+    with open_image(encoded_bytes(data)) as img:
         return np.asarray(_to_rgb(_load_upright(img)))
 
 
-def decode_condition(data: bytes, channels: int = 3) -> np.ndarray:
+def decode_condition(data: bytes | dict, channels: int = 3) -> np.ndarray:
     """Decode a condition PNG to uint8 (H, W, channels); 1-channel maps are repeated to 3 if asked."""
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(io.BytesIO(encoded_bytes(data))) as img:
         arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
     return arr[..., None] if channels == 1 else arr
 

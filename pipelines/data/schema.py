@@ -1,7 +1,9 @@
 """The data contract between stages: every column name, metadata key, file name and format version.
 
-Annotated and precomputed datasets are folders of Parquet shards plus files whose names start with
-"_" (Parquet readers skip those). docs/data-schema.md describes the same contract for users.
+Annotated and precomputed datasets are folders holding ``data/train-NNNNN-of-MMMMM.parquet`` shards
+plus bookkeeping whose names start with "_" (Parquet readers skip those; Hugging Face ``datasets``
+reads only the ``data/`` shards, by that name pattern). docs/data-schema.md describes the same
+contract for users.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Columns of an annotated dataset
 ID, IMAGE, TEXT, SOURCE = "id", "image", "text", "source"
@@ -26,21 +29,36 @@ TENSOR_COLUMNS = (LATENT_MEAN, LATENT_STD, TEXT_EMBEDDING)
 # Metadata keys
 ANNOTATOR_KEY = b"zeroconv.annotator"  # on a condition field: the annotator spec (name, params, weights)
 IMAGE_ENCODING_KEY = b"encoding"  # on the image field
+HF_FEATURES_KEY = b"huggingface"  # schema metadata `datasets` reads its features from
 
-# Files beside the shards ("_": Parquet readers skip them, so the folder stays a readable dataset)
+# Image and condition columns: Hugging Face's Image storage type, so `datasets` decodes them to PIL
+# images. `path` is always null; `bytes` holds the JPEG / PNG.
+ENCODED_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+# Files of a sharded dataset. Shards are named the way the Hugging Face Hub names Parquet shards:
+# datasets.load_dataset(folder) reads exactly data/train-NNNNN-of-MMMMM.parquet and nothing else,
+# and the "_" names beside them are skipped by pyarrow and Ray Data.
+DATA_DIR = "data"
 MANIFEST = "_manifest.json"
-REJECTS_DIR = "_rejects"
+REJECTS_DIR = "_rejects"  # per shard: the inputs that could not be used
+EMPTY_DIR = "_empty"  # per shard with no rows: its summary (a 0-row Parquet file breaks `datasets`)
 EMPTY_PROMPT_FILE = "_empty_prompt.safetensors"
+MAX_SHARDS = 100_000  # `datasets` matches exactly five index digits
+
+
+def shard_file_name(index: int, total: int) -> str:
+    """The file name of shard ``index`` of ``total``."""
+    return f"train-{index:05d}-of-{total:05d}.parquet"
+
 
 # Format versions written into manifests
-ANNOTATED_FORMAT = "zeroconv.annotated/1"
-PRECOMPUTED_FORMAT = "zeroconv.precomputed/1"
+ANNOTATED_FORMAT = "zeroconv.annotated/2"  # 2: data/ shards, image columns as {bytes, path}
+PRECOMPUTED_FORMAT = "zeroconv.precomputed/2"
 
 # Reject reasons
 READ_ERROR = "read_error"  # the bytes (or the caption) could not be read
 UNSUPPORTED_FILE = "unsupported_file"  # a file under the input that is not an image
 MISSING_IMAGE = "missing_image"  # a Parquet row with a null image, a WebDataset sample without one
-ANNOTATOR_ERROR = "annotator_error"
 
 
 def dumps(value: Any) -> str:
@@ -57,14 +75,12 @@ def condition_columns(annotator_names: list[str]) -> list[str]:
 
 def annotated_schema(columns: dict[str, dict]) -> pa.Schema:
     """Columns of an annotated shard; ``columns`` maps condition column -> annotator spec."""
-    conditions = [
-        pa.field(col, pa.binary(), nullable=False, metadata={ANNOTATOR_KEY: dumps(spec)})
-        for col, spec in columns.items()
-    ]
-    return pa.schema(
+    # Image columns are nullable only because `datasets` compares its Image type, nullable, field by field.
+    conditions = [pa.field(col, ENCODED_IMAGE, metadata={ANNOTATOR_KEY: dumps(spec)}) for col, spec in columns.items()]
+    schema = pa.schema(
         [
             pa.field(ID, pa.string(), nullable=False),
-            pa.field(IMAGE, pa.binary(), nullable=False, metadata={IMAGE_ENCODING_KEY: b"jpeg"}),
+            pa.field(IMAGE, ENCODED_IMAGE, metadata={IMAGE_ENCODING_KEY: b"jpeg"}),
             pa.field(TEXT, pa.string(), nullable=False),
             *conditions,
             pa.field(WIDTH, pa.int32(), nullable=False),
@@ -74,6 +90,34 @@ def annotated_schema(columns: dict[str, dict]) -> pa.Schema:
             pa.field(SOURCE, pa.string(), nullable=False),
         ]
     )
+    return with_hf_features(schema)
+
+
+def with_hf_features(schema: pa.Schema) -> pa.Schema:
+    """``schema`` plus the metadata `datasets` writes itself: its features, so image columns load as Image."""
+    values = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float32(): "float32"}
+    features = {}
+    for f in schema:
+        if f.type == ENCODED_IMAGE:
+            features[f.name] = {"_type": "Image"}
+        elif f.type in values:
+            features[f.name] = {"dtype": values[f.type], "_type": "Value"}
+    info = {"info": {"features": features}}
+    return schema.with_metadata({**(schema.metadata or {}), HF_FEATURES_KEY: json.dumps(info).encode()})
+
+
+def encoded_images(values: list[bytes]) -> pa.Array:
+    """JPEG / PNG bytes -> an image column (``ENCODED_IMAGE``)."""
+    return pa.StructArray.from_arrays(
+        [pa.array(values, pa.binary()), pa.nulls(len(values), pa.string())], fields=list(ENCODED_IMAGE)
+    )
+
+
+def image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """The encoded bytes of an image column, stored as binary (older data, other tools) or as ``{bytes, path}``."""
+    if pa.types.is_struct(column.type):
+        return pc.struct_field(column, "bytes")
+    return column.cast(pa.binary())
 
 
 REJECTS_SCHEMA = pa.schema(

@@ -2,9 +2,11 @@
 
 Two halves, run in different places:
 
-* :meth:`Source.plan` (driver) lists the input once, sorted, and cuts it into :class:`Shard` s.
-  The cut is deterministic - the same input always gives the same shards - which is what lets a
-  re-run skip the shards that are already written.
+* :meth:`Source.plan` (driver) lists the input once, sorted, and cuts it into :class:`Shard` s as it
+  goes: a generator, so the driver holds one directory listing (one page on S3) and one shard at a
+  time, never the whole input. The cut is deterministic - the same input always gives the same
+  shards - and a shard's fingerprint covers each file's size and modification time (ETag on S3),
+  which is what lets a re-run skip the shards that are already written, and only those.
 * :meth:`Source.read` (workers) streams one shard as :class:`InputItem` s: the source URI, the raw
   image bytes and the caption. Nothing is decoded here; an item that cannot even be read carries a
   ``problem`` instead of bytes, so it can be counted and written to the rejects table.
@@ -12,16 +14,19 @@ Two halves, run in different places:
 Input layouts:
 
 * ``images``: a folder or prefix, recursive; ``photo.jpg`` takes its caption from ``photo.txt``
-  beside it when there is one. Files that are not images are inputs too (rejected as
+  (any case of the extension) beside it when there is one. Files that are not images are inputs too (rejected as
   ``unsupported_file``), so nothing under the input disappears silently.
 * ``parquet``: a file, folder or prefix of ``.parquet``; image bytes and captions from named columns
   (image columns may also be Hugging Face ``{bytes, path}`` structs).
 * ``webdataset``: ``.tar`` shards whose members are grouped by key (``0001.jpg`` + ``0001.txt``).
+  A damaged tar costs only what it must: each sample whose members were listed but not read is its
+  own reject, and a damaged stretch whose members cannot be named is one reject.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import posixpath
 import tarfile
@@ -35,6 +40,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common.config import StorageConfig
 from pipelines.common.storage import resolve
+from pipelines.data.listing import CAPTION_EXTENSION, ListedFile, list_files, with_captions
 from pipelines.data.schema import MISSING_IMAGE, READ_ERROR, UNSUPPORTED_FILE
 
 InputFormat = Literal["auto", "images", "parquet", "webdataset"]
@@ -56,7 +62,6 @@ IMAGE_EXTENSIONS = (
     ".pnm",
     ".avif",
 )
-CAPTION_EXTENSION = ".txt"
 PARQUET_EXTENSION = ".parquet"
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
@@ -83,8 +88,10 @@ class Shard:
     path: str = ""  # parquet / webdataset: the file on the filesystem
     start: int = 0  # parquet: row range [start, stop)
     stop: int = 0
-    files: tuple[tuple[str, str | None], ...] = ()  # images: (image path, caption path or None)
+    # images: (image path, caption path or None, version of both: see pipelines.data.listing)
+    files: tuple[tuple[str, str | None, str], ...] = ()
     count: int | None = None  # inputs in the shard, when known before reading it
+    version: str = ""  # parquet / webdataset: the file's version
 
     def to_json(self) -> str:
         return json.dumps(
@@ -96,18 +103,19 @@ class Shard:
                 "stop": self.stop,
                 "files": [list(f) for f in self.files],
                 "count": self.count,
+                "version": self.version,
             }
         )
 
     @classmethod
     def from_json(cls, text: str) -> "Shard":
         d = json.loads(text)
-        return cls(
-            d["index"], d["kind"], d["path"], d["start"], d["stop"], tuple((p, c) for p, c in d["files"]), d["count"]
-        )
+        files = tuple((p, c, v) for p, c, v in d["files"])
+        return cls(d["index"], d["kind"], d["path"], d["start"], d["stop"], files, d["count"], d["version"])
 
     def fingerprint(self) -> str:
-        """Identifies what the shard reads; a re-run must see the same one to skip the shard."""
+        """Identifies what the shard reads, down to each file's version; a re-run must see the same one
+        to skip the shard, so a file overwritten under the same name makes its shard a different one."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:32]
 
 
@@ -138,62 +146,45 @@ class Source:
     # Planning (driver)
     # ------------------------------------------------------------------------------------------
 
-    def plan(self, shard_size: int) -> list[Shard]:
-        """List the input and cut it into shards of at most ``shard_size`` inputs (one per tar)."""
-        paths = self._list()
-        kind = self._detect(paths)
+    def plan(self, shard_size: int) -> Iterator[Shard]:
+        """Cut the input into shards of at most ``shard_size`` inputs (one per tar), streamed: the
+        listing is read as the shards are consumed. A missing input or one without usable files
+        raises here; a Parquet file without the configured columns when its shards are reached."""
+        kind, files = self._detect(list_files(self._location, self.storage))
         if kind == "images":
-            return _plan_images(paths, shard_size)
+            return plan_images(files, shard_size)
         if kind == "parquet":
-            return self._plan_parquet([p for p in paths if p.lower().endswith(PARQUET_EXTENSION)], shard_size)
-        tars = [p for p in paths if p.lower().endswith(TAR_EXTENSIONS)]
-        return [Shard(i, "webdataset", path=p) for i, p in enumerate(tars)]
+            return self._plan_parquet((f for f in files if f.path.lower().endswith(PARQUET_EXTENSION)), shard_size)
+        tars = (f for f in files if f.path.lower().endswith(TAR_EXTENSIONS))
+        return (Shard(i, "webdataset", path=f.path, version=f.version) for i, f in enumerate(tars))
 
-    def _list(self) -> list[str]:
-        loc = self._location
-        info = loc.fs.get_file_info(loc.path)
-        if info.type.name == "NotFound":
-            raise FileNotFoundError(f"input {self.uri!r} does not exist")
-        if info.type.name == "File":
-            return [loc.path]
-        root = loc.path.rstrip("/") + "/"
-        # Hidden files and folders (.git, .DS_Store, ._photo.jpg) are not inputs.
-        return sorted(
-            i.path
-            for i in loc.list_files(recursive=True)
-            if not any(part.startswith(".") for part in i.path[len(root) :].split("/"))
-        )
-
-    def _detect(self, paths: list[str]) -> str:
-        if not paths:
+    def _detect(self, files: Iterator[ListedFile]) -> tuple[str, Iterator[ListedFile]]:
+        """The input's kind, from the first file that has one (explicit ``format`` wins); the
+        listing comes back whole, the files looked at put in front again."""
+        seen: list[ListedFile] = []
+        for f in files:
+            seen.append(f)
+            kind = "images" if self.format == "images" else _kind(f.path)  # any file is an image input
+            if kind is not None and self.format in ("auto", kind):
+                return kind, itertools.chain(seen, files)
+        if not seen:
             raise FileNotFoundError(f"input {self.uri!r} holds no files")
-        lowered = [p.lower() for p in paths]
-        has = {
-            "images": any(p.endswith(IMAGE_EXTENSIONS) for p in lowered),
-            "parquet": any(p.endswith(PARQUET_EXTENSION) for p in lowered),
-            "webdataset": any(p.endswith(TAR_EXTENSIONS) for p in lowered),
-        }
         if self.format != "auto":
-            if self.format != "images" and not has[self.format]:
-                raise FileNotFoundError(f"input {self.uri!r} holds no {self.format} files")
-            return self.format
-        for kind in ("images", "parquet", "webdataset"):
-            if has[kind]:
-                return kind
+            raise FileNotFoundError(f"input {self.uri!r} holds no {self.format} files")
         raise FileNotFoundError(
             f"input {self.uri!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}), .parquet or .tar files"
         )
 
-    def _plan_parquet(self, paths: list[str], shard_size: int) -> list[Shard]:
-        # One footer read per file; threads because on S3 each is a round trip.
-        with ThreadPoolExecutor(16) as pool:
-            metas = list(pool.map(self._parquet_rows, paths))
-        shards: list[Shard] = []
-        for path, num_rows in zip(paths, metas):
+    def _plan_parquet(self, files: Iterator[ListedFile], shard_size: int) -> Iterator[Shard]:
+        index = 0
+        # One footer read per file, a few ahead in threads: on S3 each is a round trip.
+        for f, num_rows in _read_ahead(lambda f: (f, self._parquet_rows(f.path)), files, _READ_AHEAD):
             for start in range(0, num_rows, shard_size):
                 stop = min(start + shard_size, num_rows)
-                shards.append(Shard(len(shards), "parquet", path=path, start=start, stop=stop, count=stop - start))
-        return shards
+                yield Shard(
+                    index, "parquet", path=f.path, start=start, stop=stop, count=stop - start, version=f.version
+                )
+                index += 1
 
     def _parquet_rows(self, path: str) -> int:
         fs = self._location.fs
@@ -238,8 +229,8 @@ class Source:
     def _uri(self, path: str) -> str:
         return f"s3://{path}" if self.uri.startswith("s3://") else path
 
-    def _read_file(self, entry: tuple[str, str | None]) -> InputItem:
-        path, caption_path = entry
+    def _read_file(self, entry: tuple[str, str | None, str]) -> InputItem:
+        path, caption_path, _ = entry
         uri = self._uri(path)
         if not path.lower().endswith(IMAGE_EXTENSIONS):
             return InputItem(uri, problem=(UNSUPPORTED_FILE, f"not an image file type ({posixpath.basename(path)})"))
@@ -278,8 +269,15 @@ class Source:
                     row += 1
 
     def _read_webdataset(self, shard: Shard) -> Iterator[InputItem]:
+        """Samples in member order, from one streamed read of the tar.
+
+        Damage costs only what it must. The sample being assembled when the tar breaks is its own
+        reject (its key is known from a member header; members of it may be lost). tarfile stops
+        quietly at a truncated or invalid header, so the end is checked too: a damaged header with
+        data after it hides members that cannot be named, and that stretch is one more reject.
+        """
         tar_uri = self._uri(shard.path)
-        key, members = None, {}
+        key, members, damage, hidden = None, {}, None, None
         try:
             with (
                 self._location.fs.open_input_stream(shard.path) as stream,
@@ -302,32 +300,61 @@ class Source:
                         members[ext] = tar.extractfile(member).read()
                     else:
                         members.setdefault(ext, None)  # seen but not needed
+                damage, hidden = _end_of_archive_problem(tar)
         except (tarfile.TarError, OSError, EOFError) as exc:
-            # A damaged tar: the samples before the damage were yielded; the rest is one rejected input.
-            after = f" after sample {key!r}" if key else ""
-            key = None
-            yield InputItem(tar_uri, problem=(READ_ERROR, f"unreadable tar{after}: {exc}"))
+            damage = f"{type(exc).__name__}: {exc}"
         if key is not None:
-            yield _webdataset_item(f"{tar_uri}#{key}", members)
+            if damage is None:
+                yield _webdataset_item(f"{tar_uri}#{key}", members)
+            else:
+                got = ", ".join(sorted(members)) or "nothing"
+                yield InputItem(f"{tar_uri}#{key}", problem=(READ_ERROR, f"damaged tar ({damage}); read of it: {got}"))
+        elif damage is not None:
+            yield InputItem(tar_uri, problem=(READ_ERROR, f"unreadable tar: {damage}"))
+        if hidden is not None:
+            yield InputItem(f"{tar_uri}#@{hidden}", problem=(READ_ERROR, f"damaged tar ({damage}): members lost"))
 
 
-def _plan_images(paths: list[str], shard_size: int) -> list[Shard]:
-    captions = {p[: -len(CAPTION_EXTENSION)] for p in paths if p.lower().endswith(CAPTION_EXTENSION)}
-    entries = []
-    for path in paths:
-        if path.lower().endswith(CAPTION_EXTENSION):
-            continue  # a caption, not an input (an orphan caption has nothing to describe)
-        stem = posixpath.splitext(path)[0]
-        entries.append((path, stem + CAPTION_EXTENSION if stem in captions else None))
-    return [
-        Shard(
-            i,
-            "images",
-            files=tuple(entries[start : start + shard_size]),
-            count=len(entries[start : start + shard_size]),
-        )
-        for i, start in enumerate(range(0, len(entries), shard_size))
-    ]
+def _end_of_archive_problem(tar: tarfile.TarFile) -> tuple[str | None, int | None]:
+    """(what is wrong, offset of a damaged stretch with data after it) once tarfile stopped listing.
+
+    A well-formed archive ends with zero blocks and nothing else. tarfile stops at the header block
+    at ``tar.offset`` and its stream stands right after what it read of that block.
+    """
+    stream, offset = tar.fileobj, tar.offset
+    read = stream.tell() - offset
+    if read == 0:
+        return f"ends at byte {offset} without an end-of-archive marker (truncated)", None
+    if read < tarfile.BLOCKSIZE:
+        return f"truncated in a member header at byte {offset}", None
+    while chunk := stream.read(2**16):
+        if chunk.strip(b"\0"):
+            return f"invalid member header at byte {offset}", offset
+    return None, None
+
+
+def _kind(path: str) -> str | None:
+    lowered = path.lower()
+    for kind, extensions in (
+        ("images", IMAGE_EXTENSIONS),
+        ("parquet", PARQUET_EXTENSION),
+        ("webdataset", TAR_EXTENSIONS),
+    ):
+        if lowered.endswith(extensions):
+            return kind
+    return None
+
+
+def plan_images(files: Iterator[ListedFile], shard_size: int) -> Iterator[Shard]:
+    """A sorted listing -> image shards of ``shard_size`` inputs (captions paired), one at a time."""
+    entries, index = [], 0
+    for entry in with_captions(files):
+        entries.append(entry)
+        if len(entries) == shard_size:
+            yield Shard(index, "images", files=tuple(entries), count=len(entries))
+            entries, index = [], index + 1
+    if entries:
+        yield Shard(index, "images", files=tuple(entries), count=len(entries))
 
 
 def _parquet_item(source: str, image: Any, caption: Any) -> InputItem:

@@ -1,5 +1,6 @@
-"""deploy/kuberay: the fields KubeRay requires, and that the manifests agree with the code they run
-(the pipeline config, the Serve application, the pinned versions, the cluster's custom resources)."""
+"""deploy/kuberay: the fields KubeRay requires, that the manifests agree with the code they run
+(the pipeline config, the Serve application, the pinned versions, the cluster's custom resources),
+and who can reach the clusters (network policy, Ray token auth, the serving bearer token)."""
 
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def offered_resources(cluster: dict) -> dict[str, str]:
 
 
 def test_every_manifest_has_the_basics(docs):
-    assert set(docs) == {"RayJob", "RayCronJob", "RayService", "ConfigMap", "ServiceAccount"}
+    assert set(docs) == {"RayJob", "RayCronJob", "RayService", "ConfigMap", "ServiceAccount", "NetworkPolicy"}
+    versions = {"ConfigMap": "v1", "ServiceAccount": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
     for kind, doc in docs.items():
-        assert doc["apiVersion"] == ("v1" if kind in ("ConfigMap", "ServiceAccount") else "ray.io/v1")
+        assert doc["apiVersion"] == versions.get(kind, "ray.io/v1")
         assert doc["metadata"].get("name") or doc["metadata"].get("generateName")
     text = "".join(p.read_text() for p in KUBERAY.glob("*.yaml"))
     assert not re.search(r"AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)|aws_secret", text)  # IRSA, no keys
@@ -140,7 +142,7 @@ def test_stage_resources_are_offered_by_kuberay_groups_and_cluster_launcher_node
 def test_rayservice_serves_the_serve_config_application(docs):
     import importlib
 
-    from deploy.serve_app import validate_config
+    from deploy.config import DEFAULT_MODEL, validate_config
 
     serve = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])
     local = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
@@ -149,7 +151,7 @@ def test_rayservice_serves_the_serve_config_application(docs):
     module, _, attr = app["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
     config = validate_config(app["args"])  # the args are ServeConfig fields
-    assert config.models == local_app["args"]["models"] and config.alias == "champion"
+    assert config.models == [DEFAULT_MODEL] and config.alias == "champion"  # what training registers
     assert config.replicas.num_gpus >= 1 and config.replicas.device == "cuda"
     assert config.mlflow.tracking_uri.startswith("http")
     gpu_workers = [
@@ -169,3 +171,59 @@ def test_image_recipe_pins_what_pyproject_pins():
     assert dockerfile.index(pins["torch"]) < dockerfile.index("DS_BUILD_OPS=0 pip install")
     ignored = (KUBERAY / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "runs"} <= set(ignored)
+
+
+def pod_templates(docs: dict) -> dict[str, dict]:
+    """Every Ray pod template of the pipeline and serving clusters, by a readable name."""
+    templates = {}
+    for kind, cluster in cluster_specs(docs).items():
+        templates[f"{kind} head"] = cluster["headGroupSpec"]["template"]
+        for group in cluster["workerGroupSpecs"]:
+            templates[f"{kind} {group['groupName']}"] = group["template"]
+    return templates
+
+
+def test_network_policy_admits_only_the_cluster_the_operator_and_serve_clients(docs):
+    policy = docs["NetworkPolicy"]["spec"]
+    selected = policy["podSelector"]["matchLabels"]
+    for name, template in pod_templates(docs).items():  # every Ray pod is behind the policy
+        labels = template.get("metadata", {}).get("labels", {})
+        assert selected.items() <= labels.items(), name
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port: dict[int | None, list] = {}
+    for rule in policy["ingress"]:
+        assert rule.get("from"), rule  # no rule admits everyone
+        for source in rule["from"]:
+            assert "ipBlock" not in source
+        for port in rule.get("ports") or [{"port": None}]:
+            by_port.setdefault(port["port"], []).extend(rule["from"])
+    # All ports: only the cluster's own pods (the same labels the policy selects, same namespace).
+    assert by_port[None] == [{"podSelector": {"matchLabels": selected}}]
+    # The dashboard (Jobs API: runs code with the pods' IAM role): only the KubeRay operator.
+    (operator,) = by_port[8265]
+    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    # Serve's HTTP port: only namespaces labelled as its clients (the gateway).
+    assert by_port[8000] == [{"namespaceSelector": {"matchLabels": {"zeroconv.io/serve-clients": "true"}}}]
+    assert set(by_port) == {None, 8265, 8000}
+
+
+@pytest.mark.parametrize("kind", ["RayJob", "RayService"])
+def test_ray_clusters_require_rays_token_and_only_the_operator_uses_the_dashboard(docs, kind):
+    cluster = cluster_specs(docs)[kind]
+    assert cluster["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1 makes the Secret and uses it
+    if kind == "RayJob":
+        assert docs["RayJob"]["spec"]["submissionMode"] == "HTTPMode"  # no submitter pod calls the dashboard
+        assert docs["RayCronJob"]["spec"]["jobTemplate"]["submissionMode"] == "HTTPMode"
+
+
+def test_rayservice_reads_its_bearer_token_from_a_secret(docs):
+    serve = yaml.safe_load(docs["RayService"]["spec"]["serveConfigV2"])
+    variable = serve["applications"][0]["args"]["auth_token_env"]
+    assert variable  # auth on: the app refuses to start without the token
+    for name, template in pod_templates(docs).items():
+        if not name.startswith("RayService"):
+            continue
+        for container in template["spec"]["containers"]:  # wherever the app builder runs, it finds the token
+            (env,) = [e for e in container.get("env", []) if e["name"] == variable]
+            assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"], (name, env)
+    assert "Secret" not in docs  # the token is created in the cluster, never committed

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import _thread
 import base64
 import socket
+import threading
+import time
 
 import numpy as np
 import psutil
 import pytest
 import requests
 
-from deploy.serve_app import ServeConfig, run_serve
+from deploy.app import ServeConfig, run_serve
 from pipelines.cli import main as cli
 from pipelines.common.config import load_config
 from pipelines.common.images import encode_png
@@ -20,6 +23,12 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def serve_is_running() -> bool:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
 
 
 def test_run_serve_deploys_on_loopback_and_answers(ray_session, registry):
@@ -56,8 +65,79 @@ def test_run_serve_deploys_on_loopback_and_answers(ray_session, registry):
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["models"] == [{"name": "serve-run", "version": "1"}]
+        result.stop()
+        assert result.stopped and not serve_is_running()  # it started Serve, so it stopped it
     finally:
         serve.shutdown()
+
+
+def _interrupt_when_serving(url: str) -> None:
+    """Ctrl-C for the main thread once ``url`` answers, as a user would press it."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    time.sleep(2)  # run_serve is in its wait loop by now
+    _thread.interrupt_main()
+
+
+def test_ctrl_c_removes_only_its_own_application(ray_session, registry):
+    from ray import serve
+
+    registry("serve-ctrl-c", seed=5)
+    port = _free_port()
+
+    @serve.deployment
+    def bystander() -> str:
+        return "still here"
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(bystander.bind(), name="bystander", route_prefix="/bystander")
+        config = load_config(
+            ServeConfig,
+            overrides=[
+                "models=[serve-ctrl-c]",
+                f"mlflow.tracking_uri={registry.tracking_uri}",
+                f"port={port}",
+                "app_name=zc-ctrl-c",
+                "route_prefix=/zc",
+                "replicas.num_cpus=0.5",
+                "reload_interval_s=0",
+            ],
+        )
+        threading.Thread(target=_interrupt_when_serving, args=(f"http://127.0.0.1:{port}/zc",), daemon=True).start()
+        result = run_serve(config)  # blocks until the Ctrl-C
+        assert result.stopped
+        applications = serve.status().applications
+        assert "zc-ctrl-c" not in applications and "bystander" in applications
+        assert requests.get(f"http://127.0.0.1:{port}/bystander", timeout=30).text == "still here"
+    finally:
+        serve.shutdown()
+
+
+def test_a_failed_deploy_stops_what_it_started(ray_session, registry):
+    registry("serve-fails", seed=5)
+    assert not serve_is_running()
+    config = load_config(
+        ServeConfig,
+        overrides=[
+            "models=[serve-fails]",
+            f"mlflow.tracking_uri={registry.tracking_uri}",
+            f"port={_free_port()}",
+            "block=false",
+            "replicas.num_cpus=0.5",
+            "replicas.device=cpu",
+            "replicas.dtype=fp16",  # every replica refuses to start: fp16 needs a GPU
+        ],
+    )
+    with pytest.raises(Exception, match="fp16 needs a GPU"):
+        run_serve(config)
+    assert not serve_is_running()  # the Serve instance this call started is gone again
 
 
 def test_unknown_model_is_refused_before_anything_starts(registry, capsys):

@@ -4,12 +4,15 @@ the batch-wait policy and config validation."""
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from deploy.app import build_app
+from deploy.batching import BatchWait
+from deploy.config import ModelRef, ServeConfig, validate_config
 from deploy.schemas import LimitsConfig, RequestError, decode_image, parse_request
-from deploy.serve_app import BatchWait, ModelRef, ServeConfig, build_app, validate_config
 from pipelines.common.config import ConfigError
 from pipelines.common.images import encode_png
 
@@ -83,3 +86,33 @@ def test_config_validation_and_auth_env(monkeypatch):
     with pytest.raises(ConfigError, match="ZC_UNSET_TOKEN"):
         build_app({"auth_token_env": "ZC_UNSET_TOKEN", "mlflow": {"tracking_uri": "sqlite:////tmp/x.db"}})
     assert ServeConfig().host == "127.0.0.1" and ServeConfig().alias == "champion"
+
+
+def test_build_app_runs_the_start_up_checks_of_zeroconv_serve(tmp_path):
+    # The same check as `zeroconv serve`: an unknown model fails once here, not in every replica.
+    with pytest.raises(ValueError, match="models:/no-such-model@champion is not in the registry"):
+        build_app({"models": ["no-such-model"], "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+
+
+def test_a_replica_that_fails_to_load_reports_only_that_error(tmp_path):
+    from deploy.app import ControlNetServer
+
+    replica_class = ControlNetServer.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+    replica = replica_class.__new__(replica_class)
+    config = ServeConfig(models=["no-such-model"], mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    with pytest.raises(ValueError, match="no-such-model"):
+        replica.__init__(config)
+    replica.__del__()  # what Serve calls on the failed replica: no second error
+
+
+def test_the_serve_run_config_serves_the_demo_registry():
+    import yaml
+
+    from pipelines.demo import MODEL_NAME, DemoConfig
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml").read_text())
+    config = validate_config(spec["applications"][0]["args"])
+    # `make demo` then `serve run deploy/serve_config.yaml` from the repo root, as docs/serving.md says.
+    assert config.models == [MODEL_NAME] and config.work_dir == DemoConfig().work_dir
+    assert config.mlflow.tracking_uri is None  # -> sqlite <work_dir>/mlflow.db, where the demo registers
+    assert spec["http_options"]["request_timeout_s"] > config.request_timeout_s  # the app's 504 answers first

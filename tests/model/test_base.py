@@ -1,6 +1,7 @@
 """Loading base models: tiny, local dir, s3://, and the errors users hit."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +61,67 @@ def test_loads_from_s3(tiny_base_dir, s3_bucket, tmp_path, monkeypatch):
 
 def test_tiny_name_resolves(tiny_base_dir):
     assert resolve_base_dir(TINY) == tiny_base_dir
+
+
+def upload_tiny(tiny_base_dir, bucket: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    for f in tiny_base_dir.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(tiny_base_dir)}")
+
+
+def test_s3_cache_survives_a_killed_download_and_notices_a_changed_model(
+    tiny_base_dir, s3_bucket, tmp_path, monkeypatch
+):
+    import boto3
+
+    from pipelines.common import storage
+
+    upload_tiny(tiny_base_dir, s3_bucket, "models/tiny")
+    monkeypatch.setenv("ZEROCONV_CACHE", str(tmp_path / "cache"))
+    source = f"s3://{s3_bucket}/models/tiny"
+    real_download = storage.download_dir
+
+    def killed_part_way(uri, dest, storage_config=None):  # everything but the UNet weights, then the process "dies"
+        real_download(uri, dest, storage_config)
+        (Path(dest) / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "download_dir", killed_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_base_dir(source)
+    monkeypatch.setattr(storage, "download_dir", real_download)
+    first = resolve_base_dir(source)
+    assert (first / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(first.parent.glob(".download-*"))  # the killed download's leftovers are gone
+
+    # The model changes on S3: the next load downloads the new version.
+    changed = json.loads((tiny_base_dir / "scheduler" / "scheduler_config.json").read_text()) | {"beta_end": 0.02}
+    boto3.client("s3").put_object(
+        Bucket=s3_bucket, Key="models/tiny/scheduler/scheduler_config.json", Body=json.dumps(changed).encode()
+    )
+    second = resolve_base_dir(source)
+    assert second != first
+    assert json.loads((second / "scheduler" / "scheduler_config.json").read_text())["beta_end"] == 0.02
+
+
+def test_s3_cache_downloads_once_for_concurrent_loaders(tiny_base_dir, s3_bucket, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.common import storage
+
+    upload_tiny(tiny_base_dir, s3_bucket, "models/tiny")
+    monkeypatch.setenv("ZEROCONV_CACHE", str(tmp_path / "cache"))
+    real_download, downloads = storage.download_dir, []
+
+    def counted(uri, dest, storage_config=None):
+        downloads.append(dest)
+        return real_download(uri, dest, storage_config)
+
+    monkeypatch.setattr(storage, "download_dir", counted)
+    with ThreadPoolExecutor(4) as pool:
+        dirs = list(pool.map(lambda _: resolve_base_dir(f"s3://{s3_bucket}/models/tiny"), range(4)))
+    assert len(downloads) == 1 and len(set(dirs)) == 1
+    assert (dirs[0] / "unet" / "diffusion_pytorch_model.safetensors").is_file()

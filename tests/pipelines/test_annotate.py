@@ -19,11 +19,12 @@ from annotators import Annotator, create
 from pipelines.annotate import AnnotateConfig, AnnotateShards, ShardJob, run_annotate
 from pipelines.cli import main as cli_main
 from pipelines.common import images
+from pipelines.common.cluster import DEFAULT_MAX_ACTORS, actor_pool_options
 from pipelines.common.config import ConfigError, load_config
 from pipelines.common.images import decode_training_image, encode_jpeg, encode_png
 from pipelines.common.storage import resolve
 from pipelines.data import sources
-from pipelines.data.schema import ANNOTATOR_ERROR, MANIFEST, REJECTS_DIR, condition_columns
+from pipelines.data.schema import DATA_DIR, EMPTY_DIR, MANIFEST, REJECTS_DIR, condition_columns, shard_file_name
 from pipelines.data.sources import Source
 from pipelines.data.synthetic import fill50k, write_image_folder
 
@@ -98,16 +99,16 @@ def test_folder_to_parquet_schema_ids_captions_rejects(ray_session, image_folder
         caption = Path(row["source"]).with_suffix(".txt")
         assert row["text"] == (caption.read_text() if caption.exists() else "")
         assert (row["width"], row["height"]) == (RES, RES)
-        image = Image.open(io.BytesIO(row["image"]))
+        image = Image.open(io.BytesIO(row["image"]["bytes"]))  # Hugging Face's {bytes, path}
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (RES, RES))
-        condition = Image.open(io.BytesIO(row["conditioning_image"]))
+        condition = Image.open(io.BytesIO(row["conditioning_image"]["bytes"]))
         assert (condition.format, condition.mode, condition.size) == ("PNG", "L", (RES, RES))  # 1 channel stays 1
         pixels, original = decode_training_image(source_bytes, RES)
         assert np.array_equal(np.asarray(condition), canny(pixels[None])[0, ..., 0])
         assert (row["original_width"], row["original_height"]) == original
     uncaptioned = next(r for r in rows if r["source"].endswith("no_caption.png"))
     assert uncaptioned["text"] == "" and (uncaptioned["original_width"], uncaptioned["original_height"]) == (80, RES)
-    assert np.asarray(Image.open(io.BytesIO(uncaptioned["image"])))[RES // 2, 2].min() > 240  # alpha -> white
+    assert np.asarray(Image.open(io.BytesIO(uncaptioned["image"]["bytes"])))[RES // 2, 2].min() > 240  # alpha -> white
 
     field_meta = data.schema.field("conditioning_image").metadata
     assert json.loads(field_meta[b"zeroconv.annotator"]) == canny.spec()
@@ -130,18 +131,19 @@ def test_resume_after_interruption_writes_each_row_once(ray_session, image_folde
     # Interrupt: the shard holding the broken files is gone (data and rejects); another was cut short
     # (an S3 upload that failed mid-way); a half-written temp file is left behind; the manifest still
     # says "running".
-    (out / "part-000004.parquet").unlink()
-    whole = (out / "part-000001.parquet").read_bytes()
-    (out / "part-000001.parquet").write_bytes(whole[: len(whole) // 2])
-    (out / REJECTS_DIR / "part-000004.parquet").unlink()
-    (out / ".part-000004.parquet.tmp-0123").write_bytes(b"half a file")
+    data, name1, name4 = out / DATA_DIR, shard_file_name(1, 6), shard_file_name(4, 6)
+    (data / name4).unlink()
+    whole = (data / name1).read_bytes()
+    (data / name1).write_bytes(whole[: len(whole) // 2])
+    (out / REJECTS_DIR / name4).unlink()
+    (data / f".{name4}.tmp-0123").write_bytes(b"half a file")
     manifest = json.loads((out / MANIFEST).read_text())
     (out / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
 
     second = run_annotate(config)
     assert (second.shards_written, second.shards_skipped) == (2, 4)
     assert second.processed == 10  # only the two unfinished shards were read again
-    assert not (out / ".part-000004.parquet.tmp-0123").exists()
+    assert not (data / f".{name4}.tmp-0123").exists()
     after, rejects_after = read_output(second.output)
     ids = after["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 21
@@ -165,7 +167,7 @@ def test_s3_input_and_output(ray_session, s3_server, s3_bucket, tmp_path):
     for path in sorted(folder.iterdir()):
         s3.put_object(Bucket=s3_bucket, Key=f"raw/{path.name}", Body=path.read_bytes())
     config = make_config(
-        f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/annotated", shard_size=4, compute={"num_actors": 1}
+        f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/annotated", shard_size=4, compute={"max_actors": 1}
     )  # fewer worker processes: a faster test
 
     result = run_annotate(config)
@@ -175,9 +177,9 @@ def test_s3_input_and_output(ray_session, s3_server, s3_bucket, tmp_path):
     assert all(s.startswith(f"s3://{s3_bucket}/raw/") for s in data["source"].to_pylist())
     assert sorted(data["text"].to_pylist()) == sorted((folder / f"{i:06d}.txt").read_text() for i in range(6))
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="annotated/")["Contents"]}
-    assert {"annotated/part-000000.parquet", f"annotated/{MANIFEST}"} <= keys
+    assert {f"annotated/{DATA_DIR}/{shard_file_name(0, 3)}", f"annotated/{MANIFEST}"} <= keys
 
-    s3.delete_object(Bucket=s3_bucket, Key="annotated/part-000001.parquet")
+    s3.delete_object(Bucket=s3_bucket, Key=f"annotated/{DATA_DIR}/{shard_file_name(1, 3)}")
     again = run_annotate(config)
     assert (again.shards_written, again.shards_skipped, again.accepted) == (1, 2, 6)
     assert sorted(read_output(again.output)[0]["id"].to_pylist()) == sorted(data["id"].to_pylist())
@@ -200,7 +202,7 @@ def test_parquet_input_with_named_columns(ray_session, tmp_path):
             image_column="jpg",
             caption_column="caption",
             shard_size=4,
-            compute={"num_actors": 1},
+            compute={"max_actors": 1},
         )
     )
     data, rejects = read_output(result.output)
@@ -228,7 +230,7 @@ def test_webdataset_input(ray_session, tmp_path):
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
 
-    result = run_annotate(make_config(folder, tmp_path / "out", compute={"num_actors": 1}))
+    result = run_annotate(make_config(folder, tmp_path / "out", compute={"max_actors": 1}))
     data, _ = read_output(result.output)
     assert (result.read, result.accepted, result.shards) == (5, 5, 2)
     texts = dict(zip(data["source"].to_pylist(), data["text"].to_pylist()))
@@ -254,36 +256,56 @@ class FailsOnBright(Annotator):
         return batch[..., :1]
 
 
-def test_several_annotators_get_a_column_each_and_annotator_errors_are_rejects(tmp_path):
-    # The actor class, run in this process on a shard of a real folder (the Ray plumbing is tested above).
-    samples = fill50k(6, size=RES, seed=5)
-    (tmp_path / "in").mkdir()
-    for i, s in enumerate(samples):
-        (tmp_path / "in" / f"{i}.jpg").write_bytes(encode_jpeg(s.image))
-    bright = np.full((RES, RES, 3), 250, np.uint8)
-    (tmp_path / "in" / "9_bright.png").write_bytes(encode_png(bright))
-    source = Source(str(tmp_path / "in"))
-    annotators = [create("canny"), Invert(), FailsOnBright()]
+class FailsOnce(Annotator):
+    """Raises on its first call only, like a GPU hiccup or a weight download that timed out once."""
+
+    name, channels = "flaky", 1
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def annotate(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return batch[..., :1]
+
+
+def local_actor(folder: Path, output: Path, annotators: list[Annotator], batch_size: int) -> AnnotateShards:
+    """The actor class, run in this process on a real folder (the Ray plumbing is tested above)."""
+    source = Source(str(folder))
     columns = dict(zip(condition_columns([a.name for a in annotators]), [a.spec() for a in annotators]))
-    assert list(columns) == ["cond_canny", "cond_invert", "cond_fragile"]
     job = ShardJob(
         source=source,
-        output=str(tmp_path / "out"),
+        output=str(output),
+        shards=1,
         storage=source.storage,
         annotators=(("canny", {}),),
         columns=columns,
         resolution=RES,
         min_side=32,
         jpeg_quality=90,
-        batch_size=4,
+        batch_size=batch_size,
         threads=2,
     )
     actor = AnnotateShards(job)
     actor.annotators = annotators
-    [shard] = source.plan(shard_size=100)
+    return actor
+
+
+def test_several_annotators_get_a_column_each(tmp_path):
+    samples = fill50k(6, size=RES, seed=5)
+    (tmp_path / "in").mkdir()
+    for i, s in enumerate(samples):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(encode_jpeg(s.image))
+    annotators = [create("canny"), Invert(), FailsOnBright()]
+    actor = local_actor(tmp_path / "in", tmp_path / "out", annotators, batch_size=4)
+    assert list(actor.job.columns) == ["cond_canny", "cond_invert", "cond_fragile"]
+    [shard] = actor.job.source.plan(shard_size=100)
 
     summary = actor.annotate_shard(shard)
-    assert (summary["read"], summary["accepted"], summary["rejected"]) == (7, 6, 1)
+    assert (summary["read"], summary["accepted"], summary["rejected"]) == (6, 6, 0)
     data, rejects = read_output(str(tmp_path / "out"))
     assert data.column_names == [
         "id",
@@ -298,26 +320,45 @@ def test_several_annotators_get_a_column_each_and_annotator_errors_are_rejects(t
         "original_height",
         "source",
     ]
-    assert rejects["reason"].to_pylist() == [ANNOTATOR_ERROR] and "bright" in rejects["detail"][0].as_py()
-    row = data.to_pylist()[0]
-    assert Image.open(io.BytesIO(row["cond_canny"])).mode == "L"
-    assert Image.open(io.BytesIO(row["cond_invert"])).mode == "RGB"
+    assert rejects.num_rows == 0
+    row = next(r for r in data.to_pylist() if r["source"].endswith("/0.jpg"))
+    assert Image.open(io.BytesIO(row["cond_canny"]["bytes"])).mode == "L"
+    assert Image.open(io.BytesIO(row["cond_invert"]["bytes"])).mode == "RGB"
     pixels, _ = decode_training_image((tmp_path / "in" / "0.jpg").read_bytes(), RES)
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["cond_invert"]))), 255 - pixels)
-    for column, spec in columns.items():
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["cond_invert"]["bytes"]))), 255 - pixels)
+    for column, spec in actor.job.columns.items():
         assert json.loads(data.schema.field(column).metadata[b"zeroconv.annotator"]) == json.loads(json.dumps(spec))
 
-    # An annotator that fails on every image is broken, not the images: the shard stops loudly.
-    actor.annotators = [create("canny"), Invert(), BrokenAnnotator()]
-    with pytest.raises(RuntimeError, match="'broken' failed on every image"):
+
+def test_a_transient_annotator_failure_is_retried_not_a_reject(tmp_path):
+    # Issue 12: a 1-image batch whose annotator call failed once became a permanent annotator_error reject.
+    samples = fill50k(3, size=RES, seed=6)
+    (tmp_path / "in").mkdir()
+    for i, s in enumerate(samples):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(encode_jpeg(s.image))
+    flaky = FailsOnce()
+    actor = local_actor(tmp_path / "in", tmp_path / "out", [flaky], batch_size=1)
+    [shard] = actor.job.source.plan(shard_size=100)
+
+    summary = actor.annotate_shard(shard)
+    assert (summary["read"], summary["accepted"], summary["rejected"]) == (3, 3, 0)
+    assert flaky.calls == 4  # the failed call, its retry, then one call per remaining image
+    data, rejects = read_output(str(tmp_path / "out"))
+    assert data.num_rows == 3 and rejects.num_rows == 0
+
+
+def test_an_annotator_that_keeps_failing_fails_the_shard_without_rejects(tmp_path):
+    # Images that decode are good input: an annotator raising on them is the annotator's fault, so the
+    # shard stops loudly (a re-run resumes) instead of filing good images as rejects.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "0.jpg").write_bytes(encode_jpeg(fill50k(1, size=RES, seed=7)[0].image))
+    (tmp_path / "in" / "1_bright.png").write_bytes(encode_png(np.full((RES, RES, 3), 250, np.uint8)))
+    actor = local_actor(tmp_path / "in", tmp_path / "out", [create("canny"), FailsOnBright()], batch_size=4)
+    [shard] = actor.job.source.plan(shard_size=100)
+
+    with pytest.raises(RuntimeError, match="annotator 'fragile' failed 3 times .*cannot handle bright images"):
         actor.annotate_shard(shard)
-
-
-class BrokenAnnotator(Annotator):
-    name, channels = "broken", 1
-
-    def annotate(self, batch: np.ndarray) -> np.ndarray:
-        raise RuntimeError("weights missing")
+    assert not (tmp_path / "out").exists()  # no data, no rejects, no marker: the shard is not finished
 
 
 def test_user_mistakes_are_clear_errors(tmp_path, capsys):
@@ -342,10 +383,62 @@ def test_user_mistakes_are_clear_errors(tmp_path, capsys):
         run_annotate(make_config(folder, folder / "annotated"))
 
 
-def test_use_gpu_without_gpus_is_refused(ray_session, tmp_path):
+def test_pool_bounds_come_from_config_not_from_the_cluster():
+    # Issue 11: sizing from a snapshot of ray.cluster_resources() gave one actor for a whole autoscaling
+    # cluster that starts with no workers. The pool autoscales from 1 to a bound that only config decides.
+    compute = AnnotateConfig(input="x", compute={"max_actors": 3}).compute
+    pool = actor_pool_options(compute, work_items=10, resources={"decode": 1}, single_threaded=True)
+    assert (pool["compute"].min_size, pool["compute"].max_size) == (1, 3)
+    assert pool["num_cpus"] == 0.9 and pool["resources"] == {"decode": 1} and "num_gpus" not in pool
+    assert actor_pool_options(compute, work_items=2, single_threaded=True)["compute"].max_size == 2  # no idle actors
+
+    default = AnnotateConfig(input="x").compute
+    assert actor_pool_options(default, work_items=500, single_threaded=True)["compute"].max_size == DEFAULT_MAX_ACTORS
+    assert actor_pool_options(default, work_items=500)["compute"].max_size == 1  # a torch model uses every core
+    gpu = AnnotateConfig(input="x", compute={"use_gpu": True, "gpus_per_actor": 0.5, "cpus_per_actor": 4}).compute
+    pool = actor_pool_options(gpu, work_items=500)
+    assert (pool["compute"].max_size, pool["num_gpus"], pool["num_cpus"]) == (DEFAULT_MAX_ACTORS, 0.5, 4)
+    assert gpu.threads() == 4  # decode threads follow the CPUs an actor reserves
+
+
+def test_an_unsatisfiable_request_fails_with_a_clear_message(ray_session, tmp_path):
     folder = write_image_folder(tmp_path / "in", n=2, size=RES, broken=False)
-    with pytest.raises(ValueError, match="no GPUs"):
+    with pytest.raises(ValueError, match="actors cannot be placed.*this local Ray has no node with GPU: 1"):
         run_annotate(make_config(folder, tmp_path / "out", compute={"use_gpu": True}))
+    with pytest.raises(ValueError, match=r"no node with annotate_gpu: 1 \("):
+        run_annotate(make_config(folder, tmp_path / "out2", ray={"resources": {"annotate_gpu": 1}}))
+    with pytest.raises(ValueError, match="no node with CPU: 64"):
+        run_annotate(make_config(folder, tmp_path / "out3", compute={"cpus_per_actor": 64}))
+
+
+def test_output_loads_in_hugging_face_datasets(ray_session, image_folder, tmp_path):
+    # Issue 15.1: `datasets` read the manifest and the rejects as data, and crashed on the 0-row file of a
+    # shard whose inputs were all rejected; image columns loaded as raw bytes.
+    import datasets
+
+    out = tmp_path / "out"
+    result = run_annotate(make_config(image_folder, out, shard_size=5))  # the last shard is notes.json alone
+    assert (result.accepted, result.rejected, result.shards) == (21, 5, 6)
+    assert not (out / DATA_DIR / shard_file_name(5, 6)).exists()  # no 0-row data file...
+    assert (out / EMPTY_DIR / shard_file_name(5, 6).replace(".parquet", ".json")).exists()  # ...a marker instead
+    assert (out / REJECTS_DIR / shard_file_name(5, 6)).exists()
+
+    for dataset in (
+        datasets.load_dataset("parquet", data_dir=str(out), cache_dir=str(tmp_path / "hf")),
+        datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf")),
+    ):
+        train = dataset["train"]
+        assert list(dataset) == ["train"] and train.num_rows == 21
+        assert {"image", "conditioning_image", "text"} <= set(train.column_names)
+        assert isinstance(train.features["image"], datasets.Image)
+        assert isinstance(train.features["conditioning_image"], datasets.Image)
+        for row in train:
+            assert row["image"].convert("RGB").size == (RES, RES)
+            assert row["conditioning_image"].convert("RGB").size == (RES, RES)
+        assert sorted(train["id"]) == sorted(read_output(result.output)[0]["id"].to_pylist())
+
+    again = run_annotate(make_config(image_folder, out, shard_size=5))  # the empty shard counts as finished
+    assert (again.shards_written, again.shards_skipped, again.rejected) == (0, 6, 5)
 
 
 def test_condition_column_rule():

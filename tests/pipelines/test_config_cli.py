@@ -1,8 +1,9 @@
 """The typed config system and the CLI's handling of user mistakes."""
 
+import os
 import subprocess
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from pydantic import Field
@@ -58,10 +59,77 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_config(ToyConfig, tmp_path / "bad.yaml")
 
 
+class Named(Section):
+    name: str = "canny"
+    params: dict[str, Any] = {}
+
+
+class TypedConfig(JobConfig):
+    run_name: str = "run"
+    version: str | None = None
+    steps: int = 10
+    lr: float = 1e-5
+    fresh: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    tags: list[str] = []
+    entries: list[Named] = []
+
+
 def test_override_values_are_typed():
-    assert parse_override("a.b=1e-5") == (["a", "b"], 1e-5)
-    assert parse_override("x=true") == (["x"], True)
-    assert parse_override("x=[1, 2]") == (["x"], [1, 2])
+    assert parse_override("a.b=1e-5") == (["a", "b"], "1e-5", "1e-5")
+    assert parse_override("x=[1, 2]") == (["x"], ["1", "2"], [1, 2])
+    cfg = load_config(
+        TypedConfig, None, ["steps=3", "lr=1e-4", "fresh=true", "zero_stage=3", "ray.resources={gpu: 1}"]
+    )
+    assert (cfg.steps, cfg.lr, cfg.fresh, cfg.zero_stage, cfg.ray.resources) == (3, 1e-4, True, 3, {"gpu": 1.0})
+
+
+@pytest.mark.parametrize(
+    "override, field, expected",
+    [
+        ("version=2", "version", "2"),  # zeroconv evaluate version=2
+        ("run_name=2024", "run_name", "2024"),
+        ("run_name=0123", "run_name", "0123"),  # not YAML's octal 83
+        ("run_name=1e-5", "run_name", "1e-5"),
+        ("run_name=true", "run_name", "true"),
+        ('run_name="2024"', "run_name", "2024"),  # quoted: still the string
+        ("run_name='007'", "run_name", "007"),
+        ("version=null", "version", None),
+        ("steps=0123", "steps", 123),  # an integer field reads 0123 as a decimal integer
+        ("tags=[2024, b]", "tags", ["2024", "b"]),
+    ],
+)
+def test_field_type_decides_what_a_bare_word_means(override, field, expected):
+    assert getattr(load_config(TypedConfig, None, [override]), field) == expected
+
+
+def test_lists_of_sections_keep_yaml_typing_where_the_field_takes_anything():
+    cfg = load_config(TypedConfig, None, ["entries=[{name: 2024, params: {low: 50, high: '7', on: true}}]"])
+    assert cfg.entries[0].name == "2024"
+    assert cfg.entries[0].params == {"low": 50, "high": "7", "on": True}
+
+
+def test_stage_configs_take_numeric_looking_strings():
+    from pipelines.annotate import AnnotateConfig
+    from pipelines.evaluate import EvaluateConfig
+    from pipelines.train_config import TrainConfig
+
+    assert load_config(EvaluateConfig, None, ["version=2"]).version == "2"
+    assert load_config(TrainConfig, None, ["run_name=2024"]).run_name == "2024"
+    annotate = load_config(AnnotateConfig, None, ["input=2024", "annotators=[{name: canny}]"])
+    assert (annotate.input, annotate.annotators[0].name) == ("2024", "canny")
+
+
+def test_home_is_expanded_in_paths(tmp_path):
+    from pipelines.train_config import TrainConfig
+
+    home = os.path.expanduser("~")
+    cfg = load_config(TrainConfig, None, ["base_model.source=~/sd15", "work_dir=~/runs"])
+    assert (cfg.base_model.source, cfg.work_dir) == (f"{home}/sd15", f"{home}/runs")
+    f = tmp_path / "c.yaml"
+    f.write_text("base_model:\n  source: ~/sd15\n")
+    assert load_config(TrainConfig, f).base_model.source == f"{home}/sd15"
+    assert load_config(TrainConfig, None, ["run_name=~x"]).run_name == "~x"  # not a path field
 
 
 def test_cli_help_lists_every_stage(capsys):
@@ -77,3 +145,37 @@ def test_cli_stage_help_and_bad_override_without_traceback():
     bad = subprocess.run(run + ["demo", "no_such_field=1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "no_such_field: unknown field" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "promote", "serve", "train"])
+def test_s3_work_dir_without_tracking_server_is_refused_at_start(
+    stage, tmp_path, monkeypatch, capsys, fill50k_parquet
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    extra = [f"data={fill50k_parquet}"] if stage in ("train", "evaluate") else []
+    assert main([stage, "work_dir=s3://bucket/work", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "work_dir s3://bucket/work is not on this machine" in err
+    assert "set mlflow.tracking_uri" in err
+    assert list(tmp_path.iterdir()) == []  # no local "s3:" folder, no empty SQLite registry
+
+
+def test_pipeline_refuses_s3_work_dir_before_annotating(tmp_path, monkeypatch):
+    from pipelines.pipeline import PipelineConfig, run_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config(
+        PipelineConfig, None, ["work_dir=s3://bucket/work", f"annotate.input={tmp_path}/nothing-here-yet"]
+    )
+    with pytest.raises(ConfigError, match="work_dir s3://bucket/work is not on this machine"):
+        run_pipeline(config)  # the old code failed on the input (or, given one, only after annotating it)
+
+
+def test_promote_outside_the_training_folder_names_the_registry_and_creates_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["promote", "my-model"]) == 2
+    err = capsys.readouterr().err
+    assert f"no MLflow registry at {tmp_path}/runs/mlflow.db" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

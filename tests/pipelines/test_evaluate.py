@@ -1,5 +1,5 @@
-"""Fidelity scores on hand-made maps, the no-control baseline, and an end-to-end evaluate of a
-registered tiny model against a real MLflow server."""
+"""The no-control baseline and an end-to-end evaluate of a registered tiny model against a real MLflow
+server (the scores themselves: test_fidelity.py)."""
 
 from __future__ import annotations
 
@@ -11,116 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import fidelity
-from pipelines.fidelity import depth_scores, edge_scores, pose_scores, score
-
-# ---------------------------------------------------------------------------------------------
-# Scoring functions
-# ---------------------------------------------------------------------------------------------
-
-
-def _square_outline(size=32, top=8, side=16, shift=(0, 0)) -> np.ndarray:
-    edges = np.zeros((size, size), np.uint8)
-    y, x = top + shift[0], top + shift[1]
-    cv2.rectangle(edges, (x, y), (x + side, y + side), 255, 1)
-    return edges
-
-
-def test_edge_f1_perfect_shifted_and_empty():
-    ref = _square_outline()
-    assert edge_scores(ref, ref, tolerance=0) == {"edge_precision": 1.0, "edge_recall": 1.0, "edge_f1": 1.0}
-    one_px = _square_outline(shift=(0, 1))
-    assert edge_scores(one_px, ref, tolerance=1)["edge_f1"] == 1.0  # within tolerance
-    assert edge_scores(one_px, ref, tolerance=0)["edge_f1"] < 0.6  # only the horizontal sides still overlap
-    diagonal = _square_outline(shift=(1, 1))  # sqrt(2) px away: outside a Euclidean tolerance of 1
-    assert edge_scores(diagonal, ref, tolerance=1)["edge_f1"] < 1.0
-    assert edge_scores(diagonal, ref, tolerance=2)["edge_f1"] == 1.0
-    far = _square_outline(shift=(3, 3))
-    assert edge_scores(far, ref, tolerance=1)["edge_f1"] < 0.2
-
-    empty, full = np.zeros_like(ref), np.full_like(ref, 255)
-    assert edge_scores(empty, full)["edge_f1"] == 0.0
-    assert edge_scores(full, empty)["edge_f1"] == 0.0
-    assert edge_scores(empty, empty)["edge_f1"] == 1.0  # nothing to draw, nothing drawn
-
-
-def test_edge_precision_and_recall_are_asymmetric():
-    ref = _square_outline()
-    extra = ref.copy()
-    extra[28, :] = 255  # a line the condition does not have
-    s = edge_scores(extra, ref, tolerance=1)
-    assert s["edge_recall"] == 1.0 and 0.5 < s["edge_precision"] < 1.0
-    missing = _square_outline()
-    missing[:, :16] = 0  # half of the square not drawn
-    s = edge_scores(missing, ref, tolerance=1)
-    assert s["edge_precision"] == 1.0 and 0.3 < s["edge_recall"] < 0.8
-    # Soft maps (HED) are binarised at the threshold; colour maps use their brightest channel.
-    soft = (ref // 255 * 140).astype(np.uint8)
-    assert edge_scores(soft, ref, threshold=128)["edge_f1"] == 1.0
-    assert edge_scores(soft, ref, threshold=200)["edge_f1"] == 0.0
-    assert edge_scores(np.stack([ref, 0 * ref, 0 * ref], -1), ref)["edge_f1"] == 1.0
-
-
-def test_depth_is_scale_and_shift_invariant():
-    yy, xx = np.mgrid[0:32, 0:32]
-    depth = (20 + 2 * xx + 3 * yy).astype(np.float64)  # a tilted plane, all positive
-    same = depth_scores(depth, depth)
-    assert same["depth_corr"] == pytest.approx(1.0) and same["depth_si_log"] == pytest.approx(0.0, abs=1e-12)
-    scaled = depth_scores(0.5 * depth, depth)  # relative depth: a scale factor is no error
-    assert scaled["depth_corr"] == pytest.approx(1.0) and scaled["depth_si_log"] == pytest.approx(0.0, abs=1e-12)
-    shifted = depth_scores(depth + 40, depth)  # MiDaS maps are min-max normalised: shift-invariant correlation
-    assert shifted["depth_corr"] == pytest.approx(1.0) and shifted["depth_si_log"] > 0.01
-    inverted = depth_scores(depth.max() + depth.min() - depth, depth)  # near and far swapped
-    assert inverted["depth_corr"] == pytest.approx(-1.0)
-    noise = np.random.default_rng(0).uniform(1, 255, depth.shape)
-    assert abs(depth_scores(noise, depth)["depth_corr"]) < 0.2
-    # uint8 maps with zeros: the log error uses the pixels where both are positive.
-    as_uint8 = np.clip(depth, 0, 255).astype(np.uint8)
-    assert depth_scores(as_uint8, as_uint8)["depth_si_log"] == pytest.approx(0.0, abs=1e-12)
-
-
-def _pose_map(points: dict[int, tuple[float, float]], size: int = 128) -> np.ndarray:
-    """A body map drawn by controlnet_aux itself, keypoints given as {index: (x, y)} in [0, 1]."""
-    from controlnet_aux.open_pose.body import Keypoint
-    from controlnet_aux.open_pose.util import draw_bodypose
-
-    keypoints = [Keypoint(*points[i]) if i in points else None for i in range(18)]
-    return draw_bodypose(np.zeros((size, size, 3), np.uint8), keypoints)
-
-
-def test_pose_keypoints_from_rendered_skeleton():
-    person = {0: (0.5, 0.2), 1: (0.5, 0.35), 2: (0.35, 0.35), 5: (0.65, 0.35), 8: (0.42, 0.7), 11: (0.58, 0.7)}
-    ref = _pose_map(person)
-    found = fidelity.pose_keypoints(ref)
-    assert sum(len(k) for k in found) == len(person)  # limbs (0.6 x colour) are not mistaken for joints
-    assert np.allclose(found[0][0], (0.5 * 128, 0.2 * 128), atol=1.5)
-    assert pose_scores(ref, ref) == {"pose_pck": 1.0, "pose_distance": 0.0}
-    nudged = _pose_map({k: (x + 2 / 128, y) for k, (x, y) in person.items()})  # 2 px, within 5% of 128 px
-    assert pose_scores(nudged, ref)["pose_pck"] == 1.0
-    moved = _pose_map({k: (x + 0.2, y) for k, (x, y) in person.items()})
-    assert pose_scores(moved, ref)["pose_pck"] == 0.0
-    half = _pose_map({k: v for k, v in person.items() if k in (0, 1, 2)})
-    assert pose_scores(half, ref)["pose_pck"] == pytest.approx(0.5)
-    blank = np.zeros_like(ref)
-    assert pose_scores(blank, blank)["pose_pck"] == 1.0 and pose_scores(ref, blank)["pose_pck"] == 0.0
-
-
-def test_generic_scores_and_dispatch():
-    ref = _square_outline()
-    assert fidelity.ssim(ref, ref) == pytest.approx(1.0) and fidelity.correlation(ref, ref) == pytest.approx(1.0)
-    assert fidelity.ssim(ref, 255 - ref) < 0
-    assert set(score("generic", ref, ref)) == {"ssim", "corr"}
-    assert set(score("edge", ref, ref)) == {"ssim", "corr", "edge_precision", "edge_recall", "edge_f1"}
-    assert [fidelity.family(n) for n in ("canny", "hed", "midas", "openpose", "content_shuffle")] == [
-        "edge",
-        "edge",
-        "depth",
-        "pose",
-        "generic",
-    ]
-    with pytest.raises(ValueError, match="differ in size"):
-        score("edge", ref, ref[:16])
-
+from pipelines.fidelity import edge_scores
 
 # ---------------------------------------------------------------------------------------------
 # The baseline: the ControlNet pipeline at conditioning scale 0 is the plain base model
@@ -294,6 +185,28 @@ def test_evaluate_scores_are_reproducible_outside_ray(evaluated, mlflow_server, 
     assert logged["edge_f1"] == pytest.approx(expected, abs=0.05)
 
 
+def test_evaluate_controlnet_pp_protocol(
+    evaluated, mlflow_server, tiny_base, tiny_base_dir, fill50k_parquet, tmp_path
+):
+    """protocol=controlnet_pp: ControlNet++'s canny F1 (x 100) is the headline; the Fill50K mask IoU rides along;
+    the protocol id differs from the zeroconv evaluation of the same data, so promotion never mixes them."""
+    import mlflow
+
+    from pipelines.evaluate import run_evaluate
+
+    version = register_controlnet(tiny_base, tiny_base_dir, "eval-model-pp", seed=0, export_root=tmp_path)
+    config = evaluate_config(
+        mlflow_server, fill50k_parquet, "eval-model-pp", protocol="controlnet_pp", mask_iou="true"
+    )
+    result = run_evaluate(config)
+    assert set(result.metrics) == {"canny_f1", "mask_iou", "baseline_canny_f1", "baseline_mask_iou"}
+    assert result.metric == "canny_f1" and result.score == result.metrics["canny_f1"]
+    assert 0.0 <= result.score <= 100.0 and 0.0 <= result.metrics["mask_iou"] <= 1.0
+    assert result.protocol != evaluated[1].protocol
+    tags = mlflow.MlflowClient(mlflow_server).get_model_version("eval-model-pp", version).tags
+    assert tags["fidelity.metric"] == "canny_f1" and tags["fidelity.protocol"] == result.protocol
+
+
 def test_evaluate_user_mistakes(evaluated, mlflow_server, fill50k_parquet, tmp_path):
     from pipelines.evaluate import run_evaluate
 
@@ -303,3 +216,29 @@ def test_evaluate_user_mistakes(evaluated, mlflow_server, fill50k_parquet, tmp_p
         run_evaluate(evaluate_config(mlflow_server, tmp_path / "missing", "eval-model"))
     with pytest.raises(ValueError, match="has no column 'cond_depth'"):
         run_evaluate(evaluate_config(mlflow_server, fill50k_parquet, "eval-model", condition_column="cond_depth"))
+
+
+def test_heldout_rows_from_annotate_output(fill50k_parquet, tmp_path):
+    """Annotate's layout (shards under data/, conditions as {bytes, path}, rejects beside) gives the scorer
+    the same condition bytes as plain binary columns do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.common.config import StorageConfig
+    from pipelines.data.schema import DATA_DIR, REJECTS_DIR, encoded_images, shard_file_name
+    from pipelines.evaluate import EvaluationSettings, read_heldout
+
+    table = pq.read_table(fill50k_parquet).slice(0, 3)
+    plain = table.column("conditioning_image").to_pylist()
+    index = table.schema.get_field_index("conditioning_image")
+    (tmp_path / DATA_DIR).mkdir()
+    (tmp_path / REJECTS_DIR).mkdir()
+    pq.write_table(
+        table.set_column(index, "conditioning_image", encoded_images(plain)),
+        tmp_path / DATA_DIR / shard_file_name(0, 1),
+    )
+    pq.write_table(pa.table({"id": ["x"], "reason": ["too_small"]}), tmp_path / REJECTS_DIR / "r.parquet")
+
+    column, rows = read_heldout(EvaluationSettings(data=str(tmp_path), limit=8), "canny", StorageConfig())
+    assert column == "conditioning_image" and rows.num_rows == 3
+    assert rows.column("condition").to_pylist() == plain

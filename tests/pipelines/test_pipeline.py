@@ -61,7 +61,7 @@ def pipeline_config(tmp_path: Path, incoming: Path, heldout: str, **overrides) -
 
 
 def annotated_files(root: Path) -> dict[str, float]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("part-*.parquet"))}
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("data/train-*.parquet"))}
 
 
 # ---------------------------------------------------------------------------------------------

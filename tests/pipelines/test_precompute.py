@@ -5,13 +5,14 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipelines.common.config import ConfigError, load_config
 from pipelines.common.images import decode_rgb
-from pipelines.data.schema import EMPTY_PROMPT_FILE, MANIFEST
+from pipelines.data.schema import DATA_DIR, EMPTY_PROMPT_FILE, MANIFEST, REJECTS_DIR, encoded_images, shard_file_name
 from pipelines.data.tensors import image_tensor, latent_distribution, precomputed_tensors, raw_tensors
 from pipelines.precompute import PrecomputeConfig, load_empty_prompt, read_manifest, run_precompute
 
@@ -84,7 +85,7 @@ def test_tensors_are_the_encoders_outputs(precomputed, fill50k_parquet, tiny_bas
     assert list(rows["conditioning_image"]) == raw["conditioning_image"][:6]  # condition PNGs kept as they were
 
     # Plain pyarrow reads the canonical tensor type too.
-    first = pq.read_table(output / "part-00000.parquet")
+    first = pq.read_table(output / DATA_DIR / shard_file_name(0, 2))
     assert first.column("latent_mean").combine_chunks().to_numpy_ndarray().shape[1:] == (4, 8, 8)
 
     empty = load_empty_prompt(str(output))
@@ -141,21 +142,47 @@ def test_rerun_resumes_by_shard(precomputed, fill50k_parquet, tiny_base_dir):
     again = run_precompute(config)
     assert (again.shards_written, again.shards_skipped, again.rows) == (0, 2, 32)
 
-    kept = output / "part-00000.parquet"
+    kept, redone = output / DATA_DIR / shard_file_name(0, 2), output / DATA_DIR / shard_file_name(1, 2)
     kept_mtime = os.stat(kept).st_mtime_ns
-    (output / "part-00001.parquet").unlink()
-    (output / ".part-00001.parquet.tmp-deadbeef").write_bytes(b"half a file")  # an interrupted write
+    redone.unlink()
+    (output / DATA_DIR / f".{redone.name}.tmp-deadbeef").write_bytes(b"half a file")  # an interrupted write
     resumed = run_precompute(config)
     assert (resumed.shards_written, resumed.rows_written, resumed.rows) == (1, 16, 32)
     assert os.stat(kept).st_mtime_ns == kept_mtime
-    assert not list(output.glob(".*tmp-*"))
+    assert not list(output.rglob(".*tmp-*"))
+
+    # Issue 10: a shard cut short (an S3 upload that failed mid-way) crashed the re-run; it is written again.
+    whole = redone.read_bytes()
+    redone.write_bytes(whole[: len(whole) // 2])
+    again = run_precompute(config)
+    assert (again.shards_written, again.shards_skipped, again.rows) == (1, 1, 32)
+    assert pq.read_table(redone).num_rows == 16 and os.stat(kept).st_mtime_ns == kept_mtime
 
     (output / EMPTY_PROMPT_FILE).unlink()  # lost: redone before anything counts as finished
     assert run_precompute(config).shards_written == 1 and (output / EMPTY_PROMPT_FILE).exists()
 
-    with pytest.raises(ConfigError, match="different precompute job .*base_model"):
+    with pytest.raises(ConfigError, match="different precompute job.*base_model"):
         run_precompute(_config(fill50k_parquet, output, "tiny"))
     assert json.loads((output / MANIFEST).read_text())["job"]["base_model"] == str(tiny_base_dir)
+
+
+def test_reads_annotate_output_layout(ray_session, fill50k_parquet, tiny_base_dir, tmp_path):
+    # What annotate writes: shards under data/, image columns as {bytes, path}, rejects beside them.
+    table = pq.read_table(fill50k_parquet).slice(0, 6)
+    for name in ("image", "conditioning_image"):
+        table = table.set_column(
+            table.schema.get_field_index(name), name, encoded_images(table.column(name).to_pylist())
+        )
+    (tmp_path / "ann" / DATA_DIR).mkdir(parents=True)
+    (tmp_path / "ann" / REJECTS_DIR).mkdir()
+    pq.write_table(table, tmp_path / "ann" / DATA_DIR / shard_file_name(0, 1))
+    pq.write_table(pa.table({"id": ["x"], "reason": ["too_small"]}), tmp_path / "ann" / REJECTS_DIR / "r.parquet")
+
+    result = run_precompute(_config(tmp_path / "ann", tmp_path / "pre", tiny_base_dir))
+    assert (result.rows, result.shards) == (6, 1)
+    out = pq.read_table(tmp_path / "pre")
+    assert out.column("conditioning_image").to_pylist() == table.column("conditioning_image").to_pylist()
+    assert out.column("latent_mean").combine_chunks().to_numpy_ndarray().shape == (6, 4, 8, 8)
 
 
 def test_user_mistakes_are_clear(tmp_path, fill50k_parquet, tiny_base_dir):
@@ -164,7 +191,6 @@ def test_user_mistakes_are_clear(tmp_path, fill50k_parquet, tiny_base_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no .parquet files"):
         run_precompute(_config(tmp_path / "empty", tmp_path / "out", tiny_base_dir))
-    import pyarrow as pa
 
     (tmp_path / "plain").mkdir()
     pq.write_table(pa.table({"id": ["a"], "text": ["t"]}), tmp_path / "plain" / "x.parquet")

@@ -134,7 +134,7 @@ def test_config_outside_working_dir_is_refused(tmp_path):
 
 
 def test_credentials_never_travel_with_a_job():
-    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY must not travel"):
+    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY may not travel"):
         SubmitConfig(stage="annotate", env={"AWS_SECRET_ACCESS_KEY": "x", "MLFLOW_TRACKING_URI": "http://m"})
 
 
@@ -171,7 +171,7 @@ def test_cli_submits_a_stage_follows_it_and_exits_with_its_status(ray_head, tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"annotated 4 inputs -> {out}" in done.stdout  # the job's own summary, streamed back
     assert "SUCCEEDED" in done.stdout
-    assert list(out.glob("part-*.parquet"))
+    assert list(out.glob("data/train-*.parquet"))
     jobs = json.load(urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10))
     job = next(j for j in jobs if j["metadata"].get("zeroconv_stage") == "annotate")
     assert job["entrypoint"] == "zeroconv annotate " + " ".join(overrides)

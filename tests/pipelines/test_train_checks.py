@@ -47,21 +47,58 @@ def test_dead_tracking_server_fails_before_training(tmp_path, fill50k_parquet):
 def test_fp16_on_cpu_is_refused_and_auto_precision_resolves(tmp_path):
     config = TrainConfig(work_dir=str(tmp_path), precision="fp16")
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
-        resolve_config(config, cluster_gpus=0)
-    assert resolve_config(config.model_copy(update={"precision": "auto"}), cluster_gpus=0).precision == "fp32"
-    gpu = resolve_config(config.model_copy(update={"precision": "auto", "num_workers": 2}), cluster_gpus=2)
+        resolve_config(config, has_gpu_nodes=False)
+    assert resolve_config(config.model_copy(update={"precision": "auto"}), has_gpu_nodes=False).precision == "fp32"
+    gpu = resolve_config(config.model_copy(update={"precision": "auto", "num_workers": 2}), has_gpu_nodes=True)
     assert (gpu.precision, gpu.use_gpu) == ("bf16", True)
-    with pytest.raises(ConfigError, match="needs 4 GPU"):
-        resolve_config(config.model_copy(update={"use_gpu": True, "num_workers": 4}), cluster_gpus=2)
+
+
+def test_gpu_workers_are_requested_not_sized_from_the_cluster_now(tmp_path):
+    """An autoscaling cluster may have no GPU node yet: use_gpu=true num_workers=8 resolves (Ray Train then
+    waits for the nodes) instead of failing on a snapshot of the cluster."""
+    from pipelines.train import worker_resources
+
+    config = TrainConfig(work_dir=str(tmp_path), use_gpu=True, num_workers=8, ray={"resources": {"train_gpu": 1}})
+    resolved = resolve_config(config, has_gpu_nodes=False)
+    assert (resolved.use_gpu, resolved.num_workers, resolved.precision) == (True, 8, "bf16")
+    assert worker_resources(resolved) == {"CPU": 1.0, "GPU": 1.0, "train_gpu": 1}
+
+
+def test_a_request_no_node_can_hold_is_refused_on_a_fixed_cluster():
+    from pipelines.train import check_fits_fixed_cluster
+
+    nodes = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 1.0, "GPU": 1.0}]
+    check_fits_fixed_cluster({"CPU": 1.0}, 3, nodes)
+    check_fits_fixed_cluster({"CPU": 1.0, "GPU": 1.0}, 1, nodes)
+    with pytest.raises(ConfigError, match=r"needs train_gpu=1 \(the largest node has train_gpu=0\)"):
+        check_fits_fixed_cluster({"CPU": 1.0, "train_gpu": 1.0}, 1, nodes)
+    with pytest.raises(ConfigError, match=r"can hold 1 training worker.*not num_workers=2"):
+        check_fits_fixed_cluster({"CPU": 1.0, "GPU": 1.0}, 2, nodes)
 
 
 def test_resolved_config_fills_storage_and_tracking(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    resolved = resolve_config(TrainConfig(work_dir=str(tmp_path)), cluster_gpus=0)
+    resolved = resolve_config(TrainConfig(work_dir=str(tmp_path)), has_gpu_nodes=False)
     assert resolved.storage_path == f"{tmp_path}/train"
     assert resolved.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(ConfigError, match="set mlflow.tracking_uri"):
-        resolve_config(TrainConfig(work_dir="s3://bucket/runs"), cluster_gpus=0)
+        resolve_config(TrainConfig(work_dir="s3://bucket/runs"), has_gpu_nodes=False)
+
+
+def test_unfinished_annotation_is_refused_unless_allowed(tmp_path):
+    from pipelines.data.schema import ANNOTATED_FORMAT, MANIFEST
+    from pipelines.train import check_annotation_finished
+
+    pq.write_table(fill50k_table(4, size=64), tmp_path / "part-0.parquet")
+    manifest = {"format": ANNOTATED_FORMAT, "status": "incomplete", "shards": {"total": 3, "done": 1}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    config = TrainConfig(data=str(tmp_path), batch_size=1, work_dir=str(tmp_path / "work"))
+    with pytest.raises(ValueError, match=r"not finished: its annotate manifest says 'incomplete' \(1 of 3 shards\)"):
+        run_train(config)  # refused before Ray or MLflow start
+    assert not (tmp_path / "work").exists()
+    check_annotation_finished(config.model_copy(update={"allow_incomplete_data": True}))
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "status": "complete"}))
+    check_annotation_finished(config)
 
 
 def test_dataset_checks_sizes_rows_and_reads_the_annotator_spec(tmp_path):
@@ -102,16 +139,16 @@ def test_ema_tracks_the_weights_with_warmup():
     from pipelines.train_loop import EMA
 
     weight = torch.nn.Parameter(torch.zeros(3))
-    ema = EMA([weight], decay=0.99)
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    ema = EMA([("w", weight), ("frozen", frozen)], decay=0.99)
     with torch.no_grad():
         weight.fill_(1.0)
     ema.update()  # warmup: decay = min(0.99, 2/11)
     assert torch.allclose(ema.shadow[0], torch.full((3,), 1 - 2 / 11))
-    state = ema.state_dict()
-    ema.copy_to_model()
-    assert torch.equal(weight.detach(), ema.shadow[0])
-    fresh = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.99)
-    fresh.load_state_dict(state)
+    weights = ema.full_weights()
+    assert list(weights) == ["w"] and torch.equal(weights["w"], ema.shadow[0])
+    fresh = EMA([("w", torch.nn.Parameter(torch.zeros(3)))], decay=0.99)
+    fresh.load_full_weights(weights, ema.updates)
     assert fresh.updates == 1 and torch.equal(fresh.shadow[0], ema.shadow[0])
 
 
@@ -152,3 +189,13 @@ def test_precomputed_dataset_must_match_the_base_model(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
     with pytest.raises(ValueError, match="no complete precompute manifest"):
         inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=1))
+
+
+def test_base_model_under_home_is_recorded_with_home_expanded(tmp_path, monkeypatch):
+    from pipelines.train import recorded_base_model
+
+    (tmp_path / "home" / "sd15").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert recorded_base_model("~/sd15") == str(tmp_path / "home" / "sd15")
+    assert recorded_base_model("tiny") == "tiny" and recorded_base_model("s3://b/m") == "s3://b/m"

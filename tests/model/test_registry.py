@@ -1,0 +1,180 @@
+"""A registered model works where zeroconv is not installed: loaded with ``mlflow.pyfunc.load_model``
+and served with ``mlflow models serve``, from ``models:/NAME@alias`` on a real MLflow server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import free_port, running_server
+
+NAME = "handoff"
+MODEL_URI = f"models:/{NAME}@champion"
+REQUEST = {"seed": 3, "steps": 3}
+
+LOAD_AND_PREDICT = """
+import importlib.util, json, sys
+import mlflow, pandas as pd
+assert importlib.util.find_spec("pipelines") is None and importlib.util.find_spec("model") is None
+loaded = mlflow.pyfunc.load_model(sys.argv[1])
+image = loaded.predict(pd.DataFrame([json.loads(sys.argv[2])]))["image"][0]
+try:
+    loaded.predict(pd.DataFrame({"prompt": ["no condition"]}))
+    error = None
+except Exception as exc:
+    error = str(exc)
+print(json.dumps({"image": image, "error": error, "model_module": sys.modules["model"].__file__}))
+"""
+
+
+def _png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _decode(data: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, tiny_base, tmp_path_factory):
+    """A perturbed tiny ControlNet (a fresh one is the identity) on base ``tiny``, alias champion.
+    Returns the request row and the image zeroconv itself generates for it."""
+    import mlflow
+    import torch
+
+    from model.controlnet import controlnet_from_unet
+    from model.export import export_controlnet
+    from model.inference import generate, load_pipeline
+    from model.registry import log_controlnet_model
+    from pipelines.common.tracking import connect
+    from pipelines.data.synthetic import fill50k
+
+    connect(mlflow_server, "registry-tests")
+    net = controlnet_from_unet(tiny_base.unet)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    export = export_controlnet(net, tmp_path_factory.mktemp("export") / "controlnet")
+    metadata = {"base_model": "tiny", "inference": {"steps": 20, "guidance_scale": 9.0}}
+    with mlflow.start_run():
+        log_controlnet_model(export, metadata, registered_name=NAME, alias="champion")
+
+    sample = fill50k(1, size=64, seed=7)[0]
+    row = {"prompt": sample.text, "condition": _png_b64(sample.condition), **REQUEST}
+    pipe = load_pipeline("tiny", [export])
+    expected = generate(pipe, [sample.text], sample.condition[None], guidance_scale=9.0, **REQUEST)[0]
+    return row, expected
+
+
+def test_registered_model_carries_code_requirements_signature_example_and_base(registered, tmp_path):
+    import mlflow
+
+    info = mlflow.models.get_model_info(MODEL_URI)
+    inputs = {spec.name: spec.required for spec in info.signature.inputs.inputs}
+    assert inputs == {
+        "prompt": True,
+        "condition": True,
+        "seed": False,
+        "steps": False,
+        "guidance_scale": False,
+        "conditioning_scale": False,
+        "negative_prompt": False,
+    }
+    assert info.signature.outputs.input_names() == ["image"]
+    assert info.saved_input_example_info is not None
+
+    local = Path(mlflow.artifacts.download_artifacts(MODEL_URI, dst_path=str(tmp_path)))
+    pins = dict(line.split("==") for line in (local / "requirements.txt").read_text().split())
+    for package in ("torch", "diffusers", "transformers", "safetensors", "mlflow", "numpy", "pillow", "pyarrow"):
+        assert pins[package] == version(package).split("+")[0], package
+    code = {str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py")}
+    assert {"model/registry.py", "model/inference.py", "model/base.py", "pipelines/data/tensors.py"} <= code
+    assert not code & {"pipelines/train.py", "pipelines/annotate.py", "model/controlnet.py", "deploy/serve_app.py"}
+    # the tiny base travels with the model, in diffusers format
+    assert (local / "artifacts" / "tiny-sd" / "model_index.json").exists()
+    example = json.loads((local / "input_example.json").read_text())
+    assert example["columns"][:2] == ["prompt", "condition"]
+
+
+def test_loads_and_predicts_where_zeroconv_is_not_installed(registered, without_zeroconv, mlflow_server, tmp_path):
+    row, expected = registered
+    cache = tmp_path / "cache"
+    env = dict(without_zeroconv.env, MLFLOW_TRACKING_URI=mlflow_server, ZEROCONV_CACHE=str(cache))
+    done = subprocess.run(
+        [without_zeroconv.python, "-I", "-c", LOAD_AND_PREDICT, MODEL_URI, json.dumps(row)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # zeroconv's code came from the model, not from the repository or an install
+    assert "/code/model/" in result["model_module"] and not result["model_module"].startswith(str(Path.cwd()))
+    image = _decode(result["image"])
+    assert image.shape == expected.shape
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+    assert "condition" in result["error"]
+    assert not (cache / "tiny-sd").exists()  # the base came with the model: nothing was rebuilt
+
+
+def test_mlflow_models_serve_answers_invocations(registered, without_zeroconv, mlflow_server, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    row, expected = registered
+    port = free_port()
+    command = [str(without_zeroconv.python), "-I", "-m", "mlflow", "models", "serve", "-m", MODEL_URI]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = dict(without_zeroconv.env, MLFLOW_TRACKING_URI=mlflow_server, ZEROCONV_CACHE=str(tmp_path / "cache"))
+    url = f"http://127.0.0.1:{port}"
+
+    def invoke(records: list[dict]) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps({"dataframe_records": records}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    with running_server(command, env, tmp_path / "serve.log", f"{url}/ping", timeout=400):
+        status, body = invoke([row])
+        assert status == 200, body
+        image = _decode(json.loads(body)["predictions"][0]["image"])
+        assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+
+        status, body = invoke([{"prompt": "no condition"}])
+        assert status == 400 and "condition" in body
+
+
+def test_predict_names_a_missing_column_and_a_bad_condition():
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from model.registry import ControlNetPyfunc
+
+    model = ControlNetPyfunc()
+    with pytest.raises(MlflowException, match="missing column 'condition'"):
+        model.predict(None, pd.DataFrame({"prompt": ["a red circle"]}))
+    model.metadata, model.pipe = {}, None
+    with pytest.raises(MlflowException, match="row 0: 'condition' is not a base64-encoded image"):
+        model.predict(None, pd.DataFrame({"prompt": ["a red circle"], "condition": ["not an image"]}))
