@@ -69,7 +69,7 @@ def no_decode_nodes(cluster) -> None:
 
 def test_annotate_from_zero_workers_scales_out_over_nodes(fake_cluster, tmp_path):
     no_decode_nodes(fake_cluster)
-    n = 96
+    n = 256
     images, out = tmp_path / "images", tmp_path / "annotated"
     config = annotate_config(images, out)
     write_image_folder(images, n=n, size=256, seed=0, broken=True)
@@ -90,7 +90,7 @@ def test_annotate_from_zero_workers_scales_out_over_nodes(fake_cluster, tmp_path
 
 def test_annotate_survives_losing_a_node_mid_job(fake_cluster, tmp_path):
     no_decode_nodes(fake_cluster)
-    n = 160
+    n = 256
     images, out = tmp_path / "images", tmp_path / "annotated"
     config = annotate_config(images, out)
     write_image_folder(images, n=n, size=256, seed=1, broken=True)
