@@ -86,6 +86,11 @@ def cluster_config(gcs_port: int) -> dict:
     }
 
 
+# The driver's Ray Train settings reach the controller and workers. Workers importing torch on a loaded
+# machine can take minutes to start; Ray Train's default (60 s) would count that as a failed start.
+DRIVER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+
+
 def cluster_env() -> dict:
     """The head's environment; the autoscaler starts the worker nodes with it."""
     return dict(
@@ -196,6 +201,20 @@ class FakeCluster:
         )
 
 
+def start_head(command: list[str], env: dict, temp_dir: str, attempts: int = 3) -> None:
+    """``ray start --head``; again after a failed start (Ray gives a node 30 s to register with its GCS,
+    which a loaded machine can miss), having stopped what the failed attempt left running."""
+    for _ in range(attempts):
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if started.returncode == 0:
+            return
+        terminate(processes_of(temp_dir))
+    raise RuntimeError(
+        f"the head did not start in {attempts} attempts (exit {started.returncode}):\n"
+        f"{(started.stdout + started.stderr)[-4000:]}"
+    )
+
+
 @pytest.fixture(scope="session")
 def fake_cluster(session_tmp):
     """Start the head (no CPUs: nothing runs on it but drivers and the control plane), connect, yield
@@ -236,20 +255,24 @@ def fake_cluster(session_tmp):
         "--disable-usage-stats",
         *[f"{flag}={value}" for flag, value in ports.items()],
     ]
-    env = cluster_env()
-    env.pop("RAY_ADDRESS", None)
     cluster = FakeCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp_dir, config)
+    # Ray code that finds "the" cluster by itself (state API, Ray Train's placement-group cleaner) must find
+    # this one, not another Ray on the same machine: in this process and in every process of the cluster.
+    saved = {k: os.environ.get(k) for k in (*DRIVER_ENV, "RAY_ADDRESS")}
+    os.environ.update(DRIVER_ENV, RAY_ADDRESS=cluster.address)
+    env = cluster_env()
     try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        if started.returncode != 0:
-            raise RuntimeError(
-                f"the head did not start (exit {started.returncode}):\n{(started.stdout + started.stderr)[-4000:]}"
-            )
+        start_head(command, env, temp_dir)
         wait_http(f"{cluster.dashboard}/api/version", timeout=120)
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         yield cluster
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         # The temp dir is in every command line but the Ray Client server's, which names the GCS address.
         # Twice: a process may start another while the first round is stopping (e.g. the autoscaler a node).
         for _ in range(2):

@@ -10,23 +10,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from pydantic import ValidationError
 
 from pipelines.annotate import AnnotateConfig, run_annotate
 from pipelines.data.synthetic import write_image_folder
 from tests.cluster.conftest import wait_for
 
-pytestmark = [
-    pytest.mark.cluster,
-    # Passed with today's fixed-size pool (compute.num_actors=3 + ray.resources={decode: 1}); written for the
-    # autoscaling actor pool of the "shards" branch. Only this config error is expected; any other failure fails.
-    pytest.mark.xfail(
-        raises=ValidationError, reason="needs the autoscaling actor pool, compute.max_actors (shards branch)"
-    ),
-]
+pytestmark = pytest.mark.cluster
 
 BROKEN = 4  # write_image_folder(broken=True) adds four inputs that must become reject rows
-FOOTER_KEY = b"zeroconv.shard"  # each shard's summary in its Parquet footer (docs/data-schema.md)
+FOOTER_KEY = b"zeroconv.shard"  # each shard's summary: its Parquet footer, or its _empty/ marker (docs/data-schema.md)
 
 
 def annotate_config(images: Path, out: Path, **overrides) -> AnnotateConfig:
@@ -47,26 +39,27 @@ def annotate_config(images: Path, out: Path, **overrides) -> AnnotateConfig:
 
 
 def shard_summaries(out: Path) -> dict[str, dict]:
-    """File name -> the summary its actor wrote into the footer (counts, and the node it ran on)."""
-    summaries = {}
-    for path in sorted(out.glob("part-*.parquet")):
-        summaries[path.name] = json.loads(pq.read_schema(path).metadata[FOOTER_KEY])
+    """File name -> the summary its actor wrote (counts, and the node it ran on); shards with no row
+    (every input rejected) keep theirs in an _empty/ marker instead of a data file."""
+    summaries = {p.name: json.loads(pq.read_schema(p).metadata[FOOTER_KEY]) for p in data_files(out)}
+    for marker in sorted((out / "_empty").glob("train-*.json")):
+        summaries[marker.name] = json.loads(marker.read_text())[FOOTER_KEY.decode()]
     return summaries
+
+
+def data_files(out: Path) -> list[Path]:
+    return sorted((out / "data").glob("train-*.parquet"))
 
 
 def written_rows(out: Path) -> tuple[list[str], list[str]]:
     """(sources of the data rows, sources of the reject rows) over every file of the output."""
-    data = [s for p in sorted(out.glob("part-*.parquet")) for s in pq.read_table(p, columns=["source"])["source"]]
-    rejects = [
-        s
-        for p in sorted((out / "_rejects").glob("part-*.parquet"))
-        for s in pq.read_table(p, columns=["source"])["source"]
-    ]
+    data = [s for p in data_files(out) for s in pq.read_table(p, columns=["source"])["source"]]
+    rejects = [s for p in sorted((out / "_rejects").glob("train-*.parquet")) for s in pq.read_table(p)["source"]]
     return [s.as_py() for s in data], [s.as_py() for s in rejects]
 
 
 def ids_of(out: Path) -> list[str]:
-    return [i.as_py() for p in sorted(out.glob("part-*.parquet")) for i in pq.read_table(p, columns=["id"])["id"]]
+    return [i.as_py() for p in data_files(out) for i in pq.read_table(p, columns=["id"])["id"]]
 
 
 def no_decode_nodes(cluster) -> None:
@@ -76,7 +69,7 @@ def no_decode_nodes(cluster) -> None:
 
 def test_annotate_from_zero_workers_scales_out_over_nodes(fake_cluster, tmp_path):
     no_decode_nodes(fake_cluster)
-    n = 96
+    n = 256
     images, out = tmp_path / "images", tmp_path / "annotated"
     config = annotate_config(images, out)
     write_image_folder(images, n=n, size=256, seed=0, broken=True)
@@ -97,7 +90,7 @@ def test_annotate_from_zero_workers_scales_out_over_nodes(fake_cluster, tmp_path
 
 def test_annotate_survives_losing_a_node_mid_job(fake_cluster, tmp_path):
     no_decode_nodes(fake_cluster)
-    n = 160
+    n = 256
     images, out = tmp_path / "images", tmp_path / "annotated"
     config = annotate_config(images, out)
     write_image_folder(images, n=n, size=256, seed=1, broken=True)
@@ -113,9 +106,7 @@ def test_annotate_survives_losing_a_node_mid_job(fake_cluster, tmp_path):
     job = threading.Thread(target=annotate, daemon=True)
     job.start()
     # Mid-job: some shards written, not all. Kill a node that has written one (it hosts an annotator actor).
-    done = wait_for(
-        lambda: shard_summaries(out) if len(list(out.glob("part-*.parquet"))) >= 2 else None, 300, "shards"
-    )
+    done = wait_for(lambda: shard_summaries(out) if len(data_files(out)) >= 2 else None, 300, "shards")
     assert len(done) < shards, "the job finished before a node could be lost: give it more work"
     victim = next(iter(done.values()))["node"]
     fake_cluster.kill_node(victim)

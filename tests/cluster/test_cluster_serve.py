@@ -50,7 +50,8 @@ def serving(fake_cluster, mlflow_server, tiny_base, tiny_base_dir, tmp_path):
     nodes share 127.0.0.1, so a proxy per node would compete for one port). Yields the base URL."""
     from ray import serve
 
-    from deploy.serve_app import ServeConfig, run_serve
+    from deploy.app import run_serve
+    from deploy.config import ServeConfig
     from pipelines.common.tracking import connect
 
     connect(mlflow_server, "cluster-serve")
