@@ -1,0 +1,159 @@
+"""Model families as adapters: the family read from the files, the zero-init identity and the policies per family."""
+
+import json
+
+import pytest
+import torch
+
+from model.families import family_of, load, param_groups, resolve
+
+PRESETS = {"sd": "tiny", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
+_BASES = {}
+
+
+def base_of(family: str):
+    if family not in _BASES:
+        _BASES[family] = load(PRESETS[family])
+    return _BASES[family]
+
+
+def batch(base, n=2, seed=0):
+    """Clean latents, prompt tensors and ControlNet inputs for ``n`` random 64x64 samples."""
+    g = torch.Generator().manual_seed(seed)
+    fam = base.family
+    images = torch.rand(n, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        latents = fam.encode_images(base, images)
+        prompt = fam.encode_prompts(base, ["a red circle", "a blue square"][:n], (64, 64))
+        controls = fam.control_inputs(base, torch.rand(n, 3, 64, 64, generator=g))
+    return latents, prompt, controls
+
+
+@pytest.mark.parametrize("family", PRESETS)
+def test_family_is_read_from_model_index(family):
+    base_dir = resolve(PRESETS[family])
+    assert family_of(base_dir).name == family
+    assert (
+        type(base_of(family).pipe).__name__ == json.loads((base_dir / "model_index.json").read_text())["_class_name"]
+    )
+
+
+def test_unknown_or_missing_pipeline_class_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match="is a KandinskyPipeline pipeline; zeroconv supports StableDiffusionPipeline"):
+        family_of(tmp_path)
+    with pytest.raises(ValueError, match="has no model_index.json"):
+        family_of(tmp_path / "empty")
+
+
+def test_a_renamed_directory_keeps_its_family(tmp_path):
+    # The name says "sdxl"; the files say SD3: the files win.
+    import shutil
+
+    shutil.copytree(resolve("tiny-sd3"), tmp_path / "my-sdxl-model")
+    assert family_of(tmp_path / "my-sdxl-model").name == "sd3"
+
+
+def test_t5_tokenizer_is_built_offline_and_loads_as_stock_t5():
+    from transformers import T5TokenizerFast
+
+    tok = T5TokenizerFast.from_pretrained(resolve("tiny-sd3") / "tokenizer_3")
+    ids = tok("a red circle, Zebra!").input_ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces[:3] == ["▁a", "▁red", "▁circle"] and pieces[-1] == "</s>"
+    assert "<unk>" not in pieces and tok.decode(ids, skip_special_tokens=True) == "a red circle, Zebra!"
+
+
+@pytest.mark.parametrize("family", PRESETS)
+def test_fresh_controlnet_leaves_the_base_prediction_unchanged(family):
+    """The paper's guarantee: base prediction + zero-initialised ControlNet residuals == base prediction, exactly."""
+    base = base_of(family)
+    latents, prompt, controls = batch(base)
+    model = base.family.controlled(base, [base.family.new_controlnet(base)])
+    noisy, timesteps, _ = base.family.noise(base, latents, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        controlled = model(noisy, timesteps, prompt, [controls])
+        plain = model.base_prediction(noisy, timesteps, prompt)
+        # The ControlNet does see the condition: its hidden path is not trivially zero.
+        other = model(noisy, timesteps, prompt, [controls.flip(0)])
+    assert controlled.shape == noisy.shape
+    assert torch.equal(controlled, plain) and torch.equal(other, plain)
+    assert plain.abs().sum() > 0
+
+
+def test_sd_adapter_encodes_prompts_like_todays_base_model(tiny_base):
+    base = base_of("sd")
+    ours = base.family.encode_prompts(base, ["a red circle"], (64, 64))["prompt_embeds"]
+    assert torch.equal(ours, tiny_base.encode_prompts(["a red circle"]))
+
+
+def _train(base, policy, steps=3):
+    model = base.family.controlled(base, [base.family.new_controlnet(base)])
+    groups = param_groups(model, policy, lr=1e-2, base_lr=1e-2)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    net_before = {k: v.clone() for k, v in model.controlnets.state_dict().items()}
+    optimizer = torch.optim.AdamW(groups)
+    latents, prompt, controls = batch(base)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        loss = base.family.loss(model, base, latents, prompt, [controls], generator=g)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    changed = {k for k, v in model.denoiser.state_dict().items() if not torch.equal(v, before[k])}
+    net_changed = {k for k, v in model.controlnets.state_dict().items() if not torch.equal(v, net_before[k])}
+    trainable = {n for n, p in model.denoiser.named_parameters() if p.requires_grad}
+    model.denoiser.load_state_dict(before)  # the base is shared by the tests of this module
+    model.denoiser.requires_grad_(False)
+    return changed, net_changed, trainable
+
+
+@pytest.mark.parametrize("family", PRESETS)
+def test_locked_training_leaves_the_base_bit_identical(family):
+    changed, net_changed, trainable = _train(base_of(family), "locked")
+    assert changed == set() and trainable == set()
+    assert net_changed  # the ControlNet did train
+
+
+# What unlock_decoder means per family (docs/families/*.md): the denoiser parameters it trains.
+DECODER_SIDE = {
+    "sd": lambda n: n.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")),
+    "sdxl": lambda n: n.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")),
+    "sd3": lambda n: n.startswith(("transformer_blocks.1.", "norm_out.", "proj_out.")),
+    "flux": lambda n: n.startswith(("single_transformer_blocks.", "norm_out.", "proj_out.")),
+}
+
+
+@pytest.mark.parametrize("family", PRESETS)
+def test_unlock_decoder_trains_exactly_the_decoder_side(family):
+    base = base_of(family)
+    names = {n for n, _ in base.denoiser.named_parameters()}
+    changed, _, trainable = _train(base, "unlock_decoder", steps=2)
+    assert trainable == {n for n in names if DECODER_SIDE[family](n)} and trainable != names
+    assert changed and changed <= trainable
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_unlock_full_trains_the_whole_transformer(family):
+    _, _, trainable = _train(base_of(family), "unlock_full", steps=1)
+    assert trainable == {n for n, _ in base_of(family).denoiser.named_parameters()}
+
+
+def test_unknown_policy_is_refused():
+    base = base_of("flux")
+    model = base.family.controlled(base, [base.family.new_controlnet(base)])
+    with pytest.raises(ValueError, match="unknown trainability policy 'unlock_encoder'; choose one of locked"):
+        param_groups(model, "unlock_encoder", 1e-5, 1e-6)
+
+
+def test_flow_matching_target_and_timesteps():
+    """SD3 noises on the rectified-flow line and takes s * 1000; Flux takes s (its transformer scales by 1000)."""
+    for family, scale in (("sd3", 1000.0), ("flux", 1.0)):
+        base = base_of(family)
+        latents, _, _ = batch(base)
+        noisy, timesteps, target = base.family.noise(base, latents, torch.Generator().manual_seed(3))
+        s = (timesteps / scale).view(-1, *[1] * (latents.dim() - 1))
+        assert ((timesteps / scale > 0) & (timesteps / scale < 1)).all()
+        noise = target + latents
+        torch.testing.assert_close(noisy, (1 - s) * latents + s * noise)
