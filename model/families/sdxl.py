@@ -40,10 +40,10 @@ class SDXL(UNetFamily):
     control_pipeline_class = "StableDiffusionXLControlNetPipeline"
 
     def new_controlnet(self, base: Base, union: bool = False, conditioning_channels: int = 3) -> nn.Module:
-        from diffusers import ControlNetModel, ControlNetUnionModel
+        from diffusers import ControlNetModel
 
         if union:
-            return ControlNetUnionModel.from_unet(base.denoiser)
+            return union_from_unet(base.denoiser)
         return ControlNetModel.from_unet(base.denoiser, conditioning_channels=conditioning_channels)
 
     def encode_prompts(self, base: Base, prompts: Sequence[str], size: tuple[int, int], crop=(0, 0), original=None):
@@ -94,6 +94,25 @@ class SDXL(UNetFamily):
             pipe.set_progress_bar_config(disable=True)
             return pipe
         return super().pipeline(base, controlnets)
+
+
+def union_from_unet(unet: nn.Module) -> nn.Module:
+    """``ControlNetUnionModel.from_unet``, with its condition-fusion transformer as wide as the UNet's first block.
+
+    from_unet leaves that transformer at SDXL's width (320), which only fits UNets whose first block is 320 wide;
+    for others (the tiny preset) the same model is rebuilt at the UNet's width and keeps every copied weight."""
+    from diffusers import ControlNetUnionModel
+
+    net = ControlNetUnionModel.from_unet(unet)
+    width = unet.config.block_out_channels[0]
+    if net.config.num_trans_channel == width:
+        return net
+    # Without "_use_default_values": from_config would put the defaults it lists (the 320s) back.
+    config = {k: v for k, v in net.config.items() if k != "_use_default_values"}
+    fitted = ControlNetUnionModel.from_config({**config, "num_trans_channel": width, "num_proj_channel": width})
+    own = fitted.state_dict()
+    fitted.load_state_dict({k: v for k, v in net.state_dict().items() if own[k].shape == v.shape}, strict=False)
+    return fitted
 
 
 def build_tiny(out_dir: Path) -> None:
