@@ -60,6 +60,8 @@ class Family(ABC):
     control_pipeline_class: ClassVar[str]  # stock diffusers pipeline that generates with it
     # Denoiser parameter-name prefixes that ``unlock_decoder`` trains (see each family's docs page).
     decoder_prefixes: ClassVar[tuple[str, ...]]
+    # The prompt tensors that come from the text (one row per sample): what prompt dropout replaces.
+    text_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
 
     def load(self, local_dir: Path, source: str, device="cpu", dtype: torch.dtype = torch.float32) -> Base:
         from diffusers import DiffusionPipeline
@@ -133,6 +135,26 @@ class Family(ABC):
         prediction = model(noisy, timesteps, prompt, conditions)
         return F.mse_loss(prediction.float(), target.float())
 
+    def drop_prompts(
+        self,
+        prompt: dict[str, torch.Tensor],
+        empty: dict[str, torch.Tensor],
+        probability: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Replace each sample's prompt by the empty prompt's (``empty``: one row) with ``probability``.
+
+        The paper's 50% prompt dropout, for every text-derived tensor of the family at once (same rows)."""
+        if probability <= 0:
+            return prompt
+        n = prompt[self.text_keys[0]].shape[0]
+        drop = torch.rand(n, generator=generator) < probability
+        out = dict(prompt)
+        for key in self.text_keys:
+            rows = drop.to(prompt[key].device).view(n, *[1] * (prompt[key].dim() - 1))
+            out[key] = torch.where(rows, empty[key].to(prompt[key].dtype).expand_as(prompt[key]), prompt[key])
+        return out
+
     def unlocked(self, name: str, policy: str, denoiser: nn.Module) -> bool:
         """Whether ``denoiser``'s parameter ``name`` trains under ``policy``."""
         if policy not in POLICIES:
@@ -189,6 +211,15 @@ def flow_noise(latents: torch.Tensor, sigmas: torch.Tensor, generator: torch.Gen
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     s = sigmas.to(latents.device, latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
     return (1 - s) * latents + s * noise, noise - latents
+
+
+def check_control(control: torch.Tensor, noisy: torch.Tensor, family: str) -> None:
+    """VAE-encoded conditions must match the noisy latents: same batch and the same image size."""
+    if control.shape != noisy.shape:
+        raise ValueError(
+            f"{family}: condition encodes to shape {tuple(control.shape)} but the latents have shape "
+            f"{tuple(noisy.shape)}: give one condition per sample at the image's size"
+        )
 
 
 def read_class_name(base_dir: Path) -> str:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from model.families.base import Base, Family, flow_noise, flow_sigmas
+from model.families.base import Base, Family, check_control, flow_noise, flow_sigmas
 
 TINY_VERSION = "1"
 TRAIN_GUIDANCE = 3.5
@@ -32,6 +32,7 @@ class Flux(Family):
     denoiser_name = "transformer"
     controlnet_class = "FluxControlNetModel"
     control_pipeline_class = "FluxControlNetPipeline"
+    text_keys = ("prompt_embeds", "pooled_projections")
     # unlock_decoder: the single-stream blocks (they follow the double-stream ones) and the output layers.
     decoder_prefixes = ("single_transformer_blocks.", "norm_out.", "proj_out.")
 
@@ -84,6 +85,7 @@ class Flux(Family):
         )
         double, single = None, None
         for net, control, scale in zip(controlnets, controls, scales):
+            check_control(control, noisy, self.name)
             d, s = net(controlnet_cond=control.to(noisy.dtype), conditioning_scale=scale, **inputs)
             double = d if double is None else [a + b for a, b in zip(double, d)]
             single = s if single is None else [a + b for a, b in zip(single, s)]

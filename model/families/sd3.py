@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from model.families.base import Base, Family, flow_noise, flow_sigmas
+from model.families.base import Base, Family, check_control, flow_noise, flow_sigmas
 
 TINY_VERSION = "1"
 
@@ -30,6 +30,7 @@ class SD3(Family):
     denoiser_name = "transformer"
     controlnet_class = "SD3ControlNetModel"
     control_pipeline_class = "StableDiffusion3ControlNetPipeline"
+    text_keys = ("prompt_embeds", "pooled_projections")
     # unlock_decoder: the transformer's last half of joint blocks (set per model in `unlocked`) + output layers.
     decoder_prefixes = ("norm_out.", "proj_out.")
 
@@ -70,6 +71,7 @@ class SD3(Family):
         embeds, pooled = prompt["prompt_embeds"], prompt["pooled_projections"]
         residuals = None
         for net, control, scale in zip(controlnets, controls, scales):
+            check_control(control, noisy, self.name)
             pooled_in = torch.zeros_like(pooled) if net.config.force_zeros_for_pooled_projection else pooled
             blocks = net(
                 hidden_states=noisy,

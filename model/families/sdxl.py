@@ -38,6 +38,7 @@ class SDXL(UNetFamily):
     pipeline_names = ("StableDiffusionXLPipeline",)
     controlnet_class = "ControlNetModel"
     control_pipeline_class = "StableDiffusionXLControlNetPipeline"
+    text_keys = ("prompt_embeds", "text_embeds")
 
     def new_controlnet(self, base: Base, union: bool = False, conditioning_channels: int = 3) -> nn.Module:
         from diffusers import ControlNetModel

@@ -157,3 +157,30 @@ def test_flow_matching_target_and_timesteps():
         assert ((timesteps / scale > 0) & (timesteps / scale < 1)).all()
         noise = target + latents
         torch.testing.assert_close(noisy, (1 - s) * latents + s * noise)
+
+
+@pytest.mark.parametrize("family", PRESETS)
+def test_prompt_dropout_replaces_every_text_tensor_of_the_same_rows(family):
+    base = base_of(family)
+    fam = base.family
+    with torch.no_grad():
+        prompt = fam.encode_prompts(base, ["a red circle", "a blue square", "green", "a dog"], (64, 64))
+        empty = fam.encode_prompts(base, [""], (64, 64))
+    assert fam.drop_prompts(prompt, empty, 0.0) is prompt
+    dropped = fam.drop_prompts(prompt, empty, 0.5, torch.Generator().manual_seed(4))
+    rows = {key: [torch.equal(dropped[key][i], empty[key][0]) for i in range(4)] for key in fam.text_keys}
+    assert len({tuple(r) for r in rows.values()}) == 1  # the same samples lost every text tensor
+    assert 0 < sum(next(iter(rows.values()))) < 4
+    for key in set(prompt) - set(fam.text_keys):  # size ids, position ids: untouched
+        assert torch.equal(dropped[key], prompt[key])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_condition_of_the_wrong_size_is_a_clear_error(family):
+    base = base_of(family)
+    latents, prompt, _ = batch(base)
+    small = base.family.control_inputs(base, torch.rand(2, 3, 32, 32))
+    model = base.family.controlled(base, [base.family.new_controlnet(base)])
+    noisy, timesteps, _ = base.family.noise(base, latents)
+    with pytest.raises(ValueError, match=f"{family}: condition encodes to shape .* but the latents have shape"):
+        model(noisy, timesteps, prompt, [small])
