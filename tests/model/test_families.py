@@ -184,3 +184,56 @@ def test_condition_of_the_wrong_size_is_a_clear_error(family):
     noisy, timesteps, _ = base.family.noise(base, latents)
     with pytest.raises(ValueError, match=f"{family}: condition encodes to shape .* but the latents have shape"):
         model(noisy, timesteps, prompt, [small])
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_tiny_presets_are_deterministic(preset, tmp_path):
+    from safetensors.torch import load_file
+
+    from model.families import TINY_PRESETS
+
+    build, _ = TINY_PRESETS[preset]
+    build(tmp_path / "again")
+    denoiser = "unet" if preset == "tiny-sdxl" else "transformer"
+    for part in (f"{denoiser}/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(resolve(preset) / part), load_file(tmp_path / "again" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_preset_cache_of_another_version_is_rebuilt(tmp_path):
+    from model.base import ensure_tiny
+
+    builds = []
+
+    def build(out_dir):
+        builds.append(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "weights").write_text(str(len(builds)))
+
+    ensure_tiny(tmp_path / "tiny-x", build, version="1")
+    ensure_tiny(tmp_path / "tiny-x", build, version="1")
+    assert len(builds) == 1
+    ensure_tiny(tmp_path / "tiny-x", build, version="2")
+    assert len(builds) == 2 and (tmp_path / "tiny-x" / "weights").read_text() == "2"
+
+
+def test_an_incomplete_family_directory_names_what_is_missing(tmp_path):
+    import shutil
+
+    shutil.copytree(resolve("tiny-flux"), tmp_path / "flux", ignore=shutil.ignore_patterns("transformer"))
+    with pytest.raises(ValueError, match="not a complete diffusers FluxPipeline directory: missing transformer/"):
+        load(str(tmp_path / "flux"))
+
+
+def test_a_family_base_loads_from_s3(s3_bucket, tmp_path, monkeypatch):
+    import boto3
+
+    local = resolve("tiny-flux")
+    s3 = boto3.client("s3")
+    for f in local.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), s3_bucket, f"models/flux/{f.relative_to(local)}")
+    monkeypatch.setenv("ZEROCONV_CACHE", str(tmp_path / "cache"))
+    base = load(f"s3://{s3_bucket}/models/flux")
+    assert base.family.name == "flux" and str(base.local_dir).startswith(str(tmp_path / "cache"))
+    assert torch.equal(base.denoiser.proj_out.weight, base_of("flux").denoiser.proj_out.weight)
