@@ -237,3 +237,28 @@ def test_a_family_base_loads_from_s3(s3_bucket, tmp_path, monkeypatch):
     base = load(f"s3://{s3_bucket}/models/flux")
     assert base.family.name == "flux" and str(base.local_dir).startswith(str(tmp_path / "cache"))
     assert torch.equal(base.denoiser.proj_out.weight, base_of("flux").denoiser.proj_out.weight)
+
+
+def test_sd_adapter_loss_is_todays_loss(tiny_base):
+    """The sd adapter wraps model/controlnet.py + model/objective.py: same batch and seed, same loss."""
+    from model.controlnet import ControlledUNet
+    from model.objective import diffusion_loss
+
+    base = base_of("sd")
+    net = base.family.new_controlnet(base)
+    with torch.no_grad():
+        for p in net.parameters():  # a trained-looking ControlNet, so its residuals count
+            p.add_(0.01)
+    latents, prompt, controls = batch(base)
+    ours = base.family.loss(
+        base.family.controlled(base, [net]), base, latents, prompt, [controls], torch.Generator().manual_seed(7)
+    )
+    today = diffusion_loss(
+        ControlledUNet(tiny_base.unet, [net]),
+        tiny_base.noise_scheduler,
+        latents,
+        tiny_base.encode_prompts(["a red circle", "a blue square"]),
+        [controls],
+        torch.Generator().manual_seed(7),
+    )
+    assert torch.equal(ours, today)
