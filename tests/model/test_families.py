@@ -262,3 +262,16 @@ def test_sd_adapter_loss_is_todays_loss(tiny_base):
         torch.Generator().manual_seed(7),
     )
     assert torch.equal(ours, today)
+
+
+def test_sdxl_condition_of_the_wrong_size_is_a_clear_error():
+    from model.families.sdxl import Union
+
+    base = base_of("sdxl")
+    latents, prompt, _ = batch(base)
+    noisy, timesteps, _ = base.family.noise(base, latents)
+    small = torch.rand(2, 3, 32, 32)
+    for union, control in ((False, small), (True, Union(small, torch.tensor([0, 3])))):
+        model = base.family.controlled(base, [base.family.new_controlnet(base, union=union)])
+        with pytest.raises(ValueError, match=r"condition 0 has shape \(2, 3, 32, 32\); expected \(2, 3, 64, 64\)"):
+            model(noisy, timesteps, prompt, [control])
