@@ -59,8 +59,9 @@ class SDXL(UNetFamily):
     def predict(self, denoiser, controlnets, noisy, timesteps, prompt, controls, scales) -> torch.Tensor:
         added = {"text_embeds": prompt["text_embeds"], "time_ids": prompt["time_ids"]}
         embeds = prompt["prompt_embeds"]
-        images = [c.image if isinstance(c, Union) else c for c in controls]
-        ControlledUNet(denoiser, controlnets).check_conditions(noisy, images)  # SD's checks: pixels, x8 the latents
+        if controlnets:  # SD's checks: pixels at x8 the latents
+            images = [c.image if isinstance(c, Union) else c for c in controls]
+            ControlledUNet(denoiser, controlnets).check_conditions(noisy, images)
         down_sum, mid_sum = None, None
         for net, control, scale in zip(controlnets, controls, scales):
             kwargs = dict(encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)
