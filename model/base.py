@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 TINY = "tiny"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# What a hub snapshot fetches: the component folders of every family (model/families), not only SD's.
+HUB_FOLDERS = COMPONENTS + ("transformer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -94,7 +96,7 @@ def resolve_base_dir(source: str, storage=None) -> Path:
 
         try:
             return Path(
-                snapshot_download(source, allow_patterns=[f"{c}/*" for c in COMPONENTS] + ["model_index.json"])
+                snapshot_download(source, allow_patterns=[f"{c}/*" for c in HUB_FOLDERS] + ["model_index.json"])
             )
         except Exception as exc:  # offline, unknown repo, gated...
             raise FileNotFoundError(
@@ -148,7 +150,18 @@ def s3_base_dir(source: str, storage=None) -> Path:
 def _check_diffusers_dir(path: Path, source: str) -> None:
     if not path.is_dir():
         raise ValueError(f"base model {source!r} is a file, not a diffusers model directory")
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
+    index = path / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") != "StableDiffusionPipeline":
+        # Another family (SDXL, SD3, Flux): its model_index.json lists the component folders it needs.
+        listed = json.loads(index.read_text())
+        missing = [c for c, v in listed.items() if isinstance(v, list) and v[0] and not (path / c).is_dir()]
+        if missing:
+            raise ValueError(
+                f"base model {source!r} is not a complete diffusers {listed.get('_class_name')} directory: "
+                f"missing {', '.join(m + '/' for m in missing)}"
+            )
+        return
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ValueError(
             f"base model {source!r} is not a diffusers Stable Diffusion directory: "
@@ -182,12 +195,16 @@ TINY_SEED = 0
 TINY_VERSION = "2"  # bump when the configs below change, so stale caches are rebuilt
 
 
-def ensure_tiny(dest: Path) -> Path:
-    """Build the tiny SD into ``dest`` once (atomically) and return it."""
+def ensure_tiny(dest: Path, build=None, version: str = TINY_VERSION) -> Path:
+    """Build a tiny model into ``dest`` once (atomically) and return it.
+
+    ``build(out_dir)`` writes the model (default: the tiny SD, :func:`build_tiny`); ``version`` names its
+    configs, so a cache built from older ones is rebuilt. model/families passes its tiny presets here."""
+    build = build or build_tiny
     marker = dest / "zeroconv_tiny.json"
 
     def built() -> bool:
-        return marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION
+        return marker.exists() and json.loads(marker.read_text()).get("version") == version
 
     if built():
         return dest
@@ -202,10 +219,10 @@ def ensure_tiny(dest: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if built():
             return dest
-        tmp = Path(tempfile.mkdtemp(prefix="tiny-sd-", dir=dest.parent))
-        build_tiny(tmp)
-        (tmp / "zeroconv_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
-        if dest.exists():  # stale (older TINY_VERSION)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=dest.parent))
+        build(tmp)
+        (tmp / "zeroconv_tiny.json").write_text(json.dumps({"version": version, "seed": TINY_SEED}))
+        if dest.exists():  # stale (older version)
             shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     return dest
@@ -265,17 +282,7 @@ def build_tiny(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir / "unet")
     vae.save_pretrained(out_dir / "vae")
-    # Not text_encoder.save_pretrained: transformers writes weights only on torch.distributed rank 0,
-    # and the tiny model may be built by any rank of a training job.
-    from safetensors.torch import save_file
-
-    # So write what save_pretrained adds to the config: the class (diffusers' train_controlnet.py picks the
-    # text-encoder class from ``architectures[0]``) and the weights' dtype.
-    text_encoder.config.architectures = [type(text_encoder).__name__]
-    text_encoder.config.dtype = str(text_encoder.dtype).removeprefix("torch.")
-    (out_dir / "text_encoder").mkdir(parents=True, exist_ok=True)
-    text_encoder.config.save_pretrained(out_dir / "text_encoder")
-    save_file(text_encoder.state_dict(), out_dir / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+    save_text_encoder(text_encoder, out_dir / "text_encoder")
     scheduler.save_pretrained(out_dir / "scheduler")
     save_clip_tokenizer(out_dir / "tokenizer")
     (out_dir / "model_index.json").write_text(
@@ -296,6 +303,22 @@ def build_tiny(out_dir: Path) -> None:
             indent=2,
         )
     )
+
+
+def save_text_encoder(text_encoder, out_dir: Path) -> None:
+    """Write a transformers model the way ``save_pretrained`` would, from any process.
+
+    Not ``save_pretrained``: transformers writes weights only on torch.distributed rank 0, and a tiny model
+    may be built by any rank of a training job. So write what save_pretrained adds to the config too: the
+    class (diffusers' training scripts pick the text-encoder class from ``architectures[0]``) and the dtype."""
+    from safetensors.torch import save_file
+
+    text_encoder.config.architectures = [type(text_encoder).__name__]
+    text_encoder.config.dtype = str(text_encoder.dtype).removeprefix("torch.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_encoder.config.save_pretrained(out_dir)
+    state = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}  # T5 ties embeddings
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
 
 
 def save_clip_tokenizer(out_dir: Path) -> None:

@@ -1,0 +1,168 @@
+"""SDXL: a UNet conditioned on two CLIP text encoders, a pooled embedding and size/crop micro-conditioning.
+
+Prompts: the penultimate hidden states of CLIP-L and CLIP-G concatenated (the stock pipeline's ``encode_prompt``),
+plus CLIP-G's pooled projection and six "time ids" (original size, crop top-left, target size) that the UNet
+embeds next to the timestep. Objective and policies as SD's. ControlNet-Union (``union=True``): one ControlNet
+for several condition types; each sample says which type its condition is (an index into
+:data:`UNION_TYPES`, the order of the published xinsir union model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from model.controlnet import ControlledUNet
+from model.families.base import Base
+from model.families.sd import UNetFamily
+
+UNION_TYPES = ("openpose", "depth", "hed", "canny", "normal", "segment")
+TINY_VERSION = "1"
+
+
+class Union:
+    """A union ControlNet's input: condition pixels plus each sample's condition-type index."""
+
+    def __init__(self, image: torch.Tensor, types: torch.Tensor):
+        if types.shape != (image.shape[0],):
+            raise ValueError(
+                f"need one condition-type index per sample: got {tuple(types.shape)} for {image.shape[0]}"
+            )
+        self.image, self.types = image, types
+
+
+class SDXL(UNetFamily):
+    name = "sdxl"
+    pipeline_names = ("StableDiffusionXLPipeline",)
+    controlnet_class = "ControlNetModel"
+    control_pipeline_class = "StableDiffusionXLControlNetPipeline"
+    text_keys = ("prompt_embeds", "text_embeds")
+
+    def new_controlnet(self, base: Base, union: bool = False, conditioning_channels: int = 3) -> nn.Module:
+        from diffusers import ControlNetModel
+
+        if union:
+            return union_from_unet(base.denoiser)
+        return ControlNetModel.from_unet(base.denoiser, conditioning_channels=conditioning_channels)
+
+    def encode_prompts(self, base: Base, prompts: Sequence[str], size: tuple[int, int], crop=(0, 0), original=None):
+        """``original``: the image's size before resizing (default ``size``); ``crop``: where the crop began."""
+        embeds, _, pooled, _ = base.pipe.encode_prompt(
+            list(prompts), device=base.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        time_ids = torch.tensor([*(original or size), *crop, *size], dtype=embeds.dtype, device=embeds.device)
+        return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), 6)}
+
+    def predict(self, denoiser, controlnets, noisy, timesteps, prompt, controls, scales) -> torch.Tensor:
+        added = {"text_embeds": prompt["text_embeds"], "time_ids": prompt["time_ids"]}
+        embeds = prompt["prompt_embeds"]
+        if controlnets:  # SD's checks: pixels at x8 the latents
+            images = [c.image if isinstance(c, Union) else c for c in controls]
+            ControlledUNet(denoiser, controlnets).check_conditions(noisy, images)
+        down_sum, mid_sum = None, None
+        for net, control, scale in zip(controlnets, controls, scales):
+            kwargs = dict(encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)
+            if isinstance(control, Union):
+                types = torch.nn.functional.one_hot(control.types, net.config.num_control_type)
+                down, mid = net(
+                    noisy,
+                    timesteps,
+                    controlnet_cond=[control.image.to(noisy.dtype)],
+                    control_type=types.to(noisy.dtype),
+                    control_type_idx=[control.types],  # per sample: indexes the task embedding row-wise
+                    conditioning_scale=[scale],
+                    **kwargs,
+                )
+            else:
+                down, mid = net(
+                    noisy, timesteps, controlnet_cond=control.to(noisy.dtype), conditioning_scale=scale, **kwargs
+                )
+            down_sum = list(down) if down_sum is None else [a + b for a, b in zip(down_sum, down)]
+            mid_sum = mid if mid_sum is None else mid_sum + mid
+        return denoiser(
+            noisy,
+            timesteps,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=down_sum,
+            mid_block_additional_residual=mid_sum,
+        ).sample
+
+    def pipeline(self, base: Base, controlnets: Sequence[nn.Module]):
+        from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
+
+        if len(controlnets) == 1 and isinstance(controlnets[0], ControlNetUnionModel):
+            pipe = StableDiffusionXLControlNetUnionPipeline(**base.pipe.components, controlnet=controlnets[0])
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
+        return super().pipeline(base, controlnets)
+
+
+def union_from_unet(unet: nn.Module) -> nn.Module:
+    """``ControlNetUnionModel.from_unet``, with its condition-fusion transformer as wide as the UNet's first block.
+
+    from_unet leaves that transformer at SDXL's width (320), which only fits UNets whose first block is 320 wide;
+    for others (the tiny preset) the same model is rebuilt at the UNet's width and keeps every copied weight."""
+    from diffusers import ControlNetUnionModel
+
+    net = ControlNetUnionModel.from_unet(unet)
+    width = unet.config.block_out_channels[0]
+    if net.config.num_trans_channel == width:
+        return net
+    # Without "_use_default_values": from_config would put the defaults it lists (the 320s) back.
+    config = {k: v for k, v in net.config.items() if k != "_use_default_values"}
+    fitted = ControlNetUnionModel.from_config({**config, "num_trans_channel": width, "num_proj_channel": width})
+    own = fitted.state_dict()
+    fitted.load_state_dict({k: v for k, v in net.state_dict().items() if own[k].shape == v.shape}, strict=False)
+    return fitted
+
+
+def build_tiny(out_dir: Path) -> None:
+    """A tiny SDXL look-alike: two CLIP encoders (32 wide each), text_time micro-conditioning, 64x64 images."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from model.base import TINY_SEED, save_clip_tokenizer, save_text_encoder
+    from model.families.tiny import tiny_vae, write_index
+
+    torch.manual_seed(TINY_SEED)
+    UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # CLIP-L + CLIP-G hidden sizes
+        attention_head_dim=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + CLIP-G's pooled projection
+    ).save_pretrained(out_dir / "unet")
+    tiny_vae(scaling_factor=0.13025).save_pretrained(out_dir / "vae")
+    clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408)
+    clip |= dict(
+        max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407
+    )
+    save_text_encoder(CLIPTextModel(CLIPTextConfig(**clip)), out_dir / "text_encoder")
+    save_text_encoder(CLIPTextModelWithProjection(CLIPTextConfig(**clip)), out_dir / "text_encoder_2")
+    save_clip_tokenizer(out_dir / "tokenizer")
+    save_clip_tokenizer(out_dir / "tokenizer_2")
+    EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    ).save_pretrained(out_dir / "scheduler")
+    write_index(
+        out_dir,
+        "StableDiffusionXLPipeline",
+        unet=["diffusers", "UNet2DConditionModel"],
+        vae=["diffusers", "AutoencoderKL"],
+        text_encoder=["transformers", "CLIPTextModel"],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+        scheduler=["diffusers", "EulerDiscreteScheduler"],
+        force_zeros_for_empty_prompt=True,
+    )
