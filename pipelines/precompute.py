@@ -44,15 +44,17 @@ from pipelines.common.cluster import ActorCompute, actor_device
 from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, PathStr, StorageConfig
 from pipelines.common.images import decode_rgb
 from pipelines.common.storage import Location, is_s3, resolve
-from pipelines.data.dataset import canonical, read_manifest  # noqa: F401  (read_manifest: part of this stage's API)
+from pipelines.data.dataset import read_manifest  # noqa: F401  (part of this stage's API)
 from pipelines.data.schema import (
     CONDITION_COLUMN,
     EMPTY_PROMPT_FILE,
+    IMAGE,
     LATENT_MEAN,
     LATENT_STD,
     MANIFEST,
     PRECOMPUTED_FORMAT,
     TENSOR_COLUMNS,
+    TEXT,
     TEXT_EMBEDDING,
     with_hf_features,
 )
@@ -171,7 +173,11 @@ class PrecomputeShards:
     def precompute_shard(self, shard: InputFile) -> dict:
         start = time.perf_counter()
         with self.data.fs.open_input_file(shard.path) as f:
-            table = canonical(pq.read_table(f), self.job.image_column, self.job.caption_column)
+            table = pq.read_table(f)
+        # Canonical names (image / text) but the input's own encoding: annotate's {bytes, path} image structs stay
+        # structs, so the output is a `datasets` Image dataset like its input (decode_rgb reads both encodings).
+        names = {self.job.image_column: IMAGE, self.job.caption_column: TEXT}
+        table = table.rename_columns([names.get(name, name) for name in table.column_names])
         kept = [name for name in table.column_names if self.job.keep_images or name != "image"]
         out = table.select(kept)
         summary = {"fingerprint": shard.fingerprint(), "rows": table.num_rows}
