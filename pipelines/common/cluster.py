@@ -105,9 +105,10 @@ DEFAULT_MAX_ACTORS = 64  # most actors a pool grows to unless compute.max_actors
 class ActorCompute(Section):
     """How a stage's actor pool is sized and placed (annotate, precompute, evaluate).
 
-    The pool autoscales: it starts with one actor and Ray Data adds actors, up to ``max_actors``, while
-    work is queued and the cluster has room (on an autoscaling cluster, room includes nodes the
-    autoscaler can still add). Custom resources that pin actors to a node type are the stage's
+    On a Ray that zeroconv started, the pool starts with one actor and Ray Data adds actors, up to
+    ``max_actors``, while work is queued and the machine has room. On a cluster (joined by address) it
+    asks for ``max_actors`` at once and the autoscaler adds nodes for those still pending (see
+    :func:`actor_pool_options`). Custom resources that pin actors to a node type are the stage's
     ``ray.resources``.
     """
 
