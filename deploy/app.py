@@ -242,7 +242,12 @@ class CheckedConfig:
         replicas, config = self.config.replicas, self.config
         options: dict[str, Any] = {
             "max_ongoing_requests": max(replicas.max_ongoing_requests, config.batching.max_batch_size),
-            "ray_actor_options": {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
+            # ray.resources pins replicas to the node type that offers them (e.g. {annotate_gpu: 1}).
+            "ray_actor_options": {
+                "num_cpus": replicas.num_cpus,
+                "num_gpus": replicas.num_gpus,
+                **({"resources": dict(config.ray.resources)} if config.ray.resources else {}),
+            },
             # Scale-down and redeploys let in-flight requests finish.
             "graceful_shutdown_timeout_s": config.request_timeout_s,
             # The start-up checks passed, so a replica that still cannot start (a model that will not

@@ -105,9 +105,10 @@ DEFAULT_MAX_ACTORS = 64  # most actors a pool grows to unless compute.max_actors
 class ActorCompute(Section):
     """How a stage's actor pool is sized and placed (annotate, precompute, evaluate).
 
-    The pool autoscales: it starts with one actor and Ray Data adds actors, up to ``max_actors``, while
-    work is queued and the cluster has room (on an autoscaling cluster, room includes nodes the
-    autoscaler can still add). Custom resources that pin actors to a node type are the stage's
+    On a Ray that zeroconv started, the pool starts with one actor and Ray Data adds actors, up to
+    ``max_actors``, while work is queued and the machine has room. On a cluster (joined by address) it
+    asks for ``max_actors`` at once and the autoscaler adds nodes for those still pending (see
+    :func:`actor_pool_options`). Custom resources that pin actors to a node type are the stage's
     ``ray.resources``.
     """
 
@@ -129,13 +130,25 @@ class ActorCompute(Section):
 
 
 def actor_pool_options(
-    compute: ActorCompute, work_items: int, resources: dict[str, float] | None = None, single_threaded: bool = False
+    compute: ActorCompute,
+    work_items: int,
+    resources: dict[str, float] | None = None,
+    single_threaded: bool = False,
+    cluster_may_grow: bool = False,
 ) -> dict:
     """``map_batches`` keyword arguments for an autoscaling actor pool, from the config alone.
 
     Nothing here looks at the cluster as it is now: an autoscaling cluster may have no worker yet.
     ``single_threaded`` stages (annotation) scale out on CPUs too; the others get one CPU actor
     unless ``max_actors`` says otherwise, because their torch model already uses every core.
+
+    On a cluster that may grow (``cluster_may_grow``: joined by address, not a Ray this process
+    started), the pool asks for all its actors at once. Ray Data adds actors only within the
+    resources the cluster has now (Ray Data 2.60 budgets from what its autoscaling coordinator
+    reserved, which is what exists), so a pool starting on a cluster without its node type would stay
+    at one actor: its wish for more never becomes demand the cluster autoscaler sees. Pending actors
+    are that demand: the autoscaler adds nodes for them, each starts working as its node joins, and
+    the pool shrinks when its inputs run out (the nodes are then removed when idle).
     """
     import ray
 
@@ -145,9 +158,10 @@ def actor_pool_options(
         most = DEFAULT_MAX_ACTORS
     else:
         most = 1
+    size = max(1, min(most, work_items))
     options = {
         "compute": ray.data.ActorPoolStrategy(
-            min_size=1, max_size=max(1, min(most, work_items)), max_tasks_in_flight_per_actor=1
+            min_size=size if cluster_may_grow else 1, max_size=size, max_tasks_in_flight_per_actor=1
         ),
         "num_cpus": compute.cpus_per_actor,
     }
@@ -156,6 +170,22 @@ def actor_pool_options(
     if resources:
         options["resources"] = dict(resources)
     return options
+
+
+def actor_request(options: dict) -> dict[str, float]:
+    """The resources one actor of the pool ``options`` describes reserves."""
+    request = {"CPU": options["num_cpus"], **options.get("resources", {})}
+    if "num_gpus" in options:
+        request["GPU"] = options["num_gpus"]
+    return request
+
+
+def started_fixed_ray() -> bool:
+    """True when this process started Ray itself (a local Ray: its nodes are all there will ever be)."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return node is not None and node.head and not node._ray_params.autoscaling_config
 
 
 def check_schedulable(options: dict) -> None:
@@ -167,18 +197,15 @@ def check_schedulable(options: dict) -> None:
     fulfill resource request ..." to the driver instead, and the pool waits.
     """
     import ray
-    from ray._private import state, worker
+    from ray._private import state
 
-    request = {"CPU": options["num_cpus"], **options.get("resources", {})}
-    if "num_gpus" in options:
-        request["GPU"] = options["num_gpus"]
+    request = actor_request(options)
     cluster_config = state.state.get_cluster_config()
     if cluster_config is not None and cluster_config.node_group_configs:
         shapes = [dict(g.resources) for g in cluster_config.node_group_configs if g.max_count != 0]
         where = "no node type of the cluster offers"
     else:
-        node = worker._global_node
-        if node is None or not node.head or node._ray_params.autoscaling_config:
+        if not started_fixed_ray():
             return  # joined a cluster that may grow: see the docstring
         shapes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         where = "this local Ray has no node with"
@@ -221,7 +248,9 @@ def run_actor_pool(
 
     ensure_ray(ray_config)
     blocks = math.ceil(len(items) / rows_per_call)
-    options = actor_pool_options(compute, blocks, ray_config.resources, single_threaded)
+    options = actor_pool_options(
+        compute, blocks, ray_config.resources, single_threaded, cluster_may_grow=not started_fixed_ray()
+    )
     check_schedulable(options)
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         actor,

@@ -23,9 +23,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -155,6 +156,21 @@ class FakeCluster:
     dashboard: str  # http://127.0.0.1:PORT: the Jobs API
     temp_dir: str
     config: dict
+    # Node id -> node type of every node seen alive: a node the autoscaler removed (idle) or a test killed
+    # is listed by Ray without its resources, so its type is remembered while it lives (see watch_nodes).
+    seen_types: dict[str, str | None] = field(default_factory=dict)
+
+    def watch_nodes(self, stop: threading.Event, every: float = 1.0) -> None:
+        """Record the type of each alive node until ``stop`` is set (a thread of the fixture)."""
+        import ray
+
+        while not stop.wait(every):
+            try:
+                for n in ray.nodes():
+                    if n["Alive"] and n["NodeID"] not in self.seen_types:
+                        self.seen_types[n["NodeID"]] = self.type_of(n["Resources"])
+            except Exception:  # noqa: BLE001 - a GCS call failing under load: try again next round
+                continue
 
     def worker_nodes(self, node_type: str | None = None) -> list[dict]:
         """Alive worker nodes (``ray.nodes()`` entries), optionally of one node type of ray_cluster.yaml."""
@@ -170,7 +186,12 @@ class FakeCluster:
         """The node type a node was started as, from the custom resource only that type offers."""
         import ray
 
-        resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id)
+        alive = [n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]]
+        if alive:
+            return self.type_of(alive[0])
+        return self.seen_types.get(node_id)
+
+    def type_of(self, resources: dict) -> str | None:
         types = self.config["available_node_types"]
         return next((t for t in types if t != HEAD_TYPE and self.type_resource(t) in resources), None)
 
@@ -261,12 +282,18 @@ def fake_cluster(session_tmp):
     saved = {k: os.environ.get(k) for k in (*DRIVER_ENV, "RAY_ADDRESS")}
     os.environ.update(DRIVER_ENV, RAY_ADDRESS=cluster.address)
     env = cluster_env()
+    stop_watching, watcher = threading.Event(), None
     try:
         start_head(command, env, temp_dir)
         wait_http(f"{cluster.dashboard}/api/version", timeout=120)
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        watcher = threading.Thread(target=cluster.watch_nodes, args=(stop_watching,), daemon=True)
+        watcher.start()
         yield cluster
     finally:
+        stop_watching.set()
+        if watcher is not None:
+            watcher.join(timeout=10)
         ray.shutdown()
         for key, value in saved.items():
             if value is None:

@@ -94,6 +94,17 @@ def test_build_app_runs_the_start_up_checks_of_zeroconv_serve(tmp_path):
         build_app({"models": ["no-such-model"], "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
 
 
+def test_replicas_ask_for_the_ray_resources_that_pin_them_to_a_node_type():
+    from deploy.app import CheckedConfig
+
+    def actor_options(**fields) -> dict:
+        return CheckedConfig(ServeConfig(**fields), {}, None).application()._bound_deployment.ray_actor_options
+
+    pinned = actor_options(ray={"resources": {"annotate_gpu": 1}}, replicas={"num_cpus": 0.5})
+    assert pinned == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"annotate_gpu": 1.0}}
+    assert "resources" not in actor_options()  # anywhere by default
+
+
 def test_a_replica_that_fails_to_load_reports_only_that_error(tmp_path):
     from deploy.app import ControlNetServer
 

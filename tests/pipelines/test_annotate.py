@@ -391,6 +391,12 @@ def test_pool_bounds_come_from_config_not_from_the_cluster():
     assert (pool["compute"].min_size, pool["compute"].max_size) == (1, 3)
     assert pool["num_cpus"] == 0.9 and pool["resources"] == {"decode": 1} and "num_gpus" not in pool
     assert actor_pool_options(compute, work_items=2, single_threaded=True)["compute"].max_size == 2  # no idle actors
+    # On a cluster that may grow, every actor is asked for at once: pending actors are the demand the cluster
+    # autoscaler adds nodes for (Ray Data alone grows a pool only within the nodes that exist).
+    growing = actor_pool_options(compute, work_items=10, resources={"decode": 1}, cluster_may_grow=True)
+    assert (growing["compute"].min_size, growing["compute"].max_size) == (3, 3)
+    growing = actor_pool_options(compute, work_items=2, cluster_may_grow=True)
+    assert (growing["compute"].min_size, growing["compute"].max_size) == (2, 2)  # still one per work item at most
 
     default = AnnotateConfig(input="x").compute
     assert actor_pool_options(default, work_items=500, single_threaded=True)["compute"].max_size == DEFAULT_MAX_ACTORS
