@@ -170,5 +170,6 @@ def test_precompute_reads_image_struct_parquet(tmp_path, ray_session, tiny_base_
     assert run_precompute(config).rows == N
     out = pq.read_table(tmp_path / "pre")
     assert {"text", "conditioning_image", "latent_mean", "text_embedding"} <= set(out.column_names)
-    assert out.schema.field("conditioning_image").type == pa.binary()  # the struct's bytes
+    # The input's Image struct stays a struct: the output is a `datasets` Image dataset like its input.
+    assert out.schema.field("conditioning_image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     assert out.column("text").to_pylist() == [s.text for s in fill50k(N, size=64, seed=3)]
