@@ -146,6 +146,7 @@ PYFUNC_PACKAGES = (
     "pyyaml",
     "mlflow",
     "cloudpickle",
+    "filelock",  # model/base.py: one S3 download per node
 )
 _PROJECT_PACKAGES = ("model", "pipelines")
 
