@@ -48,7 +48,7 @@ from pipelines.data.schema import (
     annotated_schema,
     condition_columns,
     dumps,
-    encoded_images,
+    image_column_from_bytes,
 )
 from pipelines.data.shards import Manifest, ShardedOutput, run_resumable
 from pipelines.data.sources import InputFormat, Shard, Source
@@ -204,7 +204,7 @@ class AnnotateShards:
         rejects = pa.table(tables.rejects, schema=REJECTS_SCHEMA)
         data = pa.table(
             [
-                encoded_images(tables.rows[f.name])
+                image_column_from_bytes(tables.rows[f.name])
                 if f.type == ENCODED_IMAGE
                 else pa.array(tables.rows[f.name], f.type)
                 for f in self.schema

@@ -39,7 +39,6 @@ from pipelines.common.cluster import ActorCompute, actor_device
 from pipelines.common.config import JobConfig, MLflowConfig, PathStr, Section, StorageConfig
 from pipelines.common.images import decode_condition, decode_rgb, encode_png
 from pipelines.common.storage import resolve
-from pipelines.data.schema import image_bytes
 
 SINGLE_CONDITION_COLUMN = "conditioning_image"
 TAG_PREFIX = "fidelity."
@@ -315,10 +314,17 @@ def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageCon
 
     from pipelines.common.images import content_id
     from pipelines.data.dataset import canonical, open_dataset
+    from pipelines.data.schema import is_image_type
 
     _, _, dataset, _ = open_dataset(config.data, storage, what="held-out dataset")
     names = dataset.schema.names
     column = condition_column_for(names, annotator, config.condition_column, config.data)
+    kind = dataset.schema.field(column).type
+    if not is_image_type(kind):
+        raise ValueError(
+            f"held-out dataset {config.data!r}: column {column!r} is {kind}, not encoded images "
+            "(binary, or a Hugging Face Image struct {bytes, path}); set condition_column"
+        )
     if config.caption_column not in names:
         raise ValueError(
             f"held-out dataset {config.data!r} has no column {config.caption_column!r} (set caption_column); "
@@ -331,7 +337,7 @@ def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageCon
     if table.num_rows == 0:
         raise ValueError(f"held-out dataset {config.data!r} has no rows")
     n = table.num_rows
-    conditions = image_bytes(table.column(column))
+    conditions = table.column(column)  # canonical made every image column bytes
     ids = (
         table.column("id") if "id" in table.column_names else pa.array([content_id(b) for b in conditions.to_pylist()])
     )

@@ -9,9 +9,9 @@ Accepted on disk:
 
 Column names are configurable as in diffusers' ``train_controlnet.py`` (image, conditioning image,
 caption). An image column holds encoded bytes: ``binary``, or a Hugging Face ``Image`` struct
-``{bytes, path}``. :func:`encoded_images` is the one place such a struct becomes bytes; rows read with
-:func:`read_rows` come out with the canonical names ``image`` and ``text`` and binary image columns,
-so everything downstream sees one shape. Wrong types fail here, once, with a one-line error: a worker
+``{bytes, path}`` (``pipelines.data.schema.bytes_from_image_column`` turns such a struct into bytes).
+Rows passed through :func:`canonical` come out with the names ``image`` and ``text`` and binary image
+columns, so everything downstream sees one shape. Wrong types fail here, once, with a one-line error: a worker
 that met them would fail the same way on every retry.
 """
 
@@ -24,11 +24,18 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.common.config import StorageConfig
 from pipelines.common.storage import Location, is_s3, resolve
-from pipelines.data.schema import IMAGE, MANIFEST, PRECOMPUTED_FORMAT, TENSOR_COLUMNS, TEXT
+from pipelines.data.schema import (
+    IMAGE,
+    MANIFEST,
+    PRECOMPUTED_FORMAT,
+    TENSOR_COLUMNS,
+    TEXT,
+    bytes_from_image_column,
+    is_image_type,
+)
 from pipelines.data.schema import annotator_spec as field_annotator_spec
 
 ARROW_STATE = "state.json"  # written by datasets' save_to_disk beside its Arrow files
@@ -73,26 +80,11 @@ class DatasetInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-def is_image_type(kind: pa.DataType) -> bool:
-    """Encoded image bytes: binary, or a struct with a binary 'bytes' field (Hugging Face ``Image``)."""
-    if pa.types.is_struct(kind):
-        index = kind.get_field_index("bytes")
-        return index >= 0 and is_image_type(kind.field(index).type)
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-
-
-def encoded_images(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """An image column as binary: a Hugging Face ``{bytes, path}`` struct gives its ``bytes`` field."""
-    if pa.types.is_struct(column.type):
-        return pc.struct_field(column, "bytes")
-    return column
-
-
 def canonical(table: pa.Table, image_column: str, caption_column: str) -> pa.Table:
     """Rename the image and caption columns to ``image`` / ``text`` and make every image column
     (the image and any binary-or-struct condition) plain binary."""
     names = {image_column: IMAGE, caption_column: TEXT}
-    columns = [encoded_images(c) if is_image_type(c.type) else c for c in table.columns]
+    columns = [bytes_from_image_column(c) if is_image_type(c.type) else c for c in table.columns]
     # Field metadata stays: the annotator spec on a condition field is how a model records its annotator.
     fields = [
         pa.field(names.get(f.name, f.name), c.type, f.nullable, f.metadata) for f, c in zip(table.schema, columns)

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.common.images import decode_condition, encode_jpeg, encode_png
-from pipelines.data.dataset import encoded_images, inspect_dataset
+from pipelines.data.dataset import inspect_dataset
+from pipelines.data.schema import bytes_from_image_column
 from pipelines.data.synthetic import fill50k
 from pipelines.train import TrainConfig, run_train
 
@@ -69,12 +70,14 @@ def test_save_to_disk_folder_is_inspected(hf_disk):
     assert isinstance(info.validation["condition"][0], bytes)
 
 
-def test_encoded_images_take_the_bytes_of_image_structs(hf_disk):
+def test_bytes_from_image_column_takes_the_bytes_of_image_structs(hf_disk):
     import pyarrow as pa
 
     table = pa.ipc.open_stream(pa.memory_map(str(next(hf_disk.glob("*.arrow"))))).read_all()
-    assert encoded_images(table.column("image")).type == pa.binary()
-    assert encoded_images(table.column("image")).to_pylist() == [v["bytes"] for v in table.column("image").to_pylist()]
+    assert bytes_from_image_column(table.column("image")).type == pa.binary()
+    assert bytes_from_image_column(table.column("image")).to_pylist() == [
+        v["bytes"] for v in table.column("image").to_pylist()
+    ]
 
 
 def test_wrong_column_types_fail_before_any_worker_starts(tmp_path, hf_parquet):
