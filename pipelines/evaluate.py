@@ -39,8 +39,8 @@ from pipelines.common.cluster import ActorCompute, actor_device
 from pipelines.common.config import JobConfig, MLflowConfig, PathStr, Section, StorageConfig
 from pipelines.common.images import decode_condition, decode_rgb, encode_png
 from pipelines.common.storage import resolve
+from pipelines.data.schema import CONDITION_PREFIX, SINGLE_CONDITION_COLUMN
 
-SINGLE_CONDITION_COLUMN = "conditioning_image"
 TAG_PREFIX = "fidelity."
 GRID_ARTIFACT = "evaluation/grid.png"
 TABLE_ARTIFACT = "evaluation/scores.json"
@@ -297,11 +297,11 @@ def condition_column_for(columns: list[str], annotator: str, wanted: str | None,
         if wanted not in columns:
             raise ValueError(f"dataset {data!r} has no column {wanted!r}; its columns are {', '.join(columns)}")
         return wanted
-    for column in (SINGLE_CONDITION_COLUMN, f"cond_{annotator}"):
+    for column in (SINGLE_CONDITION_COLUMN, f"{CONDITION_PREFIX}{annotator}"):
         if column in columns:
             return column
     raise ValueError(
-        f"dataset {data!r} has neither {SINGLE_CONDITION_COLUMN!r} nor 'cond_{annotator}' "
+        f"dataset {data!r} has neither {SINGLE_CONDITION_COLUMN!r} nor '{CONDITION_PREFIX}{annotator}' "
         f"(the model's annotator); its columns are {', '.join(columns)}. Set condition_column."
     )
 

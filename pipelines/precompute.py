@@ -44,7 +44,7 @@ from pipelines.common.cluster import ActorCompute, actor_device
 from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, PathStr, StorageConfig
 from pipelines.common.images import decode_rgb
 from pipelines.common.storage import Location, is_s3, resolve
-from pipelines.data.dataset import canonical, read_manifest  # noqa: F401  (read_manifest: part of this stage's API)
+from pipelines.data.dataset import canonical
 from pipelines.data.schema import (
     CONDITION_COLUMN,
     EMPTY_PROMPT_FILE,

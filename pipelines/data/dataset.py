@@ -18,7 +18,6 @@ that met them would fail the same way on every retry.
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -68,10 +67,9 @@ class DatasetInfo:
     annotator: dict | None
     validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}
     scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
-    row_bytes: int  # what one row takes in the object store once decoded (0: unknown)
     files: list[str]  # data files (pyarrow's rules: "_" and "." paths, e.g. annotate's _rejects, are not data)
     format: Literal["parquet", "arrow"] = "parquet"
-    image_column: str = IMAGE  # the names in the files; read_rows renames them to image / text
+    image_column: str = IMAGE  # the names in the files; canonical renames them to image / text
     caption_column: str = TEXT
 
 
@@ -179,10 +177,8 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
             f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; "
             "training needs one size (re-annotate with a fixed resolution)"
         )
-    width, height = resolution = next(iter(sizes), (0, 0))
-    scaling_factor, row_bytes = None, width * height * 3 * 2  # decoded image + condition, uint8
-    if precomputed:
-        scaling_factor, row_bytes = check_precomputed(config, columns)
+    resolution = next(iter(sizes), (0, 0))
+    scaling_factor = check_precomputed(config) if precomputed else None
     head = canonical(dataset.head(max(config.num_validation, 1), columns=[caption, condition]), image, caption)
     if head.column(condition).null_count:
         raise ValueError(
@@ -195,7 +191,6 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
         columns=columns,
         resolution=resolution,
         scaling_factor=scaling_factor,
-        row_bytes=row_bytes,
         annotator=annotator_spec(schema, condition),
         validation={
             "text": head.column(TEXT).to_pylist()[: config.num_validation],
@@ -208,9 +203,8 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
     )
 
 
-def check_precomputed(config: TrainingData, columns: list[str]) -> tuple[float, int]:
-    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling
-    factor and the bytes a row's tensors take."""
+def check_precomputed(config: TrainingData) -> float:
+    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling factor."""
     manifest = read_manifest(config.data, config.storage)
     if manifest.get("status") != "complete":
         raise ValueError(
@@ -223,45 +217,9 @@ def check_precomputed(config: TrainingData, columns: list[str]) -> tuple[float, 
             f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
             f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again"
         )
-    shapes = [math.prod(t["shape"]) for t in manifest["tensors"].values()]
-    return float(manifest["scaling_factor"]), 4 * sum(shapes)
+    return float(manifest["scaling_factor"])
 
 
 def annotator_spec(schema: pa.Schema, column: str) -> dict | None:
     """How the condition column was made: the spec ``zeroconv annotate`` stores in the field's metadata."""
     return field_annotator_spec(schema.field(column))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading rows (Ray Data)
-# ---------------------------------------------------------------------------------------------
-
-
-def read_rows(data: DatasetInfo, columns: list[str]):
-    """A Ray Dataset of ``columns`` (canonical names: ``image``, ``text``, the condition column,
-    tensor columns) with binary image columns, from Parquet or Arrow files alike."""
-    import ray
-
-    stored = {IMAGE: data.image_column, TEXT: data.caption_column}
-    wanted = [stored.get(c, c) for c in columns]
-    if data.format == "parquet":
-        rows = ray.data.read_parquet(data.files, filesystem=data.location.fs, columns=wanted)
-    else:
-        rows = ray.data.from_items([{"path": f} for f in data.files], override_num_blocks=len(data.files))
-        rows = rows.map_batches(
-            _arrow_file_batches, fn_kwargs={"columns": wanted}, batch_size=1, batch_format="pyarrow"
-        )
-    return rows.map_batches(
-        canonical,
-        fn_kwargs={"image_column": data.image_column, "caption_column": data.caption_column},
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-    )
-
-
-def _arrow_file_batches(batch: pa.Table, columns: list[str]):
-    """Ray Data read of one Arrow stream file (``save_to_disk``'s format), batch by batch."""
-    for path in batch.column("path").to_pylist():
-        with pa.ipc.open_stream(pa.memory_map(path)) as reader:
-            for record_batch in reader:
-                yield pa.Table.from_batches([record_batch]).select(columns)

@@ -12,6 +12,7 @@ import torch
 
 from pipelines.common.config import ConfigError, load_config
 from pipelines.common.images import decode_rgb
+from pipelines.data.dataset import read_manifest
 from pipelines.data.schema import (
     DATA_DIR,
     EMPTY_PROMPT_FILE,
@@ -21,7 +22,7 @@ from pipelines.data.schema import (
     shard_file_name,
 )
 from pipelines.data.tensors import image_tensor, latent_distribution, precomputed_tensors, raw_tensors
-from pipelines.precompute import PrecomputeConfig, load_empty_prompt, read_manifest, run_precompute
+from pipelines.precompute import PrecomputeConfig, load_empty_prompt, run_precompute
 
 
 def _config(data, output, base_dir, **extra) -> PrecomputeConfig:
