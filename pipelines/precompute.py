@@ -51,6 +51,7 @@ from pipelines.data.schema import (
     LATENT_MEAN,
     LATENT_STD,
     MANIFEST,
+    PRECOMPUTE_FOOTER_KEY,
     PRECOMPUTED_FORMAT,
     TENSOR_COLUMNS,
     TEXT_EMBEDDING,
@@ -58,9 +59,6 @@ from pipelines.data.schema import (
 )
 from pipelines.data.shards import Manifest, ShardedOutput, run_resumable
 from pipelines.data.tensors import image_tensor, latent_distribution
-
-FOOTER_KEY = b"zeroconv.precompute"  # each precomputed shard's summary
-
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -156,7 +154,7 @@ class PrecomputeShards:
         self.base = base
         self.scaling_factor = float(base.vae.config.scaling_factor)
         self.data = resolve(job.data, job.storage)
-        self.output = ShardedOutput(resolve(job.output, job.storage), job.shards, FOOTER_KEY)
+        self.output = ShardedOutput(resolve(job.output, job.storage), job.shards, PRECOMPUTE_FOOTER_KEY)
         empty = self.output.location.join(EMPTY_PROMPT_FILE)
         if not empty.exists():  # written before any shard, so a finished shard implies it exists
             from safetensors.torch import save
@@ -301,7 +299,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
         "keep_images": config.keep_images,
         "plan": {"shards": len(files), "sha256": hashlib.sha256("".join(fingerprints.values()).encode()).hexdigest()},
     }
-    sharded = ShardedOutput(output, len(files), FOOTER_KEY)
+    sharded = ShardedOutput(output, len(files), PRECOMPUTE_FOOTER_KEY)
     manifest = Manifest(output.join(MANIFEST), PRECOMPUTED_FORMAT, "precompute", identity, _describe)
     if output.exists() and not output.join(EMPTY_PROMPT_FILE).exists():
         sharded.discard(0)  # a finished shard implies the empty prompt: redo one, its actor writes the prompt first

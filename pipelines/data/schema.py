@@ -30,6 +30,9 @@ TENSOR_COLUMNS = (LATENT_MEAN, LATENT_STD, TEXT_EMBEDDING)
 ANNOTATOR_KEY = b"zeroconv.annotator"  # on a condition field: the annotator spec (name, params, weights)
 IMAGE_ENCODING_KEY = b"encoding"  # on the image field
 HF_FEATURES_KEY = b"huggingface"  # schema metadata `datasets` reads its features from
+# Schema metadata of each shard (or its _empty/ marker): the shard's summary (counts, fingerprint)
+ANNOTATE_FOOTER_KEY = b"zeroconv.shard"
+PRECOMPUTE_FOOTER_KEY = b"zeroconv.precompute"
 
 # Image and condition columns: Hugging Face's Image storage type, so `datasets` decodes them to PIL
 # images. `path` is always null; `bytes` holds the JPEG / PNG.

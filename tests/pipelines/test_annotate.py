@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from annotators import Annotator, create
-from pipelines.annotate import AnnotateConfig, AnnotateShards, ShardJob, run_annotate
+from pipelines.annotate import AnnotateConfig, run_annotate
+from pipelines.annotate_worker import AnnotateShards, ShardJob
 from pipelines.cli import main as cli_main
 from pipelines.common import images
 from pipelines.common.cluster import DEFAULT_MAX_ACTORS, actor_pool_options

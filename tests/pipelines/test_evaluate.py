@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.fidelity import edge_scores
+from pipelines.fidelity_metrics import edge_scores
 
 # ---------------------------------------------------------------------------------------------
 # The baseline: the ControlNet pipeline at conditioning scale 0 is the plain base model
@@ -226,7 +226,8 @@ def test_heldout_rows_from_annotate_output(fill50k_parquet, tmp_path):
 
     from pipelines.common.config import StorageConfig
     from pipelines.data.schema import DATA_DIR, REJECTS_DIR, image_column_from_bytes, shard_file_name
-    from pipelines.evaluate import EvaluationSettings, read_heldout
+    from pipelines.evaluate import EvaluationSettings
+    from pipelines.evaluate_data import read_heldout
 
     table = pq.read_table(fill50k_parquet).slice(0, 3)
     plain = table.column("conditioning_image").to_pylist()
@@ -246,7 +247,8 @@ def test_heldout_rows_from_annotate_output(fill50k_parquet, tmp_path):
 
 def test_heldout_condition_column_must_hold_images(fill50k_parquet):
     from pipelines.common.config import StorageConfig
-    from pipelines.evaluate import EvaluationSettings, read_heldout
+    from pipelines.evaluate import EvaluationSettings
+    from pipelines.evaluate_data import read_heldout
 
     settings = EvaluationSettings(data=str(fill50k_parquet), condition_column="text", limit=2)
     with pytest.raises(ValueError, match="column 'text' is string, not encoded images"):

@@ -125,7 +125,8 @@ def test_trains_on_a_huggingface_dataset(tmp_path, ray_session, mlflow_server, h
 
 def test_evaluate_reads_a_huggingface_heldout_set(hf_parquet, hf_disk):
     from pipelines.common.images import content_id
-    from pipelines.evaluate import EvaluationSettings, read_heldout
+    from pipelines.evaluate import EvaluationSettings
+    from pipelines.evaluate_data import read_heldout
 
     settings = EvaluationSettings.model_validate(
         {"data": str(hf_parquet), "conditioning_image_column": "source", "caption_column": "prompt", "limit": 3}
