@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import free_port, running_server
+from tests.helpers import free_port, running_server
 
 NAME = "handoff"
 MODEL_URI = f"models:/{NAME}@champion"
