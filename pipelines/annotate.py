@@ -22,7 +22,6 @@ Output layout and columns: docs/data-schema.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ from pipelines.data.schema import (
     condition_columns,
     dumps,
 )
-from pipelines.data.shards import Manifest, ShardedOutput, run_resumable
+from pipelines.data.shards import Manifest, ShardedOutput, check_output_outside, plan_identity, run_resumable
 from pipelines.data.sources import InputFormat, Shard, Source
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +172,7 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     started = time.perf_counter()
     source = Source(config.input, config.storage, config.input_format, config.image_column, config.caption_column)
     output = resolve(config.output_uri(), config.storage)
-    _check_not_inside(output, source)
+    check_output_outside(output, source.uri)
 
     # Built here once to validate names/params and to record exactly what makes each column.
     built = [create(a.name, **a.params) for a in config.annotators]
@@ -255,7 +254,6 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
 
 def _job_identity(config: AnnotateConfig, source: Source, shards: list[Shard], columns: dict[str, dict]) -> dict:
     """What decides the output's content; a re-run must match it to resume on the same output."""
-    plan = [s.fingerprint() for s in shards]
     identity = {"input": source.uri, "input_format": shards[0].kind}
     if shards[0].kind == "parquet":
         identity.update(image_column=config.image_column, caption_column=config.caption_column)
@@ -265,7 +263,7 @@ def _job_identity(config: AnnotateConfig, source: Source, shards: list[Shard], c
         shard_size=config.shard_size,
         jpeg_quality=config.jpeg_quality,
         columns=columns,
-        plan={"shards": len(shards), "sha256": hashlib.sha256("".join(plan).encode()).hexdigest()},
+        plan=plan_identity([s.fingerprint() for s in shards]),
     )
     return json.loads(dumps(identity))
 
@@ -296,11 +294,3 @@ def _totals(summaries: Iterable[dict]) -> dict:
             f"lost inputs: read {totals['read']} != accepted {totals['accepted']} + rejected {totals['rejected']}"
         )
     return totals
-
-
-def _check_not_inside(output: Location, source: Source) -> None:
-    if is_s3(output.uri) != is_s3(source.uri):
-        return
-    inside = (output.uri + "/").startswith(source.uri.rstrip("/") + "/")
-    if inside:
-        raise ConfigError(f"output {output.uri} is inside the input {source.uri}; a re-run would read its own output")

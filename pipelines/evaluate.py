@@ -176,7 +176,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     import mlflow
     from mlflow.entities import Metric
 
-    from model.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from model.inference import InferenceDefaults
     from model.registry import resolve_model
     from pipelines.common.tracking import connect, resolve_tracking_uri
 
@@ -193,13 +193,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                 "(no 'annotator' in its metadata), so its outputs cannot be re-annotated and scored"
             )
         column, rows = read_heldout(config, spec["name"], config.storage)
-        defaults = resolved.metadata.get("inference", {})
-        steps = config.steps or int(defaults.get("steps", DEFAULT_STEPS))
-        guidance = (
-            config.guidance_scale
-            if config.guidance_scale is not None
-            else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
-        )
+        defaults = InferenceDefaults.recorded(resolved.metadata)
+        steps = config.steps or defaults.steps
+        guidance = config.guidance_scale if config.guidance_scale is not None else defaults.guidance_scale
         scoring = fidelity.Scoring(
             annotator=spec["name"],
             protocol=config.protocol,

@@ -28,7 +28,6 @@ the same command resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import time
@@ -41,7 +40,7 @@ import torch
 from pydantic import Field
 
 from pipelines.common.cluster import ActorCompute, actor_device
-from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, PathStr, StorageConfig
+from pipelines.common.config import BaseModelConfig, JobConfig, PathStr, StorageConfig
 from pipelines.common.images import decode_rgb
 from pipelines.common.storage import Location, is_s3, resolve
 from pipelines.data.dataset import canonical
@@ -57,7 +56,7 @@ from pipelines.data.schema import (
     TEXT_EMBEDDING,
     with_hf_features,
 )
-from pipelines.data.shards import Manifest, ShardedOutput, run_resumable
+from pipelines.data.shards import Manifest, ShardedOutput, check_output_outside, plan_identity, run_resumable
 from pipelines.data.tensors import image_tensor, latent_distribution
 
 # ---------------------------------------------------------------------------------------------
@@ -285,10 +284,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.perf_counter()
     data = resolve(config.data, config.storage)
     output = resolve(config.output_uri(), config.storage)
-    if output.uri.rstrip("/") == data.uri.rstrip("/") or (
-        is_s3(output.uri) == is_s3(data.uri) and (output.uri + "/").startswith(data.uri.rstrip("/") + "/")
-    ):
-        raise ConfigError(f"output {output.uri} is the input or inside it; choose another output")
+    check_output_outside(output, data.uri)
     files = list_input_files(data)
     check_schema(data, files[0], config.image_column, config.caption_column)
 
@@ -297,7 +293,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
         "data": data.uri,
         "base_model": config.base_model.source,
         "keep_images": config.keep_images,
-        "plan": {"shards": len(files), "sha256": hashlib.sha256("".join(fingerprints.values()).encode()).hexdigest()},
+        "plan": plan_identity(list(fingerprints.values())),
     }
     sharded = ShardedOutput(output, len(files), PRECOMPUTE_FOOTER_KEY)
     manifest = Manifest(output.join(MANIFEST), PRECOMPUTED_FORMAT, "precompute", identity, _describe)
