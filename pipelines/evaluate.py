@@ -17,8 +17,8 @@ shared actor pool (``pipelines.common.cluster.run_actor_pool``): batches of rows
 :mod:`pipelines.evaluate_worker` actors that each hold the pipeline and the annotator (GPU actors with
 ``compute.use_gpu``). Results go to the model's own MLflow run: ``fidelity/*`` metrics, a grid image
 (condition | generated | re-annotated | baseline | baseline re-annotated) and a per-sample table; and
-the model version gets ``fidelity.*`` tags (:mod:`pipelines.fidelity_record`), which ``zeroconv
-promote`` reads. How to read the numbers: docs/evaluation.md.
+the model version gets ``fidelity.*`` tags (:mod:`pipelines.fidelity_record`), which
+``zeroconv promote`` reads. How to read the numbers: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ Column names are configurable as in diffusers' ``train_controlnet.py`` (image, c
 caption). An image column holds encoded bytes: ``binary``, or a Hugging Face ``Image`` struct
 ``{bytes, path}`` (``pipelines.data.schema.bytes_from_image_column`` turns such a struct into bytes).
 Rows passed through :func:`canonical` come out with the names ``image`` and ``text`` and binary image
-columns, so everything downstream sees one shape. Wrong types fail here, once, with a one-line error: a worker
-that met them would fail the same way on every retry.
+columns, so everything downstream sees one shape. Wrong types fail here, once, with a one-line error:
+a worker that met them would fail the same way on every retry.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class DatasetInfo:
 
 
 # ---------------------------------------------------------------------------------------------
-# Image structs and column names
+# One shape: canonical names, binary image columns
 # ---------------------------------------------------------------------------------------------
 
 
