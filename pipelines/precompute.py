@@ -54,6 +54,7 @@ from pipelines.data.schema import (
     PRECOMPUTED_FORMAT,
     TENSOR_COLUMNS,
     TEXT_EMBEDDING,
+    is_image_type,
     with_hf_features,
 )
 from pipelines.data.shards import Manifest, ShardedOutput, check_output_outside, plan_identity, run_resumable
@@ -168,9 +169,11 @@ class PrecomputeShards:
     def precompute_shard(self, shard: InputFile) -> dict:
         start = time.perf_counter()
         with self.data.fs.open_input_file(shard.path) as f:
-            table = canonical(pq.read_table(f), self.job.image_column, self.job.caption_column)
+            stored = pq.read_table(f)
+        table = canonical(stored, self.job.image_column, self.job.caption_column)  # image bytes for the encoders
         kept = [name for name in table.column_names if self.job.keep_images or name != "image"]
-        out = table.select(kept)
+        # The output keeps the input's columns as stored (an image struct stays a struct), under the canonical names.
+        out = stored.rename_columns(table.column_names).select(kept)
         summary = {"fingerprint": shard.fingerprint(), "rows": table.num_rows}
         if table.num_rows:  # (an empty input file has no image to give the tensor columns their shape)
             mean, std, text = self._encode(shard, table)
@@ -182,7 +185,7 @@ class PrecomputeShards:
             )
         summary["seconds"] = round(time.perf_counter() - start, 3)
         # PNG/JPEG bytes are already compressed; float tensors barely compress: skip the work for both.
-        encoded = {f.name for f in out.schema if pa.types.is_struct(f.type) or f.name in TENSOR_COLUMNS}
+        encoded = {f.name for f in out.schema if is_image_type(f.type) or f.name in TENSOR_COLUMNS}
         out = out.replace_schema_metadata(with_hf_features(out.schema.remove_metadata()).metadata)
         self.output.write_shard(shard.index, out, summary, encoded=encoded)
         return {**summary, "shard": shard.index}
