@@ -44,11 +44,6 @@ class ControlledUNet(nn.Module):
         self.controlnets = nn.ModuleList(controlnets)
         self.only_mid_control = only_mid_control
 
-    @property
-    def condition_size(self) -> int:
-        """Pixel size conditions must have: the latent size times the condition encoder's downsampling (8)."""
-        return self.unet.config.sample_size * 8
-
     def check_conditions(self, latents: torch.Tensor, conditions: Sequence[torch.Tensor]) -> None:
         if len(conditions) != len(self.controlnets):
             raise ValueError(f"got {len(conditions)} condition(s) for {len(self.controlnets)} ControlNet(s)")

@@ -26,10 +26,23 @@ class GenerationStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class InferenceDefaults:
+    """How a model generates when the caller does not say; training records them in the model's metadata."""
+
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
     conditioning_scale: float = 1.0
     scheduler: str = "ddim"
+
+    @classmethod
+    def recorded(cls, metadata: dict) -> InferenceDefaults:
+        """The defaults a registered model's metadata records (key ``inference``); these for any it lacks."""
+        recorded, package = metadata.get("inference", {}), cls()
+        return cls(
+            steps=int(recorded.get("steps", package.steps)),
+            guidance_scale=float(recorded.get("guidance_scale", package.guidance_scale)),
+            conditioning_scale=float(recorded.get("conditioning_scale", package.conditioning_scale)),
+            scheduler=str(recorded.get("scheduler", package.scheduler)),
+        )
 
 
 def build_pipeline(base, controlnets: Sequence[torch.nn.Module], unet: torch.nn.Module | None = None):

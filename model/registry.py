@@ -96,7 +96,7 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        from model.inference import generate
+        from model.inference import InferenceDefaults, generate
 
         model_input = pd.DataFrame(model_input)
         missing = [c for c in REQUIRED_INPUTS if c not in model_input.columns]
@@ -105,7 +105,7 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
                 f"model input is missing column {', '.join(map(repr, missing))}: expected 'prompt' (text) and "
                 f"'condition' (base64 PNG), optionally {', '.join(map(repr, OPTIONAL_INPUTS))}"
             )
-        defaults = self.metadata.get("inference", {})
+        defaults = InferenceDefaults.recorded(self.metadata)
         images = []
         for i, row in enumerate(model_input.to_dict("records")):
             image = generate(
@@ -113,9 +113,9 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
                 [row["prompt"]],
                 _png_to_array(row["condition"], i)[None],
                 seed=int(_optional(row, "seed", 0)),
-                steps=int(_optional(row, "steps", defaults.get("steps", 20))),
-                guidance_scale=float(_optional(row, "guidance_scale", defaults.get("guidance_scale", 9.0))),
-                conditioning_scale=float(_optional(row, "conditioning_scale", 1.0)),
+                steps=int(_optional(row, "steps", defaults.steps)),
+                guidance_scale=float(_optional(row, "guidance_scale", defaults.guidance_scale)),
+                conditioning_scale=float(_optional(row, "conditioning_scale", defaults.conditioning_scale)),
                 negative_prompt=_optional(row, "negative_prompt", None) or None,
             )[0]
             images.append(_array_to_png_b64(image))

@@ -12,11 +12,12 @@ The baseline is the same pipeline with the base UNet and ``conditioning_scale=0`
 so it computes exactly what ``StableDiffusionPipeline`` computes from the same initial latents (a
 test checks this), with no second copy of the sampling code.
 
-Generation runs on the shared actor pool (``pipelines.common.cluster.run_actor_pool``): batches of
-rows stream through actors that each hold the pipeline and the annotator (GPU actors with
-``compute.use_gpu``). Results go to the model's own
-MLflow run: ``fidelity/*`` metrics, a grid image (condition | generated | re-annotated | baseline |
-baseline re-annotated) and a per-sample table; and the model version gets ``fidelity.*`` tags, which
+This module is the driver. The rows come from :mod:`pipelines.evaluate_data`; generation runs on the
+shared actor pool (``pipelines.common.cluster.run_actor_pool``): batches of rows stream through
+:mod:`pipelines.evaluate_worker` actors that each hold the pipeline and the annotator (GPU actors with
+``compute.use_gpu``). Results go to the model's own MLflow run: ``fidelity/*`` metrics, a grid image
+(condition | generated | re-annotated | baseline | baseline re-annotated) and a per-sample table; and
+the model version gets ``fidelity.*`` tags (:mod:`pipelines.fidelity_record`), which
 ``zeroconv promote`` reads. How to read the numbers: docs/evaluation.md.
 """
 
@@ -28,21 +29,20 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import AliasChoices, Field
 
 from pipelines import fidelity
-from pipelines.common.cluster import ActorCompute, actor_device
-from pipelines.common.config import JobConfig, MLflowConfig, PathStr, Section, StorageConfig
-from pipelines.common.images import decode_condition, decode_rgb, encode_png
+from pipelines.common.cluster import ActorCompute
+from pipelines.common.config import JobConfig, MLflowConfig, PathStr, Section
+from pipelines.common.images import decode_condition, decode_rgb
 from pipelines.common.storage import resolve
-from pipelines.data.schema import image_bytes
+from pipelines.evaluate_data import read_heldout
+from pipelines.evaluate_worker import EvalJob, FidelityScorer
+from pipelines.fidelity_record import FidelityRecord, record_fidelity
 
-SINGLE_CONDITION_COLUMN = "conditioning_image"
-TAG_PREFIX = "fidelity."
 GRID_ARTIFACT = "evaluation/grid.png"
 TABLE_ARTIFACT = "evaluation/scores.json"
 PROTOCOL_ARTIFACT = "evaluation/protocol.json"
@@ -110,150 +110,6 @@ class EvaluateConfig(EvaluationSettings, JobConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# The score a model version carries (model version tags)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FidelityRecord:
-    """A version's headline fidelity: ``score`` of ``metric`` (higher is better) under ``protocol``."""
-
-    score: float
-    metric: str
-    protocol: str
-    samples: int
-    baseline_score: float | None = None
-
-    def tags(self) -> dict[str, str]:
-        tags = {
-            "score": repr(self.score),
-            "metric": self.metric,
-            "protocol": self.protocol,
-            "samples": str(self.samples),
-        }
-        if self.baseline_score is not None:
-            tags["baseline_score"] = repr(self.baseline_score)
-        return {TAG_PREFIX + k: v for k, v in tags.items()}
-
-    @classmethod
-    def from_tags(cls, tags: dict[str, str]) -> "FidelityRecord | None":
-        if TAG_PREFIX + "score" not in tags:
-            return None
-        baseline = tags.get(TAG_PREFIX + "baseline_score")
-        return cls(
-            score=float(tags[TAG_PREFIX + "score"]),
-            metric=tags[TAG_PREFIX + "metric"],
-            protocol=tags[TAG_PREFIX + "protocol"],
-            samples=int(tags[TAG_PREFIX + "samples"]),
-            baseline_score=float(baseline) if baseline is not None else None,
-        )
-
-
-def record_fidelity(name: str, version: str, record: FidelityRecord) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    for key, value in record.tags().items():
-        client.set_model_version_tag(name, str(version), key, value)
-
-
-def read_fidelity(name: str, version: str) -> FidelityRecord | None:
-    import mlflow
-
-    return FidelityRecord.from_tags(mlflow.MlflowClient().get_model_version(name, str(version)).tags)
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker side: an actor holding the pipelines and the annotator
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """Everything an actor needs; pickled once per actor."""
-
-    model_name: str
-    model_version: str
-    controlnet_dir: str
-    unet_dir: str | None
-    base_model: str
-    tracking_uri: str
-    annotator: dict
-    scoring: fidelity.Scoring
-    steps: int
-    guidance_scale: float
-    baseline: bool
-    storage: StorageConfig
-
-
-class FidelityScorer:
-    """Ray Data actor: generate -> re-annotate -> score, for the model and (optionally) the baseline."""
-
-    def __init__(self, job: EvalJob):
-        from annotators import from_spec
-        from model.inference import load_pipeline
-
-        self.job = job
-        if not Path(job.controlnet_dir).is_dir():  # an actor on another node: fetch the model there
-            job = self._download(job)
-        device = actor_device()
-        self.pipe = load_pipeline(
-            job.base_model, [job.controlnet_dir], job.unet_dir, device=str(device), storage=job.storage
-        )
-        # The baseline needs the base UNet; only a model that unlocked the UNet has another one.
-        self.baseline_pipe = None
-        if job.baseline:
-            self.baseline_pipe = (
-                self.pipe
-                if job.unet_dir is None
-                else load_pipeline(job.base_model, [job.controlnet_dir], None, device=str(device), storage=job.storage)
-            )
-        spec = job.annotator
-        # Exactly the annotator (parameters, weights by sha256) that made the training conditions.
-        self.annotator = from_spec(spec, storage=job.storage)
-        self.channels = int(spec.get("channels", self.annotator.channels))
-
-    @staticmethod
-    def _download(job: EvalJob) -> EvalJob:
-        import mlflow
-
-        from model.registry import resolve_model
-
-        mlflow.set_tracking_uri(job.tracking_uri)
-        local = resolve_model(job.model_name, version=job.model_version, dest=tempfile.mkdtemp(prefix="zc-eval-"))
-        return replace(
-            job, controlnet_dir=str(local.controlnet_dir), unet_dir=str(local.unet_dir) if local.unet_dir else None
-        )
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from model.inference import generate
-
-        job = self.job
-        conditions = np.stack([decode_condition(b, channels=self.channels) for b in batch["condition"]])
-        prompts = [str(t) for t in batch["text"]]
-        seeds = [int(s) for s in batch["seed"]]
-        out: dict[str, np.ndarray] = {"index": batch["index"]}
-        runs = [("", self.pipe, 1.0)] + ([("baseline_", self.baseline_pipe, 0.0)] if self.baseline_pipe else [])
-        for prefix, pipe, conditioning_scale in runs:
-            images = generate(
-                pipe,
-                prompts,
-                conditions,
-                seed=seeds,
-                steps=job.steps,
-                guidance_scale=job.guidance_scale,
-                conditioning_scale=conditioning_scale,
-            )
-            maps = self.annotator(images)
-            scores = [job.scoring(i, m, c) for i, m, c in zip(images, maps, conditions)]
-            for key in scores[0]:
-                out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)
-            out[prefix + "generated"] = np.array([encode_png(i) for i in images], dtype=object)
-            out[prefix + "reannotated"] = np.array([encode_png(m) for m in maps], dtype=object)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------------
 
@@ -293,59 +149,6 @@ def protocol_of(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def condition_column_for(columns: list[str], annotator: str, wanted: str | None, data: str) -> str:
-    if wanted:
-        if wanted not in columns:
-            raise ValueError(f"dataset {data!r} has no column {wanted!r}; its columns are {', '.join(columns)}")
-        return wanted
-    for column in (SINGLE_CONDITION_COLUMN, f"cond_{annotator}"):
-        if column in columns:
-            return column
-    raise ValueError(
-        f"dataset {data!r} has neither {SINGLE_CONDITION_COLUMN!r} nor 'cond_{annotator}' "
-        f"(the model's annotator); its columns are {', '.join(columns)}. Set condition_column."
-    )
-
-
-def read_heldout(config: EvaluationSettings, annotator: str, storage: StorageConfig):
-    """The first ``limit`` rows (id, text, condition) of the held-out dataset, in file order. Any
-    dataset training reads works here (annotated Parquet, Hugging Face Parquet or save_to_disk);
-    one without an ``id`` column gets the condition's content hash as id."""
-    import pyarrow as pa
-
-    from pipelines.common.images import content_id
-    from pipelines.data.dataset import canonical, open_dataset
-
-    _, _, dataset, _ = open_dataset(config.data, storage, what="held-out dataset")
-    names = dataset.schema.names
-    column = condition_column_for(names, annotator, config.condition_column, config.data)
-    if config.caption_column not in names:
-        raise ValueError(
-            f"held-out dataset {config.data!r} has no column {config.caption_column!r} (set caption_column); "
-            f"its columns are {', '.join(names)}"
-        )
-    wanted = [c for c in ("id", config.caption_column, column) if c in names]
-    table = canonical(
-        dataset.head(config.limit, columns=wanted), image_column="image", caption_column=config.caption_column
-    )
-    if table.num_rows == 0:
-        raise ValueError(f"held-out dataset {config.data!r} has no rows")
-    n = table.num_rows
-    conditions = image_bytes(table.column(column))
-    ids = (
-        table.column("id") if "id" in table.column_names else pa.array([content_id(b) for b in conditions.to_pylist()])
-    )
-    return column, pa.table(
-        {
-            "index": pa.array(range(n), pa.int64()),
-            "id": ids,
-            "text": table.column("text"),
-            "condition": conditions,
-            "seed": pa.array([config.seed + i for i in range(n)], pa.int64()),
-        }
-    )
-
-
 def evaluation_grid(columns: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
     """Rows of equally sized uint8 maps (1 or 3 channels) -> one RGB image with ``pad`` px gaps."""
 
@@ -373,7 +176,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     import mlflow
     from mlflow.entities import Metric
 
-    from model.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from model.inference import InferenceDefaults
     from model.registry import resolve_model
     from pipelines.common.tracking import connect, resolve_tracking_uri
 
@@ -390,13 +193,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                 "(no 'annotator' in its metadata), so its outputs cannot be re-annotated and scored"
             )
         column, rows = read_heldout(config, spec["name"], config.storage)
-        defaults = resolved.metadata.get("inference", {})
-        steps = config.steps or int(defaults.get("steps", DEFAULT_STEPS))
-        guidance = (
-            config.guidance_scale
-            if config.guidance_scale is not None
-            else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
-        )
+        defaults = InferenceDefaults.recorded(resolved.metadata)
+        steps = config.steps or defaults.steps
+        guidance = config.guidance_scale if config.guidance_scale is not None else defaults.guidance_scale
         scoring = fidelity.Scoring(
             annotator=spec["name"],
             protocol=config.protocol,

@@ -28,7 +28,6 @@ the same command resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import time
@@ -41,28 +40,25 @@ import torch
 from pydantic import Field
 
 from pipelines.common.cluster import ActorCompute, actor_device
-from pipelines.common.config import BaseModelConfig, ConfigError, JobConfig, PathStr, StorageConfig
+from pipelines.common.config import BaseModelConfig, JobConfig, PathStr, StorageConfig
 from pipelines.common.images import decode_rgb
 from pipelines.common.storage import Location, is_s3, resolve
-from pipelines.data.dataset import read_manifest  # noqa: F401  (part of this stage's API)
+from pipelines.data.dataset import canonical
 from pipelines.data.schema import (
     CONDITION_COLUMN,
     EMPTY_PROMPT_FILE,
-    IMAGE,
     LATENT_MEAN,
     LATENT_STD,
     MANIFEST,
+    PRECOMPUTE_FOOTER_KEY,
     PRECOMPUTED_FORMAT,
     TENSOR_COLUMNS,
-    TEXT,
     TEXT_EMBEDDING,
+    is_image_type,
     with_hf_features,
 )
-from pipelines.data.shards import Manifest, ShardedOutput, run_resumable
+from pipelines.data.shards import Manifest, ShardedOutput, check_output_outside, plan_identity, run_resumable
 from pipelines.data.tensors import image_tensor, latent_distribution
-
-FOOTER_KEY = b"zeroconv.precompute"  # each precomputed shard's summary
-
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -158,7 +154,7 @@ class PrecomputeShards:
         self.base = base
         self.scaling_factor = float(base.vae.config.scaling_factor)
         self.data = resolve(job.data, job.storage)
-        self.output = ShardedOutput(resolve(job.output, job.storage), job.shards, FOOTER_KEY)
+        self.output = ShardedOutput(resolve(job.output, job.storage), job.shards, PRECOMPUTE_FOOTER_KEY)
         empty = self.output.location.join(EMPTY_PROMPT_FILE)
         if not empty.exists():  # written before any shard, so a finished shard implies it exists
             from safetensors.torch import save
@@ -173,13 +169,11 @@ class PrecomputeShards:
     def precompute_shard(self, shard: InputFile) -> dict:
         start = time.perf_counter()
         with self.data.fs.open_input_file(shard.path) as f:
-            table = pq.read_table(f)
-        # Canonical names (image / text) but the input's own encoding: annotate's {bytes, path} image structs stay
-        # structs, so the output is a `datasets` Image dataset like its input (decode_rgb reads both encodings).
-        names = {self.job.image_column: IMAGE, self.job.caption_column: TEXT}
-        table = table.rename_columns([names.get(name, name) for name in table.column_names])
+            stored = pq.read_table(f)
+        table = canonical(stored, self.job.image_column, self.job.caption_column)  # image bytes for the encoders
         kept = [name for name in table.column_names if self.job.keep_images or name != "image"]
-        out = table.select(kept)
+        # The output keeps the input's columns as stored (an image struct stays a struct), under the canonical names.
+        out = stored.rename_columns(table.column_names).select(kept)
         summary = {"fingerprint": shard.fingerprint(), "rows": table.num_rows}
         if table.num_rows:  # (an empty input file has no image to give the tensor columns their shape)
             mean, std, text = self._encode(shard, table)
@@ -191,7 +185,7 @@ class PrecomputeShards:
             )
         summary["seconds"] = round(time.perf_counter() - start, 3)
         # PNG/JPEG bytes are already compressed; float tensors barely compress: skip the work for both.
-        encoded = {f.name for f in out.schema if pa.types.is_struct(f.type) or f.name in TENSOR_COLUMNS}
+        encoded = {f.name for f in out.schema if is_image_type(f.type) or f.name in TENSOR_COLUMNS}
         out = out.replace_schema_metadata(with_hf_features(out.schema.remove_metadata()).metadata)
         self.output.write_shard(shard.index, out, summary, encoded=encoded)
         return {**summary, "shard": shard.index}
@@ -293,10 +287,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
     started = time.perf_counter()
     data = resolve(config.data, config.storage)
     output = resolve(config.output_uri(), config.storage)
-    if output.uri.rstrip("/") == data.uri.rstrip("/") or (
-        is_s3(output.uri) == is_s3(data.uri) and (output.uri + "/").startswith(data.uri.rstrip("/") + "/")
-    ):
-        raise ConfigError(f"output {output.uri} is the input or inside it; choose another output")
+    check_output_outside(output, data.uri)
     files = list_input_files(data)
     check_schema(data, files[0], config.image_column, config.caption_column)
 
@@ -305,9 +296,9 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
         "data": data.uri,
         "base_model": config.base_model.source,
         "keep_images": config.keep_images,
-        "plan": {"shards": len(files), "sha256": hashlib.sha256("".join(fingerprints.values()).encode()).hexdigest()},
+        "plan": plan_identity(list(fingerprints.values())),
     }
-    sharded = ShardedOutput(output, len(files), FOOTER_KEY)
+    sharded = ShardedOutput(output, len(files), PRECOMPUTE_FOOTER_KEY)
     manifest = Manifest(output.join(MANIFEST), PRECOMPUTED_FORMAT, "precompute", identity, _describe)
     if output.exists() and not output.join(EMPTY_PROMPT_FILE).exists():
         sharded.discard(0)  # a finished shard implies the empty prompt: redo one, its actor writes the prompt first

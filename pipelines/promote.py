@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pydantic import Field
 
 from pipelines.common.config import ConfigError, JobConfig, MLflowConfig
-from pipelines.evaluate import EvaluateConfig, EvaluationSettings, FidelityRecord, read_fidelity, run_evaluate
+from pipelines.evaluate import EvaluateConfig, EvaluationSettings, run_evaluate
+from pipelines.fidelity_record import FidelityRecord, read_fidelity
 
 PROMOTED, KEPT, ALREADY_CHAMPION = "promoted", "kept_champion", "already_champion"
 

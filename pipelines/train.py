@@ -88,19 +88,13 @@ def resolve_config(config: TrainConfig, has_gpu_nodes: bool) -> TrainConfig:
     precision = ("bf16" if use_gpu else "fp32") if config.precision == "auto" else config.precision
     if precision == "fp16" and not use_gpu:
         raise ConfigError("precision fp16 is not supported on CPU (DeepSpeed refuses it); use fp32 or bf16")
-    tracking_uri = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if tracking_uri is None and is_s3(config.work_dir):
-        raise ConfigError(
-            "work_dir is on S3: set mlflow.tracking_uri (the default SQLite store needs a local work_dir)"
-        )
+    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
     return config.model_copy(
         update={
             "use_gpu": use_gpu,
             "precision": precision,
             "storage_path": config.storage_path or f"{config.work_dir.rstrip('/')}/train",
-            "mlflow": config.mlflow.model_copy(
-                update={"tracking_uri": resolve_tracking_uri(tracking_uri, config.work_dir)}
-            ),
+            "mlflow": config.mlflow.model_copy(update={"tracking_uri": tracking_uri}),
         }
     )
 

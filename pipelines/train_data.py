@@ -61,10 +61,6 @@ class TrainFiles:
             rows = [pq.read_metadata(path, filesystem=filesystem).num_rows for path in paths]
         return cls(list(paths), rows, list(columns), filesystem, image_column, caption_column, format)
 
-    @property
-    def total_rows(self) -> int:
-        return sum(self.rows)
-
 
 class EpochOrder:
     """Which row (file, index in file) sits at each position of an epoch: files shuffled, then blocks of

@@ -5,23 +5,21 @@
 * ``s3_server``     - a moto S3 server on 127.0.0.1 with credentials in the environment
 * ``tiny_base_dir`` - the built-in tiny Stable Diffusion, built once into a session cache
 * ``fill50k_parquet`` - a small annotated dataset in the training schema
+* ``session_tmp``   - the run's temp folder (zc-test-*, holds ZEROCONV_CACHE), removed when the run ends
+
+Helpers that tests import themselves (free ports, servers stopped by PID) are in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import running_mlflow_server
 
 # Set before anything imports ray/mlflow/huggingface: loopback only, offline, fail fast.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -37,43 +35,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # forwards secrets through runtime_env); the moto server accepts any.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-
-_SESSION_TMP = Path(tempfile.mkdtemp(prefix="zc-test-"))
-os.environ["ZEROCONV_CACHE"] = str(_SESSION_TMP / "cache")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
-                    return
-        except Exception:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Stop a server we started, and its children, by its own process group."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,10 +53,19 @@ def isolated_mlflow_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def session_tmp() -> Path:
-    yield _SESSION_TMP
-    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+    """One temp folder for the whole run, removed at its end; the zeroconv cache (built tiny model,
+    annotator weights) lives in it. Autouse: every test sees ZEROCONV_CACHE, never the user's cache."""
+    root = Path(tempfile.mkdtemp(prefix="zc-test-"))
+    saved = os.environ.get("ZEROCONV_CACHE")
+    os.environ["ZEROCONV_CACHE"] = str(root / "cache")
+    yield root
+    if saved is None:
+        os.environ.pop("ZEROCONV_CACHE", None)
+    else:
+        os.environ["ZEROCONV_CACHE"] = saved
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -111,46 +81,6 @@ def ray_session(session_tmp):
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def running_server(command: list[str], env: dict, log_path: Path, ready_url: str, timeout: float = 90, stop=None):
-    """Start a server process in its own session, wait until ``ready_url`` answers, stop it on exit
-    (by default its process group, by PID; ``stop`` for servers whose children leave the group)."""
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_http(ready_url, timeout=timeout, proc=proc)
-            yield proc
-        finally:
-            (stop or stop_process)(proc)
-
-
-@contextlib.contextmanager
-def running_mlflow_server(root: Path, artifacts_destination: str):
-    """A real ``mlflow server`` on a free 127.0.0.1 port (SQLite under ``root``); yields its URI."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination",
-        artifacts_destination,
-    ]
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    uri = f"http://127.0.0.1:{port}"
-    with running_server(command, env, root / "server.log", f"{uri}/health"):
-        yield uri
 
 
 @pytest.fixture(scope="session")

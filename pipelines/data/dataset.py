@@ -9,26 +9,32 @@ Accepted on disk:
 
 Column names are configurable as in diffusers' ``train_controlnet.py`` (image, conditioning image,
 caption). An image column holds encoded bytes: ``binary``, or a Hugging Face ``Image`` struct
-``{bytes, path}``. :func:`encoded_images` is the one place such a struct becomes bytes; rows read with
-:func:`read_rows` come out with the canonical names ``image`` and ``text`` and binary image columns,
-so everything downstream sees one shape. Wrong types fail here, once, with a one-line error: a worker
-that met them would fail the same way on every retry.
+``{bytes, path}`` (``pipelines.data.schema.bytes_from_image_column`` turns such a struct into bytes).
+Rows passed through :func:`canonical` come out with the names ``image`` and ``text`` and binary image
+columns, so everything downstream sees one shape. Wrong types fail here, once, with a one-line error:
+a worker that met them would fail the same way on every retry.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.common.config import StorageConfig
 from pipelines.common.storage import Location, is_s3, resolve
-from pipelines.data.schema import IMAGE, MANIFEST, PRECOMPUTED_FORMAT, TENSOR_COLUMNS, TEXT
+from pipelines.data.schema import (
+    IMAGE,
+    MANIFEST,
+    PRECOMPUTED_FORMAT,
+    TENSOR_COLUMNS,
+    TEXT,
+    bytes_from_image_column,
+    is_image_type,
+)
 from pipelines.data.schema import annotator_spec as field_annotator_spec
 
 ARROW_STATE = "state.json"  # written by datasets' save_to_disk beside its Arrow files
@@ -61,38 +67,22 @@ class DatasetInfo:
     annotator: dict | None
     validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}
     scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
-    row_bytes: int  # what one row takes in the object store once decoded (0: unknown)
     files: list[str]  # data files (pyarrow's rules: "_" and "." paths, e.g. annotate's _rejects, are not data)
     format: Literal["parquet", "arrow"] = "parquet"
-    image_column: str = IMAGE  # the names in the files; read_rows renames them to image / text
+    image_column: str = IMAGE  # the names in the files; canonical renames them to image / text
     caption_column: str = TEXT
 
 
 # ---------------------------------------------------------------------------------------------
-# Image structs and column names
+# One shape: canonical names, binary image columns
 # ---------------------------------------------------------------------------------------------
-
-
-def is_image_type(kind: pa.DataType) -> bool:
-    """Encoded image bytes: binary, or a struct with a binary 'bytes' field (Hugging Face ``Image``)."""
-    if pa.types.is_struct(kind):
-        index = kind.get_field_index("bytes")
-        return index >= 0 and is_image_type(kind.field(index).type)
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-
-
-def encoded_images(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """An image column as binary: a Hugging Face ``{bytes, path}`` struct gives its ``bytes`` field."""
-    if pa.types.is_struct(column.type):
-        return pc.struct_field(column, "bytes")
-    return column
 
 
 def canonical(table: pa.Table, image_column: str, caption_column: str) -> pa.Table:
     """Rename the image and caption columns to ``image`` / ``text`` and make every image column
     (the image and any binary-or-struct condition) plain binary."""
     names = {image_column: IMAGE, caption_column: TEXT}
-    columns = [encoded_images(c) if is_image_type(c.type) else c for c in table.columns]
+    columns = [bytes_from_image_column(c) if is_image_type(c.type) else c for c in table.columns]
     # Field metadata stays: the annotator spec on a condition field is how a model records its annotator.
     fields = [
         pa.field(names.get(f.name, f.name), c.type, f.nullable, f.metadata) for f, c in zip(table.schema, columns)
@@ -187,10 +177,8 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
             f"dataset {config.data!r} mixes image sizes {sorted(sizes)[:5]}; "
             "training needs one size (re-annotate with a fixed resolution)"
         )
-    width, height = resolution = next(iter(sizes), (0, 0))
-    scaling_factor, row_bytes = None, width * height * 3 * 2  # decoded image + condition, uint8
-    if precomputed:
-        scaling_factor, row_bytes = check_precomputed(config, columns)
+    resolution = next(iter(sizes), (0, 0))
+    scaling_factor = check_precomputed(config) if precomputed else None
     head = canonical(dataset.head(max(config.num_validation, 1), columns=[caption, condition]), image, caption)
     if head.column(condition).null_count:
         raise ValueError(
@@ -203,7 +191,6 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
         columns=columns,
         resolution=resolution,
         scaling_factor=scaling_factor,
-        row_bytes=row_bytes,
         annotator=annotator_spec(schema, condition),
         validation={
             "text": head.column(TEXT).to_pylist()[: config.num_validation],
@@ -216,9 +203,8 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
     )
 
 
-def check_precomputed(config: TrainingData, columns: list[str]) -> tuple[float, int]:
-    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling
-    factor and the bytes a row's tensors take."""
+def check_precomputed(config: TrainingData) -> float:
+    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling factor."""
     manifest = read_manifest(config.data, config.storage)
     if manifest.get("status") != "complete":
         raise ValueError(
@@ -231,45 +217,9 @@ def check_precomputed(config: TrainingData, columns: list[str]) -> tuple[float, 
             f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
             f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again"
         )
-    shapes = [math.prod(t["shape"]) for t in manifest["tensors"].values()]
-    return float(manifest["scaling_factor"]), 4 * sum(shapes)
+    return float(manifest["scaling_factor"])
 
 
 def annotator_spec(schema: pa.Schema, column: str) -> dict | None:
     """How the condition column was made: the spec ``zeroconv annotate`` stores in the field's metadata."""
     return field_annotator_spec(schema.field(column))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading rows (Ray Data)
-# ---------------------------------------------------------------------------------------------
-
-
-def read_rows(data: DatasetInfo, columns: list[str]):
-    """A Ray Dataset of ``columns`` (canonical names: ``image``, ``text``, the condition column,
-    tensor columns) with binary image columns, from Parquet or Arrow files alike."""
-    import ray
-
-    stored = {IMAGE: data.image_column, TEXT: data.caption_column}
-    wanted = [stored.get(c, c) for c in columns]
-    if data.format == "parquet":
-        rows = ray.data.read_parquet(data.files, filesystem=data.location.fs, columns=wanted)
-    else:
-        rows = ray.data.from_items([{"path": f} for f in data.files], override_num_blocks=len(data.files))
-        rows = rows.map_batches(
-            _arrow_file_batches, fn_kwargs={"columns": wanted}, batch_size=1, batch_format="pyarrow"
-        )
-    return rows.map_batches(
-        canonical,
-        fn_kwargs={"image_column": data.image_column, "caption_column": data.caption_column},
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-    )
-
-
-def _arrow_file_batches(batch: pa.Table, columns: list[str]):
-    """Ray Data read of one Arrow stream file (``save_to_disk``'s format), batch by batch."""
-    for path in batch.column("path").to_pylist():
-        with pa.ipc.open_stream(pa.memory_map(path)) as reader:
-            for record_batch in reader:
-                yield pa.Table.from_batches([record_batch]).select(columns)

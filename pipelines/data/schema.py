@@ -30,6 +30,9 @@ TENSOR_COLUMNS = (LATENT_MEAN, LATENT_STD, TEXT_EMBEDDING)
 ANNOTATOR_KEY = b"zeroconv.annotator"  # on a condition field: the annotator spec (name, params, weights)
 IMAGE_ENCODING_KEY = b"encoding"  # on the image field
 HF_FEATURES_KEY = b"huggingface"  # schema metadata `datasets` reads its features from
+# Schema metadata of each shard (or its _empty/ marker): the shard's summary (counts, fingerprint)
+ANNOTATE_FOOTER_KEY = b"zeroconv.shard"
+PRECOMPUTE_FOOTER_KEY = b"zeroconv.precompute"
 
 # Image and condition columns: Hugging Face's Image storage type, so `datasets` decodes them to PIL
 # images. `path` is always null; `bytes` holds the JPEG / PNG.
@@ -106,18 +109,27 @@ def with_hf_features(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata({**(schema.metadata or {}), HF_FEATURES_KEY: json.dumps(info).encode()})
 
 
-def encoded_images(values: list[bytes]) -> pa.Array:
-    """JPEG / PNG bytes -> an image column (``ENCODED_IMAGE``)."""
+def is_image_type(kind: pa.DataType) -> bool:
+    """Encoded image bytes: binary, or a struct with a binary 'bytes' field (Hugging Face ``Image``)."""
+    if pa.types.is_struct(kind):
+        index = kind.get_field_index("bytes")
+        return index >= 0 and is_image_type(kind.field(index).type)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def image_column_from_bytes(values: list[bytes]) -> pa.StructArray:
+    """JPEG / PNG bytes -> an image column as written (``ENCODED_IMAGE``, ``path`` null)."""
     return pa.StructArray.from_arrays(
         [pa.array(values, pa.binary()), pa.nulls(len(values), pa.string())], fields=list(ENCODED_IMAGE)
     )
 
 
-def image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """The encoded bytes of an image column, stored as binary (older data, other tools) or as ``{bytes, path}``."""
+def bytes_from_image_column(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """An image column (see :func:`is_image_type`) -> its encoded bytes: a ``{bytes, path}`` struct gives its
+    ``bytes`` field, a binary column is returned as it is."""
     if pa.types.is_struct(column.type):
         return pc.struct_field(column, "bytes")
-    return column.cast(pa.binary())
+    return column
 
 
 REJECTS_SCHEMA = pa.schema(

@@ -16,6 +16,7 @@ whose job differs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -28,12 +29,28 @@ import pyarrow.parquet as pq
 
 from pipelines.common import console
 from pipelines.common.config import ConfigError
-from pipelines.common.storage import Location
+from pipelines.common.storage import Location, is_s3
 from pipelines.data.schema import DATA_DIR, EMPTY_DIR, MAX_SHARDS, REJECTS_DIR, dumps, shard_file_name
 
 _SHARD_FILE = re.compile(r"^train-(\d{5})-of-(\d{5})\.(parquet|json)$")
 _TEMP_FILE = re.compile(r"^\..+\.tmp-")  # see Location.write_bytes_atomic
 _ROW_GROUP_ROWS = 256
+
+
+def check_output_outside(output: Location, input_uri: str) -> None:
+    """Refuse an output that is the input or inside it: a re-run would read its own output."""
+    if is_s3(output.uri) != is_s3(input_uri):
+        return
+    if (output.uri.rstrip("/") + "/").startswith(input_uri.rstrip("/") + "/"):
+        raise ConfigError(
+            f"output {output.uri} is the input or inside it ({input_uri}): a re-run would read its own output; "
+            "choose another output"
+        )
+
+
+def plan_identity(fingerprints: list[str]) -> dict:
+    """The part of a job's identity that says what its shards hold: how many, and a hash of their inputs."""
+    return {"shards": len(fingerprints), "sha256": hashlib.sha256("".join(fingerprints).encode()).hexdigest()}
 
 
 def parquet_bytes(table: pa.Table, encoded: set[str] = frozenset()) -> bytes:

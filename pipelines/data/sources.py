@@ -39,9 +39,8 @@ import pyarrow.parquet as pq
 
 from pipelines.common.config import StorageConfig
 from pipelines.common.storage import resolve
-from pipelines.data.dataset import encoded_images, is_image_type
 from pipelines.data.listing import CAPTION_EXTENSION, ListedFile, list_files, with_captions
-from pipelines.data.schema import MISSING_IMAGE, READ_ERROR, UNSUPPORTED_FILE
+from pipelines.data.schema import MISSING_IMAGE, READ_ERROR, UNSUPPORTED_FILE, bytes_from_image_column, is_image_type
 
 InputFormat = Literal["auto", "images", "parquet", "webdataset"]
 
@@ -256,7 +255,7 @@ class Source:
                 offset += rows
             row = first_row or 0
             for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
-                images = encoded_images(batch.column(0)).to_pylist()
+                images = bytes_from_image_column(batch.column(0)).to_pylist()
                 captions = batch.column(1).to_pylist() if self.caption_column else [None] * len(images)
                 for image, caption in zip(images, captions):
                     if shard.start <= row < shard.stop:

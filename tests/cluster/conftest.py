@@ -33,7 +33,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_http
+from tests.helpers import free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD_TYPE = "ray.head.default"  # the fake provider tags its head with this type name

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import free_port, running_server
+from tests.helpers import free_port, running_server
 
 NAME = "handoff"
 MODEL_URI = f"models:/{NAME}@champion"
@@ -203,3 +203,11 @@ def test_predict_names_a_missing_column_and_a_bad_condition():
     model.metadata, model.pipe = {}, None
     with pytest.raises(MlflowException, match="row 0: 'condition' is not a base64-encoded image"):
         model.predict(None, pd.DataFrame({"prompt": ["a red circle"], "condition": ["not an image"]}))
+
+
+def test_inference_defaults_recorded_with_a_model_fill_in_what_it_lacks():
+    from model.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, InferenceDefaults
+
+    recorded = InferenceDefaults.recorded({"inference": {"steps": "7", "scheduler": "ddim"}})
+    assert (recorded.steps, recorded.guidance_scale, recorded.conditioning_scale) == (7, DEFAULT_GUIDANCE, 1.0)
+    assert InferenceDefaults.recorded({}) == InferenceDefaults() == InferenceDefaults(DEFAULT_STEPS, DEFAULT_GUIDANCE)

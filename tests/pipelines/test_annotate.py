@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from annotators import Annotator, create
-from pipelines.annotate import AnnotateConfig, AnnotateShards, ShardJob, run_annotate
+from pipelines.annotate import AnnotateConfig, run_annotate
+from pipelines.annotate_worker import AnnotateShards, ShardJob
 from pipelines.cli import main as cli_main
 from pipelines.common import images
 from pipelines.common.cluster import DEFAULT_MAX_ACTORS, actor_pool_options
@@ -379,8 +380,18 @@ def test_user_mistakes_are_clear_errors(tmp_path, capsys):
         run_annotate(make_config(folder, tmp_path / "out", annotators=[{"name": "nope"}]))
     with pytest.raises(ValueError, match="bad parameters"):
         run_annotate(make_config(folder, tmp_path / "out", annotators=[{"name": "canny", "params": {"sigma": 2}}]))
-    with pytest.raises(ConfigError, match="inside the input"):
+    with pytest.raises(ConfigError, match="is the input or inside it"):
         run_annotate(make_config(folder, folder / "annotated"))
+
+
+def test_output_may_not_be_the_input_or_inside_it(tmp_path):
+    from pipelines.data.shards import check_output_outside
+
+    for output in (tmp_path / "in", tmp_path / "in" / "out"):
+        with pytest.raises(ConfigError, match="is the input or inside it"):
+            check_output_outside(resolve(str(output)), str(tmp_path / "in/"))
+    check_output_outside(resolve(str(tmp_path / "in-annotated")), str(tmp_path / "in"))  # a sibling, not inside
+    check_output_outside(resolve(str(tmp_path / "in" / "out")), "s3://bucket" + str(tmp_path / "in"))
 
 
 def test_pool_bounds_come_from_config_not_from_the_cluster():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.fidelity import edge_scores
+from pipelines.fidelity_metrics import edge_scores
 
 # ---------------------------------------------------------------------------------------------
 # The baseline: the ControlNet pipeline at conditioning scale 0 is the plain base model
@@ -225,8 +225,9 @@ def test_heldout_rows_from_annotate_output(fill50k_parquet, tmp_path):
     import pyarrow.parquet as pq
 
     from pipelines.common.config import StorageConfig
-    from pipelines.data.schema import DATA_DIR, REJECTS_DIR, encoded_images, shard_file_name
-    from pipelines.evaluate import EvaluationSettings, read_heldout
+    from pipelines.data.schema import DATA_DIR, REJECTS_DIR, image_column_from_bytes, shard_file_name
+    from pipelines.evaluate import EvaluationSettings
+    from pipelines.evaluate_data import read_heldout
 
     table = pq.read_table(fill50k_parquet).slice(0, 3)
     plain = table.column("conditioning_image").to_pylist()
@@ -234,7 +235,7 @@ def test_heldout_rows_from_annotate_output(fill50k_parquet, tmp_path):
     (tmp_path / DATA_DIR).mkdir()
     (tmp_path / REJECTS_DIR).mkdir()
     pq.write_table(
-        table.set_column(index, "conditioning_image", encoded_images(plain)),
+        table.set_column(index, "conditioning_image", image_column_from_bytes(plain)),
         tmp_path / DATA_DIR / shard_file_name(0, 1),
     )
     pq.write_table(pa.table({"id": ["x"], "reason": ["too_small"]}), tmp_path / REJECTS_DIR / "r.parquet")
@@ -242,3 +243,13 @@ def test_heldout_rows_from_annotate_output(fill50k_parquet, tmp_path):
     column, rows = read_heldout(EvaluationSettings(data=str(tmp_path), limit=8), "canny", StorageConfig())
     assert column == "conditioning_image" and rows.num_rows == 3
     assert rows.column("condition").to_pylist() == plain
+
+
+def test_heldout_condition_column_must_hold_images(fill50k_parquet):
+    from pipelines.common.config import StorageConfig
+    from pipelines.evaluate import EvaluationSettings
+    from pipelines.evaluate_data import read_heldout
+
+    settings = EvaluationSettings(data=str(fill50k_parquet), condition_column="text", limit=2)
+    with pytest.raises(ValueError, match="column 'text' is string, not encoded images"):
+        read_heldout(settings, "canny", StorageConfig())

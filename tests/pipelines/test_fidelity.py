@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines import fidelity
+from pipelines import fidelity_metrics
 from pipelines.data.synthetic import fill50k
-from pipelines.fidelity import (
-    Scoring,
+from pipelines.fidelity import Scoring
+from pipelines.fidelity_metrics import (
     canny_f1,
     circle_mask_iou,
     depth_rmse,
@@ -114,21 +114,25 @@ def test_ssim_and_correlation_match_independent_implementations():
     expected = structural_similarity(
         a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
     )
-    assert fidelity.ssim(a, b) == pytest.approx(expected, abs=1e-3)  # the two differ at the borders only
-    assert fidelity.correlation(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-9)
+    assert fidelity_metrics.ssim(a, b) == pytest.approx(expected, abs=1e-3)  # the two differ at the borders only
+    assert fidelity_metrics.correlation(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-9)
 
-    assert fidelity.ssim(a, a) == pytest.approx(1.0) and fidelity.correlation(a, a) == pytest.approx(1.0)
-    assert fidelity.correlation(a, 255 - a) == pytest.approx(-1.0)
+    assert fidelity_metrics.ssim(a, a) == pytest.approx(1.0) and fidelity_metrics.correlation(a, a) == pytest.approx(
+        1.0
+    )
+    assert fidelity_metrics.correlation(a, 255 - a) == pytest.approx(-1.0)
     lines = _square_outline()
-    assert fidelity.ssim(lines, 255 - lines) < 0
+    assert fidelity_metrics.ssim(lines, 255 - lines) < 0
     blank = np.zeros_like(a)
-    assert fidelity.ssim(blank, blank) == pytest.approx(1.0) and fidelity.correlation(blank, blank) == 1.0
-    assert fidelity.correlation(blank, a) == 0.0  # undefined for a constant map: not equal, so 0
+    assert (
+        fidelity_metrics.ssim(blank, blank) == pytest.approx(1.0) and fidelity_metrics.correlation(blank, blank) == 1.0
+    )
+    assert fidelity_metrics.correlation(blank, a) == 0.0  # undefined for a constant map: not equal, so 0
     quarter = np.zeros_like(a)
     quarter[:24, :24] = 255
     disjoint = np.zeros_like(a)
     disjoint[24:, 24:] = 255
-    assert fidelity.correlation(quarter, disjoint) == pytest.approx(-1 / 3)  # (0 - 1/16) / (3/16)
+    assert fidelity_metrics.correlation(quarter, disjoint) == pytest.approx(-1 / 3)  # (0 - 1/16) / (3/16)
 
 
 def test_depth_is_scale_and_shift_invariant():
@@ -163,7 +167,7 @@ def _pose_map(points: dict[int, tuple[float, float]], size: int = 128) -> np.nda
 def test_pose_keypoints_from_rendered_skeleton():
     person = {0: (0.5, 0.2), 1: (0.5, 0.35), 2: (0.35, 0.35), 5: (0.65, 0.35), 8: (0.42, 0.7), 11: (0.58, 0.7)}
     ref = _pose_map(person)
-    found = fidelity.pose_keypoints(ref)
+    found = fidelity_metrics.pose_keypoints(ref)
     assert sum(len(k) for k in found) == len(person)  # limbs (0.6 x colour) are not mistaken for joints
     assert np.allclose(found[0][0], (0.5 * 128, 0.2 * 128), atol=1.5)
     assert pose_scores(ref, ref) == {"pose_pck": 1.0, "pose_distance": 0.0}
@@ -184,7 +188,7 @@ def test_pose_keypoints_from_rendered_skeleton():
 
 def test_controlnet_pp_canny_f1():
     image = _filled_square()
-    condition = fidelity.kornia_canny(image).astype(np.uint8) * 255
+    condition = fidelity_metrics.kornia_canny(image).astype(np.uint8) * 255
     assert 40 < (condition > 0).sum() < 200  # the square's outline, not nothing and not everything
     assert canny_f1(image, condition) == pytest.approx(100.0)
     assert canny_f1(image, 255 - condition) == pytest.approx(100.0)  # dark-on-white condition: the same edges
@@ -198,7 +202,7 @@ def test_controlnet_pp_canny_f1():
 
 def test_controlnet_pp_ms_ssim():
     drawing = cv2.resize(_drawing(), (256, 256), interpolation=cv2.INTER_NEAREST)
-    assert fidelity._ms_ssim_betas(256) == fidelity.MS_SSIM_BETAS  # big enough for all five scales
+    assert fidelity_metrics._ms_ssim_betas(256) == fidelity_metrics.MS_SSIM_BETAS  # big enough for all five scales
     assert ms_ssim(drawing, drawing) == pytest.approx(1.0, abs=1e-5)
     blank = np.zeros_like(drawing)
     assert ms_ssim(blank, blank) == pytest.approx(1.0, abs=1e-5)
@@ -218,7 +222,9 @@ def test_controlnet_pp_ms_ssim():
     )
     assert ms_ssim(soft, drawing) == pytest.approx(expected, abs=1e-5)
     # Small maps: fewer scales (a 64 px map takes three), the weights renormalised.
-    assert len(fidelity._ms_ssim_betas(64)) == 3 and sum(fidelity._ms_ssim_betas(64)) == pytest.approx(1.0)
+    assert len(fidelity_metrics._ms_ssim_betas(64)) == 3 and sum(fidelity_metrics._ms_ssim_betas(64)) == pytest.approx(
+        1.0
+    )
     assert ms_ssim(_drawing(), _drawing()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="too small for MS-SSIM"):
         ms_ssim(np.zeros((8, 8)), np.zeros((8, 8)))

@@ -203,7 +203,7 @@ SECRET = "zc-secret-4f1c9e"  # a distinctive secret key: moto accepts any, and a
 @pytest.fixture
 def s3_mlflow_server(s3_server, s3_bucket, tmp_path, monkeypatch):
     """Our own MLflow server on 127.0.0.1 whose artifacts go to s3://bucket/mlflow (proxied uploads)."""
-    from tests.conftest import running_mlflow_server
+    from tests.helpers import running_mlflow_server
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     with running_mlflow_server(tmp_path / "mlflow-server", f"s3://{s3_bucket}/mlflow") as uri:

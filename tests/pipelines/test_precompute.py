@@ -12,9 +12,17 @@ import torch
 
 from pipelines.common.config import ConfigError, load_config
 from pipelines.common.images import decode_rgb
-from pipelines.data.schema import DATA_DIR, EMPTY_PROMPT_FILE, MANIFEST, REJECTS_DIR, encoded_images, shard_file_name
+from pipelines.data.dataset import read_manifest
+from pipelines.data.schema import (
+    DATA_DIR,
+    EMPTY_PROMPT_FILE,
+    MANIFEST,
+    REJECTS_DIR,
+    image_column_from_bytes,
+    shard_file_name,
+)
 from pipelines.data.tensors import image_tensor, latent_distribution, precomputed_tensors, raw_tensors
-from pipelines.precompute import PrecomputeConfig, load_empty_prompt, read_manifest, run_precompute
+from pipelines.precompute import PrecomputeConfig, load_empty_prompt, run_precompute
 
 
 def _config(data, output, base_dir, **extra) -> PrecomputeConfig:
@@ -171,7 +179,7 @@ def test_reads_annotate_output_layout(ray_session, fill50k_parquet, tiny_base_di
     table = pq.read_table(fill50k_parquet).slice(0, 6)
     for name in ("image", "conditioning_image"):
         table = table.set_column(
-            table.schema.get_field_index(name), name, encoded_images(table.column(name).to_pylist())
+            table.schema.get_field_index(name), name, image_column_from_bytes(table.column(name).to_pylist())
         )
     (tmp_path / "ann" / DATA_DIR).mkdir(parents=True)
     (tmp_path / "ann" / REJECTS_DIR).mkdir()

@@ -19,7 +19,7 @@ def registry(mlflow_server, tiny_base, tiny_base_dir, tmp_path_factory):
 
     from model.registry import set_alias
     from pipelines.common.tracking import connect
-    from pipelines.evaluate import FidelityRecord, record_fidelity
+    from pipelines.fidelity_record import FidelityRecord, record_fidelity
 
     connect(mlflow_server, "promote-tests")
     root = tmp_path_factory.mktemp("exports")
@@ -132,7 +132,7 @@ def test_missing_or_incomparable_scores_are_clear_errors(registry, mlflow_server
 
 
 def test_evaluate_missing_scores_on_the_fly(registry, ray_session, mlflow_server, fill50k_parquet):
-    from pipelines.evaluate import read_fidelity
+    from pipelines.fidelity_record import read_fidelity
 
     v1 = registry.distinct("gate-auto", seed=0)
     settings = {

@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.common.config import ConfigError
 from pipelines.submit import SubmitConfig, build_entrypoint, run_submit
-from tests.conftest import free_port, running_server
+from tests.helpers import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 

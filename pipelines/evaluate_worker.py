@@ -1,0 +1,104 @@
+"""The worker side of ``zeroconv evaluate``: an actor that holds the model's pipeline (and the
+baseline's) and the model's own annotator, and turns batches of held-out rows into scores.
+
+The driver (:mod:`pipelines.evaluate`) streams the rows through a pool of these actors
+(``pipelines.common.cluster.run_actor_pool``); an actor on a node without the model downloads it there.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import fidelity
+from pipelines.common.cluster import actor_device
+from pipelines.common.config import StorageConfig
+from pipelines.common.images import decode_condition, encode_png
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Everything an actor needs; pickled once per actor."""
+
+    model_name: str
+    model_version: str
+    controlnet_dir: str
+    unet_dir: str | None
+    base_model: str
+    tracking_uri: str
+    annotator: dict
+    scoring: fidelity.Scoring
+    steps: int
+    guidance_scale: float
+    baseline: bool
+    storage: StorageConfig
+
+
+class FidelityScorer:
+    """Ray Data actor: generate -> re-annotate -> score, for the model and (optionally) the baseline."""
+
+    def __init__(self, job: EvalJob):
+        from annotators import from_spec
+        from model.inference import load_pipeline
+
+        self.job = job
+        if not Path(job.controlnet_dir).is_dir():  # an actor on another node: fetch the model there
+            job = self._download(job)
+        device = actor_device()
+        self.pipe = load_pipeline(
+            job.base_model, [job.controlnet_dir], job.unet_dir, device=str(device), storage=job.storage
+        )
+        # The baseline needs the base UNet; only a model that unlocked the UNet has another one.
+        self.baseline_pipe = None
+        if job.baseline:
+            self.baseline_pipe = (
+                self.pipe
+                if job.unet_dir is None
+                else load_pipeline(job.base_model, [job.controlnet_dir], None, device=str(device), storage=job.storage)
+            )
+        spec = job.annotator
+        # Exactly the annotator (parameters, weights by sha256) that made the training conditions.
+        self.annotator = from_spec(spec, storage=job.storage)
+        self.channels = int(spec.get("channels", self.annotator.channels))
+
+    @staticmethod
+    def _download(job: EvalJob) -> EvalJob:
+        import mlflow
+
+        from model.registry import resolve_model
+
+        mlflow.set_tracking_uri(job.tracking_uri)
+        local = resolve_model(job.model_name, version=job.model_version, dest=tempfile.mkdtemp(prefix="zc-eval-"))
+        return replace(
+            job, controlnet_dir=str(local.controlnet_dir), unet_dir=str(local.unet_dir) if local.unet_dir else None
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from model.inference import generate
+
+        job = self.job
+        conditions = np.stack([decode_condition(b, channels=self.channels) for b in batch["condition"]])
+        prompts = [str(t) for t in batch["text"]]
+        seeds = [int(s) for s in batch["seed"]]
+        out: dict[str, np.ndarray] = {"index": batch["index"]}
+        runs = [("", self.pipe, 1.0)] + ([("baseline_", self.baseline_pipe, 0.0)] if self.baseline_pipe else [])
+        for prefix, pipe, conditioning_scale in runs:
+            images = generate(
+                pipe,
+                prompts,
+                conditions,
+                seed=seeds,
+                steps=job.steps,
+                guidance_scale=job.guidance_scale,
+                conditioning_scale=conditioning_scale,
+            )
+            maps = self.annotator(images)
+            scores = [job.scoring(i, m, c) for i, m, c in zip(images, maps, conditions)]
+            for key in scores[0]:
+                out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)
+            out[prefix + "generated"] = np.array([encode_png(i) for i in images], dtype=object)
+            out[prefix + "reannotated"] = np.array([encode_png(m) for m in maps], dtype=object)
+        return out
