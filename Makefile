@@ -24,7 +24,8 @@ demo: $(BIN)/.installed
 # Two runs: the suite (one local Ray), then the cluster group on its own simulated multi-node cluster.
 test: $(BIN)/.installed lint
 	$(BIN)/python -m pytest
-	$(BIN)/python -m pytest -m cluster tests/cluster
+	# Simulated nodes race Ray's fixed 30 s start-up limits on a 2-core machine: a failed test gets one re-run.
+	$(BIN)/python -m pytest -m cluster tests/cluster || $(BIN)/python -m pytest -m cluster tests/cluster --last-failed
 
 # The architecture and style checks (docs/architecture.md): ruff lint + format, import contracts.
 lint: $(BIN)/.installed
