@@ -63,7 +63,7 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -> Job:
     """Check ``req`` against the limits and served models, decode and annotate its images."""
-    from model.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from model.inference import InferenceDefaults
 
     for name in ("prompt", "negative_prompt"):
         text = getattr(req, name) or ""
@@ -86,13 +86,9 @@ def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -
         check_range(f"controls[{i}].scale", control.scale, 0.0, limits.max_conditioning_scale)
 
     # Scalar checks before any image is decoded: cheap mistakes get cheap answers.
-    defaults = served[0].metadata.get("inference", {})
-    steps = req.steps if req.steps is not None else int(defaults.get("steps", DEFAULT_STEPS))
-    guidance = (
-        req.guidance_scale
-        if req.guidance_scale is not None
-        else float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))
-    )
+    defaults = InferenceDefaults.recorded(served[0].metadata)  # the first model's recorded steps / CFG
+    steps = req.steps if req.steps is not None else defaults.steps
+    guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
     check_range("steps", steps, 1, limits.max_steps)
     check_range("guidance_scale", guidance, 0.0, limits.max_guidance_scale)
     seed = req.seed if req.seed is not None else random.randrange(2**31)
