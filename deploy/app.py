@@ -210,6 +210,18 @@ def served_versions(config: ServeConfig) -> dict[str, str]:
     return versions
 
 
+def check_replica_dtype(config: ServeConfig) -> None:
+    """fp16 weights need a GPU (torch has no fp16 kernels for much of the CPU path): refuse a config whose
+    replicas get none here, once, instead of in every replica that Serve then restarts."""
+    replicas = config.replicas
+    if replicas.dtype == "fp16" and (replicas.device == "cpu" or replicas.num_gpus == 0):
+        why = "replicas.device=cpu" if replicas.device == "cpu" else "replicas.num_gpus=0"
+        raise ConfigError(
+            f"replicas.dtype=fp16 needs a GPU but the replicas get none ({why}): use fp32 or bf16 on CPU, "
+            "or give each replica a GPU (replicas.num_gpus=1, replicas.device=auto or cuda)"
+        )
+
+
 @dataclass
 class CheckedConfig:
     """A config that passed the start-up checks: absolute tracking URI, token read, every model resolved."""
@@ -225,9 +237,7 @@ class CheckedConfig:
         config = validate_config(args)
         for text in config.models:
             ModelRef.parse(text, config.alias)  # a bad reference fails here, not in every replica
-        # The tracking URI made absolute here, where relative paths mean what the user meant.
-        uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir)
-        config = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"tracking_uri": uri})})
+        check_replica_dtype(config)
         token = None
         if config.auth_token_env:
             value = os.environ.get(config.auth_token_env, "")
@@ -236,6 +246,10 @@ class CheckedConfig:
                     f"auth_token_env is {config.auth_token_env!r} but that environment variable is empty or unset"
                 )
             token = SecretStr(value)  # prints as '**********'
+        # The tracking URI made absolute here, where relative paths mean what the user meant. A SQLite
+        # registry that is not there is refused: MLflow would create an empty one and find no model.
+        uri = resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir, must_exist=True)
+        config = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"tracking_uri": uri})})
         return cls(config, served_versions(config), token)
 
     def application(self):
@@ -251,7 +265,8 @@ class CheckedConfig:
             # Scale-down and redeploys let in-flight requests finish.
             "graceful_shutdown_timeout_s": config.request_timeout_s,
             # The start-up checks passed, so a replica that still cannot start (a model that will not
-            # load, fp16 on a CPU) fails the same way every time: give up after a few tries, not 20.
+            # load, no CUDA where the config expects it) fails the same way every time: give up after
+            # a few tries, not 20.
             "max_constructor_retry_count": 3,
         }
         if replicas.autoscaling:

@@ -120,7 +120,7 @@ def test_ctrl_c_removes_only_its_own_application(ray_session, registry):
         serve.shutdown()
 
 
-def test_a_failed_deploy_stops_what_it_started(ray_session, registry):
+def test_a_failed_deploy_stops_what_it_started(ray_session, registry, tmp_path):
     registry("serve-fails", seed=5)
     assert not serve_is_running()
     config = load_config(
@@ -131,8 +131,7 @@ def test_a_failed_deploy_stops_what_it_started(ray_session, registry):
             f"port={_free_port()}",
             "block=false",
             "replicas.num_cpus=0.5",
-            "replicas.device=cpu",
-            "replicas.dtype=fp16",  # every replica refuses to start: fp16 needs a GPU
+            f"base_model={tmp_path}",  # every replica fails to start: an empty folder is no base model
         ],
     )
     with pytest.raises(RuntimeError, match="Deploying application zeroconv failed"):  # the replica log says why
@@ -144,6 +143,15 @@ def test_unknown_model_is_refused_before_anything_starts(registry, capsys):
     code = cli(["serve", "models=[no-such-model]", f"mlflow.tracking_uri={registry.tracking_uri}", "block=false"])
     assert code == 2
     assert "models:/no-such-model@champion is not in the registry" in capsys.readouterr().err
+
+
+def test_a_missing_registry_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # outside the folder anything was trained in: work_dir=runs is empty here
+    assert cli(["serve", "block=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"no MLflow registry at {tmp_path}/runs/mlflow.db" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not serve_is_running()
 
 
 def test_cli_help_lists_the_serving_fields(capsys):

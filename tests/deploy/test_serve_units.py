@@ -75,23 +75,59 @@ def test_batch_wait_policy():
     assert wait.wait_s(now=2.21) == 0.01  # after a group: its members are about to re-send
 
 
-def test_config_validation_and_auth_env(monkeypatch):
+def empty_registry(folder: Path) -> str:
+    """A real SQLite MLflow registry holding no model; its tracking URI."""
+    import mlflow
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_registered_models()  # creates the database and its tables
+    return uri
+
+
+def test_config_validation_and_auth_env(monkeypatch, tmp_path):
+    uri = empty_registry(tmp_path)  # a registry that exists: what is refused below is the config, not the store
     with pytest.raises(ConfigError, match="batching.max_batch_size"):
         validate_config({"batching": {"max_batch_size": 0}})
     with pytest.raises(ConfigError, match="replicas.device"):
         validate_config({"replicas": {"device": "tpu"}})
     with pytest.raises(ConfigError, match="is not NAME"):
-        build_app({"models": ["a@"], "mlflow": {"tracking_uri": "sqlite:////tmp/x.db"}})
+        build_app({"models": ["a@"], "mlflow": {"tracking_uri": uri}})
     monkeypatch.delenv("ZC_UNSET_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="ZC_UNSET_TOKEN"):
-        build_app({"auth_token_env": "ZC_UNSET_TOKEN", "mlflow": {"tracking_uri": "sqlite:////tmp/x.db"}})
+        build_app({"auth_token_env": "ZC_UNSET_TOKEN", "mlflow": {"tracking_uri": uri}})
     assert ServeConfig().host == "127.0.0.1" and ServeConfig().alias == "champion"
 
 
 def test_build_app_runs_the_start_up_checks_of_zeroconv_serve(tmp_path):
     # The same check as `zeroconv serve`: an unknown model fails once here, not in every replica.
+    uri = empty_registry(tmp_path)
     with pytest.raises(ValueError, match="models:/no-such-model@champion is not in the registry"):
-        build_app({"models": ["no-such-model"], "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+        build_app({"models": ["no-such-model"], "mlflow": {"tracking_uri": uri}})
+
+
+def test_a_missing_sqlite_registry_is_refused_and_not_created(tmp_path, monkeypatch):
+    # Before: MLflow created an empty registry there and the error said only that the model was missing.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(FileNotFoundError) as refused:
+        build_app({"work_dir": str(tmp_path / "runs")})
+    message = str(refused.value)
+    assert message.startswith(f"no MLflow registry at {tmp_path}/runs/mlflow.db (default for work_dir=")
+    assert "\n" not in message
+    elsewhere = tmp_path / "other" / "mlflow.db"
+    with pytest.raises(FileNotFoundError, match=f"no MLflow registry at {elsewhere} \\(mlflow.tracking_uri\\)"):
+        build_app({"mlflow": {"tracking_uri": f"sqlite:///{elsewhere}"}})
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+@pytest.mark.parametrize("replicas", [{"device": "cpu", "num_gpus": 1}, {"device": "auto", "num_gpus": 0}])
+def test_fp16_without_a_gpu_is_refused_at_start_up(replicas, tmp_path):
+    # Before: every replica failed in turn, and `zeroconv serve` said only "Deploying application failed".
+    config = {"replicas": {**replicas, "dtype": "fp16"}, "mlflow": {"tracking_uri": empty_registry(tmp_path)}}
+    with pytest.raises(ConfigError, match="replicas.dtype=fp16 needs a GPU but the replicas get none"):
+        build_app(config)
+    bf16 = {**config, "replicas": {**replicas, "dtype": "bf16"}, "models": ["no-such-model"]}
+    with pytest.raises(ValueError, match="no-such-model"):  # bf16 passes this check and goes on to the registry
+        build_app(bf16)
 
 
 def test_replicas_ask_for_the_ray_resources_that_pin_them_to_a_node_type():
