@@ -138,16 +138,14 @@ def zeroconv(data: Path, work: Path, steps: int, batch: int, workers: int) -> di
 def local_ray():
     """A local Ray for this process, stopped with every process it started: ``ray.shutdown()`` alone can
     leave a worker that is still exiting (e.g. Ray Train's ``TrainController`` actor) orphaned, so the
-    processes are recorded first and any survivor is stopped by its PID."""
+    processes are recorded first and any survivor is stopped by its PID. Its session folder goes too."""
+    import shutil
+
     import psutil
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp"),
-    )
+    temp_dir = tempfile.mkdtemp(prefix="zc-ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
     try:
         yield
     finally:
@@ -158,6 +156,7 @@ def local_ray():
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
         psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def main() -> None:
