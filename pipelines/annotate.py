@@ -233,7 +233,10 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
             for summary in batch["summary"]:
                 done(json.loads(summary))
 
-    summaries, finished = run_resumable(sharded, manifest, {s.index: s.fingerprint() for s in shards}, annotate)
+    by_index = {s.index: s for s in shards}
+    summaries, finished = run_resumable(
+        sharded, manifest, {i: s.fingerprint() for i, s in by_index.items()}, annotate, lambda i: by_index[i].inputs()
+    )
     totals = _totals(summaries.values())
     return AnnotateResult(
         output=output.uri,

@@ -112,7 +112,9 @@ class AnnotateShards:
             "seconds": round(time.perf_counter() - start, 3),
             "node": _node_id(),  # where it ran: shows the work spread over a cluster's nodes
         }
-        self.output.write_shard(shard.index, data, summary, rejects, encoded={"image", *self.job.columns})
+        self.output.write_shard(
+            shard.index, data, summary, rejects, encoded={"image", *self.job.columns}, inputs=shard.inputs()
+        )
         return {**summary, "shard": shard.index}
 
     def _annotate_batch(self, items: list, tables: _ShardTables) -> None:

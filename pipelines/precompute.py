@@ -120,10 +120,10 @@ class InputFile:
     index: int
     name: str  # path relative to the dataset folder
     path: str  # on the input filesystem
-    size: int  # bytes: a changed input file is a different shard
+    version: str  # "size:mtime_ns" (see pipelines.data.listing): a changed input file is a different shard
 
     def fingerprint(self) -> str:
-        return f"{self.name}:{self.size}"
+        return f"{self.name}:{self.version}"
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class PrecomputeShards:
         # PNG/JPEG bytes are already compressed; float tensors barely compress: skip the work for both.
         encoded = {f.name for f in out.schema if is_image_type(f.type) or f.name in TENSOR_COLUMNS}
         out = out.replace_schema_metadata(with_hf_features(out.schema.remove_metadata()).metadata)
-        self.output.write_shard(shard.index, out, summary, encoded=encoded)
+        self.output.write_shard(shard.index, out, summary, encoded=encoded, inputs={shard.name: shard.version})
         return {**summary, "shard": shard.index}
 
     def _encode(self, shard: InputFile, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,7 +262,7 @@ def list_input_files(data: Location) -> list[InputFile]:
     if not infos:
         raise FileNotFoundError(f"dataset {data.uri!r} holds no .parquet files")
     ordered = sorted(zip(names, infos), key=lambda pair: pair[0])
-    return [InputFile(k, name, info.path, info.size) for k, (name, info) in enumerate(ordered)]
+    return [InputFile(k, name, info.path, f"{info.size}:{info.mtime_ns}") for k, (name, info) in enumerate(ordered)]
 
 
 def check_schema(
@@ -296,6 +296,9 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
         "data": data.uri,
         "base_model": config.base_model.source,
         "keep_images": config.keep_images,
+        # The columns read decide the output as much as the files do: another column is another job.
+        "image_column": config.image_column,
+        "caption_column": config.caption_column,
         "plan": plan_identity(list(fingerprints.values())),
     }
     sharded = ShardedOutput(output, len(files), PRECOMPUTE_FOOTER_KEY)
@@ -333,7 +336,9 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
             for summary in batch["summary"]:
                 done(json.loads(summary))
 
-    summaries, finished = run_resumable(sharded, manifest, fingerprints, precompute)
+    summaries, finished = run_resumable(
+        sharded, manifest, fingerprints, precompute, lambda i: {files[i].name: files[i].version}
+    )
     first = _first_with_tensors(summaries)
     return PrecomputeResult(
         output=output.uri,

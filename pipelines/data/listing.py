@@ -6,7 +6,8 @@ the driver's memory. Here a local tree is walked one directory at a time and an 
 
 Both yield the same order: sorted by the full path, as S3 lists keys. For a local walk that means
 sorting each directory's entries by name with ``/`` appended to folder names (``b-c.jpg`` < ``b.jpg``
-< ``b/x.jpg`` < ``b0.jpg``), so the walk needs no global sort.
+< ``b/x.jpg`` < ``b0.jpg``), so the walk needs no global sort. Symlinked folders are followed, except
+one that leads back to a folder the walk is already inside (a loop would never end).
 
 Each file comes with a ``version``: something that changes when its bytes change - size and
 modification time locally, the ETag on S3 - so a plan built from a listing notices a file
@@ -19,6 +20,7 @@ import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
@@ -55,12 +57,26 @@ def _version(size: int | None, mtime_ns: int | None) -> str:
     return f"{size}:{mtime_ns}"
 
 
-def _walk_local(folder: str) -> Iterator[ListedFile]:
+def describe_version(version: str) -> str:
+    """A :class:`ListedFile` version as a person reads it: ``"1234 bytes, modified <UTC time>"`` or ``"ETag x"``."""
+    size, sep, mtime_ns = version.partition(":")
+    if not (sep and size.isdigit() and mtime_ns.isdigit()):
+        return f"ETag {version}"
+    modified = datetime.fromtimestamp(int(mtime_ns) / 1e9, timezone.utc).isoformat(timespec="microseconds")
+    return f"{size} bytes, modified {modified}"
+
+
+def _walk_local(folder: str, inside: frozenset[tuple[int, int]] = frozenset()) -> Iterator[ListedFile]:
+    """``inside``: (device, inode) of the folders above this one, to notice a symlink that loops back."""
+    here = os.stat(folder)
+    inside = inside | {(here.st_dev, here.st_ino)}
     with os.scandir(folder) as entries:
         visible = [(e.name + "/" if e.is_dir() else e.name, e) for e in entries if not e.name.startswith(".")]
     for _, entry in sorted(visible, key=lambda pair: pair[0]):
         if entry.is_dir():
-            yield from _walk_local(entry.path)
+            target = entry.stat()
+            if (target.st_dev, target.st_ino) not in inside:
+                yield from _walk_local(entry.path, inside)
         elif entry.is_file():
             stat = entry.stat()
             yield ListedFile(entry.path, _version(stat.st_size, stat.st_mtime_ns))

@@ -7,8 +7,9 @@ A job cuts its work into ``total`` shards, fixed before it starts; shard ``k`` a
 
 A shard is finished once its data file - or, when it has no rows, its ``_empty/`` marker - exists;
 both are written atomically (temp name + rename; one PUT on S3) and carry the shard's summary
-(counts, the fingerprint of its inputs). So a re-run lists the finished shards, checks that they
-were made from the same inputs, and does only the rest; a data file cut short (an S3 upload that
+(counts, the fingerprint of its inputs and each input's version). So a re-run lists the finished
+shards, checks that they were made from the same inputs (naming the first input that changed when one
+did), and does only the rest; a data file cut short (an S3 upload that
 failed mid-way) has no readable footer and is done again. The driver side of that is
 :func:`run_resumable`; the :class:`Manifest` records the job and its status, and refuses a re-run
 whose job differs.
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from pipelines.common import console
 from pipelines.common.config import ConfigError
 from pipelines.common.storage import Location, is_s3
+from pipelines.data.listing import describe_version
 from pipelines.data.schema import DATA_DIR, EMPTY_DIR, MAX_SHARDS, REJECTS_DIR, dumps, shard_file_name
 
 _SHARD_FILE = re.compile(r"^train-(\d{5})-of-(\d{5})\.(parquet|json)$")
@@ -100,15 +102,17 @@ class ShardedOutput:
         summary: dict,
         rejects: pa.Table | None = None,
         encoded: set[str] = frozenset(),
+        inputs: dict[str, str] | None = None,
     ) -> None:
         """Write shard ``index``: its rejects (if any), then its rows with ``summary`` in the footer -
-        or, with no rows, the ``_empty/`` marker holding ``summary``. The last write marks it finished."""
+        or, with no rows, the ``_empty/`` marker holding ``summary``. The last write marks it finished.
+        ``inputs`` (path -> version) go into the footer too, so a re-run can say which input changed."""
         rejects_file = self.rejects_file(index)
         if rejects is not None and rejects.num_rows:
             rejects_file.write_bytes_atomic(parquet_bytes(rejects))
         elif rejects_file.exists():  # left by an earlier attempt whose failures were transient
             rejects_file.fs.delete_file(rejects_file.path)
-        summary = {**summary, "shard": index}
+        summary = {**summary, "shard": index, **({"inputs": inputs} if inputs is not None else {})}
         if table.num_rows:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), self.footer_key: dumps(summary)})
             self.data_file(index).write_bytes_atomic(parquet_bytes(table, encoded))
@@ -121,9 +125,12 @@ class ShardedOutput:
             if mark.exists():
                 mark.fs.delete_file(mark.path)
 
-    def finished_shards(self, fingerprints: dict[int, str]) -> dict[int, dict]:
+    def finished_shards(
+        self, fingerprints: dict[int, str], inputs: Callable[[int], dict[str, str]] | None = None
+    ) -> dict[int, dict]:
         """Summaries of the shards already written, by index. ``fingerprints`` are this job's; a finished
-        shard made from other inputs is an error (the input changed since that run)."""
+        shard made from other inputs is an error (the input changed since that run) that names the first
+        changed input, comparing the versions the shard recorded with ``inputs(index)``, this job's."""
         files = [
             info
             for folder in (self.location.join(DATA_DIR), self.location.join(EMPTY_DIR))
@@ -134,10 +141,13 @@ class ShardedOutput:
         with ThreadPoolExecutor(16) as pool:  # one footer read each; round trips on S3
             summaries = [s for s in pool.map(self._summary, files) if s is not None]
         for s in summaries:
+            recorded = s.pop("inputs", None)  # only needed here: the driver keeps small summaries
             if fingerprints.get(s["shard"]) != s.get("fingerprint"):
+                change = _first_change(recorded, inputs(s["shard"])) if recorded is not None and inputs else None
                 raise ValueError(
-                    f"{self.location.uri}: shard {s['shard']} was made from different inputs than this job's; "
-                    "the input changed since that run. Use a new output."
+                    f"{self.location.uri}: shard {s['shard']} was made from different inputs than this job's ("
+                    + (change or "the input changed since that run")
+                    + "). Use a new output, or delete the old one."
                 )
         return {s["shard"]: s for s in summaries}
 
@@ -171,6 +181,19 @@ class ShardedOutput:
                         folder.fs.delete_file(info.path)
 
 
+def _first_change(recorded: dict[str, str], current: dict[str, str]) -> str | None:
+    """The first input, in path order, whose version differs: "<path> changed (<then>, <now>)"."""
+    for path in sorted(set(recorded) | set(current)):
+        then, now = recorded.get(path), current.get(path)
+        if then != now:
+            if then is None:
+                return f"{path} is new"
+            if now is None:
+                return f"{path} is gone"
+            return f"{path} changed: {describe_version(then)} then, {describe_version(now)} now"
+    return None
+
+
 @dataclass
 class Manifest:
     """``_manifest.json``: what the job is (``job``: a re-run must match it), its status and totals.
@@ -183,7 +206,9 @@ class Manifest:
     job: dict
     describe: Callable[[dict[int, dict]], dict]
 
-    def check_resumable(self) -> None:
+    def check_resumable(self, explain_plan: Callable[[], object] | None = None) -> None:
+        """Refuse to resume a different job. When only the plan's inputs differ, ``explain_plan`` runs
+        first: it may raise a sharper error (the finished shard and the input that changed)."""
         if not self.location.exists():
             return
         try:
@@ -196,6 +221,9 @@ class Manifest:
                 f"{self.location.uri} is not a zeroconv {self.kind} manifest ({exc}); choose another output"
             ) from None
         changed = [key for key in sorted(set(previous) | set(self.job)) if previous.get(key) != self.job.get(key)]
+        same_shards = (previous.get("plan") or {}).get("shards") == (self.job.get("plan") or {}).get("shards")
+        if changed == ["plan"] and same_shards and explain_plan is not None:
+            explain_plan()
         if changed:
             what = "; ".join(f"{k}: {dumps(previous.get(k))} then, {dumps(self.job.get(k))} now" for k in changed)
             raise ConfigError(
@@ -222,14 +250,16 @@ def run_resumable(
     manifest: Manifest,
     fingerprints: dict[int, str],
     run: Callable[[list[int], Callable[[dict], None]], None],
+    inputs: Callable[[int], dict[str, str]] | None = None,
 ) -> tuple[dict[int, dict], set[int]]:
     """Resume a sharded job: check the manifest, clean up, skip finished shards, ``run(pending, done)``
     the rest (``done(summary)`` for each shard it finishes), record the outcome in the manifest.
+    ``inputs(index)``: shard ``index``'s input paths -> versions, to name an input that changed.
 
     Returns every shard's summary and the indexes finished by earlier runs."""
-    manifest.check_resumable()
+    manifest.check_resumable(explain_plan=lambda: output.finished_shards(fingerprints, inputs))
     output.remove_temp_files()
-    finished = output.finished_shards(fingerprints)
+    finished = output.finished_shards(fingerprints, inputs)
     pending = [i for i in sorted(fingerprints) if i not in finished]
     manifest.write("running", output.total, finished)
     summaries = dict(finished)

@@ -117,6 +117,18 @@ class Shard:
         to skip the shard, so a file overwritten under the same name makes its shard a different one."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:32]
 
+    def inputs(self) -> dict[str, str]:
+        """Each file the shard reads -> its version (see pipelines.data.listing), captions included."""
+        if self.kind != "images":
+            return {self.path: self.version}
+        found = {}
+        for image, caption, version in self.files:
+            image_version, _, caption_version = version.partition("+")  # "image+caption" when paired
+            found[image] = image_version
+            if caption is not None:
+                found[caption] = caption_version
+        return found
+
 
 @dataclass
 class Source:

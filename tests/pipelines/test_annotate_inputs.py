@@ -27,7 +27,16 @@ def test_overwritten_image_is_refused_on_resume(ray_session, tmp_path):
     stat = target.stat()
     target.write_bytes(encode_jpeg(np.full((64, 64, 3), 7, np.uint8)))  # new bytes, same name
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    # Before: the shard fingerprint covered paths only, so this re-run skipped the stale shard silently.
+    # Before: the shard fingerprint covered paths only, so this re-run skipped the stale shard silently;
+    # then it was refused with the plan's hashes only. The message names the file and both its versions.
+    with pytest.raises(ValueError) as refused:
+        run_annotate(config)
+    before, after = f"{stat.st_size} bytes", f"{target.stat().st_size} bytes"
+    assert f"{target} changed: {before}, modified " in str(refused.value)
+    assert f" then, {after}, modified " in str(refused.value) and "Use a new output" in str(refused.value)
+
+    for name in ("000010.jpg", "000011.jpg", "000012.jpg"):  # new files, a new shard: the plan says so
+        (folder / name).write_bytes(target.read_bytes())
     with pytest.raises(ConfigError, match="different annotation job.*plan"):
         run_annotate(config)
 

@@ -171,6 +171,10 @@ def test_rerun_resumes_by_shard(precomputed, fill50k_parquet, tiny_base_dir):
 
     with pytest.raises(ConfigError, match="different precompute job.*base_model"):
         run_precompute(_config(fill50k_parquet, output, "tiny"))
+    # Before: the columns read were not part of the job, so this re-run skipped every shard and kept the
+    # text embeddings of the "text" column.
+    with pytest.raises(ConfigError, match='different precompute job.*caption_column: "text" then, "id" now'):
+        run_precompute(_config(fill50k_parquet, output, tiny_base_dir, caption_column="id"))
     assert json.loads((output / MANIFEST).read_text())["job"]["base_model"] == str(tiny_base_dir)
 
 
@@ -191,6 +195,11 @@ def test_reads_annotate_output_layout(ray_session, fill50k_parquet, tiny_base_di
     out = pq.read_table(tmp_path / "pre")
     assert out.column("conditioning_image").to_pylist() == table.column("conditioning_image").to_pylist()
     assert out.column("latent_mean").combine_chunks().to_numpy_ndarray().shape == (6, 4, 8, 8)
+
+    # An input file rewritten under the same name: the refusal names it, not just the plan's hash.
+    pq.write_table(table.slice(0, 5), tmp_path / "ann" / DATA_DIR / shard_file_name(0, 1))
+    with pytest.raises(ValueError, match=rf"{shard_file_name(0, 1)} changed: \d+ bytes, modified .* then, \d+ bytes"):
+        run_precompute(_config(tmp_path / "ann", tmp_path / "pre", tiny_base_dir))
 
 
 def test_user_mistakes_are_clear(tmp_path, fill50k_parquet, tiny_base_dir):

@@ -278,6 +278,21 @@ def test_local_walk_lists_in_sorted_path_order(tmp_path):
     assert listed == sorted(listed) and len(listed) == 6
 
 
+def test_local_walk_follows_symlinked_folders_but_not_a_loop(tmp_path):
+    from pipelines.common.storage import resolve
+    from pipelines.data.listing import list_files
+
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "a" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "y.jpg").write_bytes(b"y")
+    (tmp_path / "in" / "a" / "up").symlink_to(tmp_path / "in", target_is_directory=True)  # a loop
+    (tmp_path / "in" / "b").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a linked folder
+    # Before: the walk went round the loop (in/a/up/a/up/...) until the path was too long for the OS.
+    listed = [Path(f.path).relative_to(tmp_path / "in").as_posix() for f in list_files(resolve(tmp_path / "in"))]
+    assert listed == ["a/x.jpg", "b/y.jpg"]
+
+
 def test_overwritten_file_changes_its_shard_fingerprint(tmp_path):
     import os
 
