@@ -10,7 +10,7 @@ libraries, with or without zeroconv:
     artifacts/zeroconv.json   base model reference, annotator spec, inference defaults, resolution
     code/model, code/pipelines  the zeroconv modules ``predict`` imports, and only those
     requirements.txt          the exact installed versions of the libraries they import
-    MLmodel                   + a signature and an input example (one prompt and one condition)
+    MLmodel                   + a signature (the request columns and their types)
 
 The Ray Serve deployment and the evaluation job read the same artifacts through :func:`resolve_model`.
 Stages are deprecated in MLflow 3: promotion is an alias move (``candidate`` -> ``champion``).
@@ -123,7 +123,7 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# What travels with the model: code, requirements, signature, input example
+# What travels with the model: code, requirements, signature
 # ---------------------------------------------------------------------------------------------
 
 # The distributions the logged code imports (directly, or through diffusers/transformers at load
@@ -208,19 +208,6 @@ def pyfunc_signature():
     return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("string", "image")]))
 
 
-def input_example():
-    """One request: a Fill50K prompt and its 64x64 outline condition. MLflow runs ``predict`` on it once
-    when the model is logged (to check that it can be served), so it asks for 2 steps to keep that cheap."""
-    import pandas as pd
-
-    from pipelines.data.synthetic import fill50k
-
-    sample = fill50k(1, size=64)[0]
-    return pd.DataFrame(
-        {"prompt": [sample.text], "condition": [_array_to_png_b64(sample.condition)], "seed": [0], "steps": [2]}
-    )
-
-
 def log_controlnet_model(
     controlnet_dir: str | Path,
     metadata: dict,
@@ -255,8 +242,9 @@ def log_controlnet_model(
             code_paths=copy_predict_code(Path(tmp) / "code"),
             registered_model_name=registered_name,
             pip_requirements=pip_requirements(),
+            # A signature and no input example: given an example, MLflow loads the whole pipeline in this
+            # process (the training driver) and runs predict on it, to check the model serves.
             signature=pyfunc_signature(),
-            input_example=input_example(),
         )
     if registered_name and alias:
         mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(info.registered_model_version))

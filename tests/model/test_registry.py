@@ -88,17 +88,31 @@ def registered(mlflow_server, tiny_base, tmp_path_factory):
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
     export = export_controlnet(net, tmp_path_factory.mktemp("export") / "controlnet")
     metadata = {"base_model": "tiny", "inference": {"steps": 20, "guidance_scale": 9.0}}
-    with mlflow.start_run():
-        log_controlnet_model(export, metadata, registered_name=NAME, alias="champion")
+    loads = []  # models loaded while logging: MLflow loads one to run predict on an input example
+    load_model = mlflow.pyfunc.load_model
+    mlflow.pyfunc.load_model = lambda *args, **kwargs: (loads.append(args), load_model(*args, **kwargs))[1]
+    try:
+        with mlflow.start_run():
+            log_controlnet_model(export, metadata, registered_name=NAME, alias="champion")
+    finally:
+        mlflow.pyfunc.load_model = load_model
 
     sample = fill50k(1, size=64, seed=7)[0]
     row = {"prompt": sample.text, "condition": _png_b64(sample.condition), **REQUEST}
     pipe = load_pipeline("tiny", [export])
     expected = generate(pipe, [sample.text], sample.condition[None], guidance_scale=9.0, **REQUEST)[0]
-    return row, expected
+    return row, expected, len(loads)
 
 
-def test_registered_model_carries_code_requirements_signature_example_and_base(registered, tmp_path):
+def test_registering_does_not_load_the_model_in_the_driver(registered):
+    import mlflow
+
+    # Before: an input example made MLflow load the whole pipeline in the training driver and run predict.
+    assert registered[2] == 0
+    assert mlflow.models.get_model_info(MODEL_URI).saved_input_example_info is None
+
+
+def test_registered_model_carries_code_requirements_signature_and_base(registered, tmp_path):
     import mlflow
 
     info = mlflow.models.get_model_info(MODEL_URI)
@@ -113,7 +127,6 @@ def test_registered_model_carries_code_requirements_signature_example_and_base(r
         "negative_prompt": False,
     }
     assert info.signature.outputs.input_names() == ["image"]
-    assert info.saved_input_example_info is not None
 
     local = Path(mlflow.artifacts.download_artifacts(MODEL_URI, dst_path=str(tmp_path)))
     pins = dict(line.split("==") for line in (local / "requirements.txt").read_text().split())
@@ -130,12 +143,10 @@ def test_registered_model_carries_code_requirements_signature_example_and_base(r
         assert any(_canonical(d) in pins for d in distributions[module]), f"{module} is not in requirements.txt"
     # the tiny base travels with the model, in diffusers format
     assert (local / "artifacts" / "tiny-sd" / "model_index.json").exists()
-    example = json.loads((local / "input_example.json").read_text())
-    assert example["columns"][:2] == ["prompt", "condition"]
 
 
 def test_loads_and_predicts_where_zeroconv_is_not_installed(registered, without_zeroconv, mlflow_server, tmp_path):
-    row, expected = registered
+    row, expected, _ = registered
     cache = tmp_path / "cache"
     env = dict(without_zeroconv.env, MLFLOW_TRACKING_URI=mlflow_server, ZEROCONV_CACHE=str(cache))
     done = subprocess.run(
@@ -162,7 +173,7 @@ def test_mlflow_models_serve_answers_invocations(registered, without_zeroconv, m
     import urllib.error
     import urllib.request
 
-    row, expected = registered
+    row, expected, _ = registered
     port = free_port()
     command = [str(without_zeroconv.python), "-I", "-m", "mlflow", "models", "serve", "-m", MODEL_URI]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
