@@ -8,9 +8,9 @@ A job cuts its work into ``total`` shards, fixed before it starts; shard ``k`` a
 A shard is finished once its data file - or, when it has no rows, its ``_empty/`` marker - exists;
 both are written atomically (temp name + rename; one PUT on S3) and carry the shard's summary
 (counts, the fingerprint of its inputs and each input's version). So a re-run lists the finished
-shards, checks that they were made from the same inputs (naming the first input that changed when one
-did), and does only the rest; a data file cut short (an S3 upload that
-failed mid-way) has no readable footer and is done again. The driver side of that is
+shards, checks that they were made from the same inputs (naming the first input that changed when
+one did), and does only the rest; a data file cut short (an S3 upload that failed mid-way) has no
+readable footer and is done again. The driver side of that is
 :func:`run_resumable`; the :class:`Manifest` records the job and its status, and refuses a re-run
 whose job differs.
 """
@@ -182,7 +182,7 @@ class ShardedOutput:
 
 
 def _first_change(recorded: dict[str, str], current: dict[str, str]) -> str | None:
-    """The first input, in path order, whose version differs: "<path> changed (<then>, <now>)"."""
+    """The first input, in path order, that is new, gone or of another version, said as a person reads it."""
     for path in sorted(set(recorded) | set(current)):
         then, now = recorded.get(path), current.get(path)
         if then != now:
