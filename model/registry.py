@@ -23,6 +23,7 @@ import base64
 import io
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,17 +236,20 @@ def log_controlnet_model(
             artifacts["unet"] = str(unet_dir)
         if metadata["base_model"] == TINY:
             artifacts[BASE_MODEL_ARTIFACT] = str(resolve_base_dir(TINY))
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=ControlNetPyfunc(),
-            artifacts=artifacts,
-            code_paths=copy_predict_code(Path(tmp) / "code"),
-            registered_model_name=registered_name,
-            pip_requirements=pip_requirements(),
+        with warnings.catch_warnings():
             # A signature and no input example: given an example, MLflow loads the whole pipeline in this
-            # process (the training driver) and runs predict on it, to check the model serves.
-            signature=pyfunc_signature(),
-        )
+            # process (the training driver) and runs predict on it, to check the model serves. Its
+            # warning that no example was given is that choice, not a problem to report.
+            warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=ControlNetPyfunc(),
+                artifacts=artifacts,
+                code_paths=copy_predict_code(Path(tmp) / "code"),
+                registered_model_name=registered_name,
+                pip_requirements=pip_requirements(),
+                signature=pyfunc_signature(),
+            )
     if registered_name and alias:
         mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(info.registered_model_version))
     return info
