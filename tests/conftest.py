@@ -6,6 +6,7 @@
 * ``tiny_base_dir`` - the built-in tiny Stable Diffusion, built once into a session cache
 * ``fill50k_parquet`` - a small annotated dataset in the training schema
 * ``session_tmp``   - the run's temp folder (zc-test-*, holds ZEROCONV_CACHE), removed when the run ends
+* ``without_zeroconv`` - a Python with every installed library but not zeroconv (hand-off tests)
 
 Helpers that tests import themselves (free ports, servers stopped by PID) are in ``tests/helpers.py``.
 """
@@ -14,8 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sysconfig
 import tempfile
+import venv
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -159,3 +164,38 @@ def fill50k_parquet(session_tmp) -> Path:
     from pipelines.data.synthetic import write_fill50k_parquet
 
     return write_fill50k_parquet(session_tmp / "fill50k", n=32, size=64, seed=0)
+
+
+class Isolated(NamedTuple):
+    python: Path  # run it with cwd outside the repository
+    env: dict[str, str]  # this environment without PYTHONPATH, the venv's bin first on PATH
+
+
+@pytest.fixture(scope="session")
+def without_zeroconv(session_tmp) -> Isolated:
+    """A venv whose site-packages points at this environment's libraries as a plain path entry.
+
+    Plain, so the ``.pth`` hooks there do not run, among them the editable install's import finder:
+    torch, diffusers, mlflow... import, ``model`` and ``pipelines`` do not. A ``uvicorn`` shim runs the
+    same interpreter, for ``mlflow models serve`` (which starts ``uvicorn`` from PATH).
+    """
+    env = session_tmp / "no-zeroconv"
+    venv.create(env, with_pip=False)
+    python = env / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "libraries.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    shim = env / "bin" / "uvicorn"
+    shim.write_text(f'#!/bin/sh\nexec "{python}" -I -m uvicorn "$@"\n')
+    shim.chmod(0o755)
+    check = subprocess.run(
+        [python, "-I", "-c", "import mlflow, diffusers; import pipelines"], cwd=env, capture_output=True, text=True
+    )
+    assert "No module named 'pipelines'" in check.stderr, check.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
+    return Isolated(python, env)

@@ -69,6 +69,19 @@ def annotated_files(root: Path) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+# docs/huggingface.md's call for the pipeline's annotated batches, in a Python without zeroconv.
+# (`load_dataset("parquet", data_dir=<annotated>)` also takes every batch's _rejects/ for data and fails.)
+LOAD_ANNOTATED_BATCHES = """
+import importlib.util, json, sys
+import datasets
+assert importlib.util.find_spec("pipelines") is None
+annotated, cache = sys.argv[1:]
+train = datasets.load_dataset("parquet", data_files=f"{annotated}/*/data/*.parquet", cache_dir=cache)["train"]
+print(json.dumps({"ids": sorted(train["id"]), "size": list(train[0]["image"].size),
+                  "features": {k: type(train.features[k]).__name__ for k in ("image", "conditioning_image")}}))
+"""
+
+
 def test_shared_settings_are_inherited_unless_a_stage_sets_its_own(tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text(
@@ -149,8 +162,11 @@ def annotate_heldout(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(tmp_path, ray_session, tiny_base_dir):
+def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(
+    tmp_path, ray_session, tiny_base_dir, without_zeroconv
+):
     import mlflow
+    import pyarrow.dataset as ds
 
     incoming = tmp_path / "incoming"
     write_image_folder(incoming / "2026-11-01", n=6, size=RES, seed=0)  # + 4 broken inputs (rejected)
@@ -191,6 +207,21 @@ def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(tmp_path, ra
     v2 = client.get_model_version("pipeline-test", "2")
     assert "fidelity.score" in v2.tags and "promotion.decision" in v2.tags
     assert len(client.search_model_versions("name='pipeline-test'")) == 2  # one version per generation
+
+    # Both batches load in stock `datasets`, rows only (no rejects), images as Image features.
+    done = subprocess.run(
+        [without_zeroconv.python, "-I", "-c", LOAD_ANNOTATED_BATCHES, str(annotated), str(tmp_path / "hf")],
+        cwd=tmp_path,
+        env=without_zeroconv.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = ds.dataset([str(p) for p in sorted(annotated.glob("*/data/*.parquet"))]).to_table(columns=["id"])
+    assert loaded["ids"] == sorted(rows.column("id").to_pylist()) and len(loaded["ids"]) == 10  # 6 + 4 accepted
+    assert loaded["features"] == {"image": "Image", "conditioning_image": "Image"} and loaded["size"] == [RES, RES]
 
 
 # ---------------------------------------------------------------------------------------------
