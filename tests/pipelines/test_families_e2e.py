@@ -169,3 +169,42 @@ def test_serving_refuses_to_compose_controlnets_of_two_families(
     with pytest.raises(RequestError, match="'e2e-flux' is a flux ControlNet .* this server's sd base") as caught:
         store.pipeline([store.models["e2e-sd"], store.models["e2e-flux"]])
     assert 400 <= caught.value.status < 500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_family_trains_on_precomputed_prompts_and_latents(family, annotated, ray_session, mlflow_server, tmp_path):
+    """Precompute stores the family's text tensors (SDXL: + pooled; Flux: T5 + CLIP pooled) and the VAE posterior;
+    training samples latents, scales / packs them as the family does and rebuilds the size-dependent prompt parts."""
+    import pyarrow.parquet as pq
+
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+    from pipelines.train import TrainConfig, run_train
+
+    preset = RUNS[family][0]
+    pre = run_precompute(
+        PrecomputeConfig(
+            data=str(annotated), output=str(tmp_path / "pre"), work_dir=str(tmp_path), base_model={"source": preset}
+        )
+    )
+    columns = set(pq.read_schema(next((tmp_path / "pre").rglob("*.parquet"))).names)
+    assert {"latent_mean", "latent_std", "text_embedding"} <= columns
+    extra = {"sdxl": "prompt_text_embeds", "flux": "prompt_pooled_projections"}[family]
+    assert extra in columns and pre.shapes[extra][-1] > 0
+    result = run_train(
+        TrainConfig(
+            data=pre.output,
+            work_dir=str(tmp_path / "work"),
+            base_model=BaseModelConfig(source=preset),
+            run_name=f"pre-{family}",
+            num_workers=1,
+            cpus_per_worker=1,
+            batch_size=2,
+            max_steps=1,
+            checkpoint_every=1,
+            num_validation=0,
+            registered_model=None,
+            mlflow=MLflowConfig(tracking_uri=mlflow_server, experiment="families-e2e"),
+        )
+    )
+    assert result.steps == 1 and np.isfinite(result.metrics["loss"]) and result.unet_params_changed == []
