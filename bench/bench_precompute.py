@@ -6,7 +6,7 @@ seeds; the only difference is where latents and text embeddings come from:
 * raw:         JPEG decode + VAE encode + text encode every step  (``precompute.raw_tensors``)
 * precomputed: rows written by ``zeroconv precompute`` (Ray Data)  (``precompute.precomputed_tensors``)
 
-The loop is plain PyTorch with ``model.objective.diffusion_loss`` on ``ControlledUNet`` (what the Ray
+The loop is plain PyTorch with the family adapter's ``loss`` on its ``Controlled`` model (what the Ray
 Train workers run per step, minus DeepSpeed and the data loader). Batches are read into memory first,
 so storage speed is not measured. The two paths alternate in rounds so machine noise hits both.
 
@@ -57,13 +57,15 @@ def train_steps(
     batches,
     steps: int,
     path: str,
-    scaling: float,
     seed: int,
 ) -> tuple[float, float, list]:
     """``steps`` optimizer steps; returns (wall seconds, CPU seconds of this process, losses)."""
-    from model.objective import diffusion_loss
     from pipelines.data.tensors import precomputed_tensors, raw_tensors
 
+    fam = base.family
+    latent_size = batches[0]["latent_mean"].shape[-2:] if path != "raw" else None
+    size = tuple(s * base.pipe.vae_scale_factor for s in latent_size) if latent_size else None
+    empty = fam.encode_prompts(base, [""], size) if size else None  # the prompt's size-dependent tensors
     torch.manual_seed(seed)
     losses = []
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -72,8 +74,8 @@ def train_steps(
         if path == "raw":
             latents, text, cond = raw_tensors(base, batch, "conditioning_image")
         else:
-            latents, text, cond = precomputed_tensors(batch, "conditioning_image", scaling)
-        loss = diffusion_loss(model, base.noise_scheduler, latents, text, [cond])
+            latents, text, cond = precomputed_tensors(batch, base, "conditioning_image", empty)
+        loss = fam.loss(model, base, latents, text, [cond])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -82,7 +84,7 @@ def train_steps(
 
 
 def bench_resolution(base, resolution: int, batch: int, steps: int, rounds: int, work: Path) -> dict:
-    from model.controlnet import ControlledUNet, controlnet_from_unet, param_groups
+    from model.families import param_groups
     from pipelines.common.config import load_config
     from pipelines.data.synthetic import write_fill50k_parquet
     from pipelines.precompute import PrecomputeConfig, run_precompute
@@ -104,18 +106,19 @@ def bench_resolution(base, resolution: int, batch: int, steps: int, rounds: int,
     precompute_seconds = time.perf_counter() - started
     raw, pre = load_batches(raw_dir, batch), load_batches(work / f"pre-{resolution}", batch)
 
-    initial = controlnet_from_unet(base.unet).state_dict()
+    fam = base.family
+    initial = fam.new_controlnet(base).state_dict()
     wall = {"raw": 0.0, "precomputed": 0.0}
     cpu = {"raw": 0.0, "precomputed": 0.0}
     first_loss = {}
     for r in range(rounds + 1):  # round 0 warms up both paths (allocator, first-call costs) and is not timed
         for path, batches in (("raw", raw), ("precomputed", pre)):
-            controlnet = controlnet_from_unet(base.unet)
+            controlnet = fam.new_controlnet(base)
             controlnet.load_state_dict(initial)
-            model = ControlledUNet(base.unet, [controlnet])
-            optimizer = torch.optim.AdamW(param_groups(model, "locked", lr=1e-5, unet_lr=0.0))
+            model = fam.controlled(base, [controlnet])
+            optimizer = torch.optim.AdamW(param_groups(model, "locked", lr=1e-5, base_lr=0.0))
             seconds, cpu_seconds, losses = train_steps(
-                model, optimizer, base, batches, steps if r else 2, path, result.scaling_factor, seed=r
+                model, optimizer, base, batches, steps if r else 2, path, seed=r
             )
             if r:
                 wall[path] += seconds
@@ -159,9 +162,9 @@ def main() -> None:
 
     import ray
 
-    from model.base import load_base
+    from model.families import load
 
-    base = load_base("tiny")
+    base = load("tiny")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-precompute-") as tmp:
         try:
@@ -174,7 +177,7 @@ def main() -> None:
             {
                 "bench": "precompute",
                 "what": "training samples/s: VAE + text encoder every step (raw) vs precomputed latents + embeddings",
-                "loop": "plain PyTorch: ControlledUNet (tiny UNet + ControlNet, locked), diffusion_loss, AdamW; "
+                "loop": "plain PyTorch: the sd adapter's Controlled (tiny UNet + ControlNet, locked) and loss, AdamW; "
                 "not Ray Train",
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "torch_threads": torch.get_num_threads(),

@@ -44,16 +44,17 @@ def register_tiny_controlnet(work: Path) -> str:
     """A tiny ControlNet registered as MODEL@champion in an embedded registry; returns the tracking URI."""
     import mlflow
 
-    from model.base import TINY, load_base, resolve_base_dir
-    from model.controlnet import controlnet_from_unet
-    from model.export import export_controlnet
+    from model.base import TINY, resolve_base_dir
+    from model.export import export_model
+    from model.families import load
     from model.registry import log_controlnet_model, set_alias
     from pipelines.common.tracking import connect
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     connect(uri, "bench-serve")
     base_dir = resolve_base_dir(TINY)
-    exported = export_controlnet(controlnet_from_unet(load_base(str(base_dir)).unet), work / "controlnet")
+    base = load(str(base_dir))
+    exported = export_model(base.family.new_controlnet(base), work / "controlnet")
     with mlflow.start_run():
         info = log_controlnet_model(exported, {"base_model": str(base_dir)}, registered_name=MODEL)
     set_alias(MODEL, "champion", info.registered_model_version)

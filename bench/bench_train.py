@@ -47,15 +47,18 @@ def plain_pytorch(data: Path, steps: int, batch: int, seed: int = 0) -> float:
     """samples/s of the minimal loop over ``steps`` steps after WARMUP_STEPS."""
     import pyarrow.parquet as pq
     import torch.nn.functional as F
+    from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 
-    from model.base import load_base
-    from model.controlnet import controlnet_from_unet
+    from model.base import TINY, resolve_base_dir
     from pipelines.common.images import decode_condition, decode_rgb
 
     torch.manual_seed(seed)
-    base = load_base("tiny")
-    unet, vae, text_encoder, scheduler = base.unet, base.vae, base.text_encoder, base.noise_scheduler
-    controlnet = controlnet_from_unet(unet)
+    base = StableDiffusionPipeline.from_pretrained(resolve_base_dir(TINY), safety_checker=None)
+    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    controlnet = ControlNetModel.from_unet(unet)
     unet.requires_grad_(False)
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, weight_decay=1e-2)
 

@@ -29,9 +29,14 @@ class ServedModel:
     name: str
     version: str
     alias: str | None
-    controlnet: Any  # diffusers.ControlNetModel
-    unet: Any | None  # a UNet the training policy unlocked, else None (the base UNet is used)
+    controlnet: Any  # the family's stock ControlNet class (diffusers.ControlNetModel, SD3ControlNetModel, ...)
+    unet: Any | None  # a denoiser (UNet or transformer) the training policy unlocked, else None (the base's is used)
     metadata: dict
+
+    @property
+    def family(self) -> str | None:
+        """The base model family it was trained for (recorded by training; None for older registrations)."""
+        return self.metadata.get("family")
 
     def info(self, default: bool) -> ModelInfo:
         return ModelInfo(
@@ -47,18 +52,17 @@ class ServedModel:
 
 
 def load_served_model(ref: ModelRef, device: str, dtype: str) -> ServedModel:
-    """Download a registered version and load its ControlNet (and unlocked UNet) onto ``device``."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
+    """Download a registered version and load its ControlNet (and unlocked denoiser) onto ``device``."""
+    from model.inference import load_diffusers_model
     from model.registry import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="zc-serve-") as tmp:
         resolved = resolve_model(ref.name, ref.alias, ref.version, dest=tmp)
         # Weights are read into memory here, so the download can go when the block ends.
-        net = ControlNetModel.from_pretrained(resolved.controlnet_dir, torch_dtype=torch_dtype(dtype))
+        net = load_diffusers_model(resolved.controlnet_dir, torch_dtype(dtype))
         unet = None
         if resolved.unet_dir:
-            unet = UNet2DConditionModel.from_pretrained(resolved.unet_dir, torch_dtype=torch_dtype(dtype)).to(device)
+            unet = load_diffusers_model(resolved.unet_dir, torch_dtype(dtype)).to(device)
     return ServedModel(ref.name, resolved.version, ref.alias, net.to(device).eval(), unet, resolved.metadata)
 
 
@@ -84,7 +88,7 @@ def annotator_key(spec: dict) -> str:
 
 class ModelStore:
     def __init__(self, config: ServeConfig, device: str):
-        from model.base import load_base
+        from model.families import load
 
         if config.replicas.dtype == "fp16" and device == "cpu":
             raise ValueError("dtype fp16 needs a GPU; use fp32 or bf16 on CPU")
@@ -94,7 +98,7 @@ class ModelStore:
         # Every served model must share one base: the override, else the one the first model names.
         self.base_source = config.base_model or first.metadata["base_model"]
         self.check_base = config.base_model is None
-        self.base = load_base(self.base_source, storage=config.storage, device=device, dtype=torch_dtype(self.dtype))
+        self.base = load(self.base_source, storage=config.storage, device=device, dtype=torch_dtype(self.dtype))
         self.models: dict[str, ServedModel] = {first.name: first}
         for ref in self.refs[1:]:
             self.models[ref.name] = self._load(ref)
@@ -176,6 +180,7 @@ class ModelStore:
         with self._lock:
             pipe = self._pipes.get(key)
         if pipe is None:
+            self.check_families(models)
             unets = [m for m in models if m.unet is not None]
             if unets and len(models) > 1:
                 raise RequestError(
@@ -186,6 +191,18 @@ class ModelStore:
                 with self._lock:
                     self._pipes[key] = pipe
         return pipe
+
+    def check_families(self, models: list[ServedModel]) -> None:
+        """ControlNets compose only within one family: the base's (SD, SDXL, SD3 and Flux ones do not mix)."""
+        base = self.base.family.name
+        others = [m for m in models if m.family not in (None, base)]
+        if others:
+            m = others[0]
+            raise RequestError(
+                "controls",
+                f"model {m.name!r} is a {m.family} ControlNet and cannot be composed with this server's {base} base "
+                f"model ({self.base_source}) or its {base} ControlNets",
+            )
 
     # -- hot reload ----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""Load the base Stable Diffusion model, one way for every stage.
+"""Find the base model's files, one way for every stage, and build the tiny SD built in code.
 
-A base model is a diffusers-format directory (``model_index.json`` + ``unet/ vae/ text_encoder/
-tokenizer/ scheduler/``). :func:`load_base` accepts:
+A base model is a diffusers-format directory (``model_index.json`` + its component folders, e.g. SD's
+``unet/ vae/ text_encoder/ tokenizer/ scheduler/``); ``model.families.load`` loads it with its family's
+adapter. :func:`resolve_base_dir` accepts:
 
 * ``tiny`` - a tiny SD built from configs in code with a fixed seed and CLIP's real tokenizer,
   saved once in diffusers format under the cache dir, then loaded like any other directory;
@@ -17,64 +18,15 @@ import gzip
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    import diffusers
-    import transformers
 
 TINY = "tiny"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # What a hub snapshot fetches: the component folders of every family (model/families), not only SD's.
 HUB_FOLDERS = COMPONENTS + ("transformer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-@dataclass
-class BaseModel:
-    """The frozen parts of Stable Diffusion plus where they came from."""
-
-    unet: "diffusers.UNet2DConditionModel"
-    vae: "diffusers.AutoencoderKL"
-    text_encoder: "transformers.CLIPTextModel"
-    tokenizer: "transformers.CLIPTokenizer"
-    noise_scheduler: "diffusers.DDPMScheduler"
-    source: str
-    local_dir: Path
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution(self) -> int:
-        """Native image size: UNet sample size times the VAE's downsampling."""
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images: float in [-1, 1], NCHW -> scaled latents (sampled from the posterior, as in training)."""
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        return dist.sample() * self.vae.config.scaling_factor
 
 
 def resolve_base_dir(source: str, storage=None) -> Path:
@@ -168,23 +120,6 @@ def _check_diffusers_dir(path: Path, source: str) -> None:
             f"missing {', '.join(m + '/' for m in missing)} "
             "(expected model_index.json with unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
         )
-
-
-def load_base(
-    source: str = TINY, storage=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> BaseModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    local = resolve_base_dir(source, storage)
-    unet = UNet2DConditionModel.from_pretrained(local, subfolder="unet", torch_dtype=dtype).to(device)
-    vae = AutoencoderKL.from_pretrained(local, subfolder="vae", torch_dtype=dtype).to(device)
-    text_encoder = CLIPTextModel.from_pretrained(local, subfolder="text_encoder", torch_dtype=dtype).to(device)
-    tokenizer = CLIPTokenizer.from_pretrained(local, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(local, subfolder="scheduler")
-    for frozen in (vae, text_encoder):
-        frozen.requires_grad_(False).eval()
-    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, source, local)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Save trained weights in the format stock diffusers loads.
 
-``ControlNetModel.from_pretrained(dir)`` and ``StableDiffusionControlNetPipeline`` read what
-:func:`export_controlnet` writes (config.json + diffusion_pytorch_model.safetensors); an unlocked
-UNet is written the same way so a pipeline can swap it in.
+The family's stock ControlNet class (``ControlNetModel``, ``ControlNetUnionModel``, ``SD3ControlNetModel``,
+``FluxControlNetModel``) ``from_pretrained(dir)`` and its stock pipeline read what :func:`export_model` writes
+(config.json + diffusion_pytorch_model.safetensors); an unlocked UNet or transformer is written the same way so
+a pipeline can swap it in.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 from torch import nn
 
 
-def _save(module: nn.Module, out_dir: str | Path, state_dict: dict | None) -> Path:
+def export_model(module: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write a diffusers ``module`` (optionally with gathered full weights ``state_dict``) with save_pretrained."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
@@ -23,12 +25,3 @@ def _save(module: nn.Module, out_dir: str | Path, state_dict: dict | None) -> Pa
         module = fresh
     module.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
-
-
-def export_controlnet(controlnet: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-    """Write ``controlnet`` (optionally with gathered full weights ``state_dict``) in diffusers format."""
-    return _save(controlnet, out_dir, state_dict)
-
-
-def export_unet(unet: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-    return _save(unet, out_dir, state_dict)

@@ -2,11 +2,13 @@
 
 Training's validation grids, the model registry's pyfunc, the serving endpoint and evaluation all
 call :func:`build_pipeline` / :func:`generate`, so "the same seed and inputs give the same image"
-holds across them. Defaults follow the paper: DDIM, 20 steps, CFG 9.0.
+holds across them. The pipeline is the base family's stock ControlNet pipeline (``fam.pipeline``).
+Defaults follow the paper: DDIM (for SD), 20 steps, CFG 9.0.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,42 +47,57 @@ class InferenceDefaults:
         )
 
 
-def build_pipeline(base, controlnets: Sequence[torch.nn.Module], unet: torch.nn.Module | None = None):
-    """A StableDiffusionControlNetPipeline over ``base`` (a model.base.BaseModel) with DDIM sampling."""
-    from diffusers import DDIMScheduler, MultiControlNetModel, StableDiffusionControlNetPipeline
-
-    controlnet = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=unet if unet is not None else base.unet,
-        controlnet=controlnet,
-        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+def build_pipeline(base, controlnets: Sequence[torch.nn.Module], denoiser: torch.nn.Module | None = None):
+    """The family's stock ControlNet pipeline over ``base`` (a model.families.Base), with ``denoiser`` (a UNet or
+    transformer a policy unlocked) in place of the base's when given."""
+    pipe = base.family.pipeline(base, controlnets)
+    if denoiser is not None:
+        pipe.register_modules(**{base.family.denoiser_name: denoiser})
     return pipe
+
+
+def load_diffusers_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A diffusers model directory (an exported ControlNet, UNet or transformer) loaded with the class its
+    config.json names: the family's stock class, as any diffusers user would load it."""
+    import json
+
+    import diffusers
+
+    class_name = json.loads((Path(directory) / "config.json").read_text()).get("_class_name", "")
+    cls = getattr(diffusers, class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin):
+        raise ValueError(f"{directory} holds a {class_name or 'unnamed'} model, which diffusers cannot load")
+    return cls.from_pretrained(directory, torch_dtype=dtype)
+
+
+def check_controlnet_family(family, controlnet: torch.nn.Module, where: str) -> None:
+    """An exported ControlNet must be of the base family's ControlNet class (SD's and SDXL's share one)."""
+    allowed = {family.controlnet_class} | ({"ControlNetUnionModel"} if family.name == "sdxl" else set())
+    if type(controlnet).__name__ not in allowed:
+        raise ValueError(
+            f"{where} is a {type(controlnet).__name__}, not a ControlNet for a {family.name} base model "
+            f"({' or '.join(sorted(allowed))})"
+        )
 
 
 def load_pipeline(
     base_source: str,
     controlnet_dirs: Sequence[str | Path],
-    unet_dir: str | Path | None = None,
+    denoiser_dir: str | Path | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     storage=None,
 ):
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from model.families import load
 
-    from model.base import load_base
-
-    base = load_base(base_source, storage=storage, device=device, dtype=dtype)
-    nets = [ControlNetModel.from_pretrained(d, torch_dtype=dtype).to(device) for d in controlnet_dirs]
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype).to(device) if unet_dir else None
-    return build_pipeline(base, nets, unet).to(device)
+    base = load(base_source, storage=storage, device=device, dtype=dtype)
+    nets = []
+    for directory in controlnet_dirs:
+        net = load_diffusers_model(directory, dtype).to(device)
+        check_controlnet_family(base.family, net, str(directory))
+        nets.append(net)
+    denoiser = load_diffusers_model(denoiser_dir, dtype).to(device) if denoiser_dir else None
+    return build_pipeline(base, nets, denoiser).to(device)
 
 
 @torch.no_grad()
@@ -111,32 +128,40 @@ def generate(
     tensors = [condition_tensor(np.asarray(c)) for c in per_net]
     n = len(prompts)
     h, w = tensors[0].shape[-2:]
-    device = pipe.unet.device
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    device, dtype = denoiser.device, denoiser.dtype
     seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    # One CPU generator per image: the pipeline draws each image's initial latents from its own generator, so a
+    # batch gives the same images as one-by-one calls, on any device.
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    # Draw initial latents per image on the CPU: identical on any device and any batch size.
-    shape = (pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
-    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)
 
     def after_step(pipe, step: int, timestep, tensors: dict) -> dict:
         if should_stop():
             raise GenerationStopped(f"stopped after step {step + 1} of {steps}")
         return tensors
 
-    out = pipe(
+    accepted = inspect.signature(pipe.__call__).parameters
+    images = [t.to(device, dtype) for t in tensors] if multi else tensors[0].to(device, dtype)
+    options = dict(
         prompt=list(prompts),
         negative_prompt=[negative_prompt] * n if negative_prompt else None,
-        image=[t.to(device, pipe.unet.dtype) for t in tensors] if multi else tensors[0].to(device, pipe.unet.dtype),
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         controlnet_conditioning_scale=conditioning_scale,
-        guess_mode=guess_mode,
-        latents=latents,
+        generator=generators,
         height=h,
         width=w,
         output_type="np",
         callback_on_step_end=after_step if should_stop else None,
-    ).images
+        # SD3's and Flux's pipelines name the condition control_image (and VAE-encode it); SD's and SDXL's image.
+        **{"control_image" if "control_image" in accepted else "image": images},
+    )
+    if guess_mode:
+        options["guess_mode"] = True
+    # The SD3 and Flux pipelines sample the condition's VAE posterior from torch's global RNG: seed it too.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds[0])
+        out = pipe(**options).images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

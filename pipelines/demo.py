@@ -51,28 +51,35 @@ def _say(step: str, text: str) -> None:
 
 
 def show_zero_conv_identity(config: DemoConfig) -> float:
-    """Build the base model and a ControlNet from it; the controlled UNet equals the plain one exactly."""
-    from model.base import load_base
-    from model.controlnet import ControlledUNet, controlnet_from_unet
+    """Build the base model and a ControlNet from it; the controlled denoiser equals the plain one exactly."""
+    from model.families import load
     from pipelines.data.synthetic import fill50k
-    from pipelines.data.tensors import condition_tensor
+    from pipelines.data.tensors import condition_tensor, image_tensor
 
-    base = load_base(config.base_model.source)
-    params = {n: sum(p.numel() for p in getattr(base, n).parameters()) for n in ("unet", "vae", "text_encoder")}
-    _say("base", f"{config.base_model.source} -> {base.local_dir} ({base.resolution}px, parameters {params})")
+    base = load(config.base_model.source)
+    fam = base.family
+    params = {
+        n: sum(p.numel() for p in m.parameters()) for n, m in base.pipe.components.items() if hasattr(m, "parameters")
+    }
+    _say(
+        "base",
+        f"{config.base_model.source} -> {base.local_dir} ({fam.name}, {base.resolution}px, parameters {params})",
+    )
     samples = fill50k(4, base.resolution, config.seed)
     g = torch.Generator().manual_seed(config.seed)
-    latents = torch.randn(len(samples), 4, base.unet.config.sample_size, base.unet.config.sample_size, generator=g)
-    t = torch.full((len(samples),), 500)
-    text = base.encode_prompts([s.text for s in samples])
-    conditions = [condition_tensor(np.stack([s.condition for s in samples]))]
+    size = (base.resolution, base.resolution)
     with torch.no_grad():
-        plain = base.unet(latents, t, encoder_hidden_states=text).sample
-        controlled = ControlledUNet(base.unet, [controlnet_from_unet(base.unet)])(latents, t, text, conditions)
+        latents = fam.encode_images(base, image_tensor(np.stack([s.image for s in samples])), g)
+        noisy, t, _ = fam.noise(base, latents, g)
+        prompt = fam.encode_prompts(base, [s.text for s in samples], size)
+        controls = [fam.control_inputs(base, condition_tensor(np.stack([s.condition for s in samples])), g)]
+        model = fam.controlled(base, [fam.new_controlnet(base)])
+        plain, controlled = model.base_prediction(noisy, t, prompt), model(noisy, t, prompt, controls)
     diff = float((plain - controlled).abs().max())
     _say(
         "identity",
-        f"max |UNet + ControlNet - UNet| at step 0 = {diff} (zero convolutions: training starts from the base model)",
+        f"max |{fam.denoiser_name} + ControlNet - {fam.denoiser_name}| at step 0 = {diff} "
+        "(zero convolutions: training starts from the base model)",
     )
     return diff
 

@@ -8,10 +8,14 @@ Training spends a large share of each step in the frozen VAE and text encoder (M
 What is stored, and why (details: docs/evaluation.md, "Precomputed data"):
 
 * ``latent_mean`` and ``latent_std``: the VAE posterior's parameters (unscaled), not one sample.
-  Training draws ``(mean + std * eps) * scaling_factor`` each step, exactly what
-  ``BaseModel.encode_images`` does, so training on precomputed data is the same objective as
+  Training draws ``mean + std * eps`` each step and hands it to the family's ``scale_latents``
+  (SD: ``* scaling_factor``; SD3/Flux: shift and scale; Flux: then packing), exactly what
+  ``fam.encode_images`` does, so training on precomputed data is the same objective as
   training on images - and with the same RNG state it gives the same loss (tests check this).
-* ``text_embedding``: the text encoder's last hidden state for the row's caption.
+* the caption's prompt tensors, one column per text-derived tensor of the base's family
+  (``model.families`` ``text_keys``): ``text_embedding`` (``prompt_embeds``: every family) plus
+  ``prompt_<key>`` for the others (SDXL ``prompt_text_embeds``, SD3/Flux ``prompt_pooled_projections``).
+  Size-dependent ones (SDXL's time ids, Flux's position ids) are rebuilt at train time.
 * every input column except ``image`` (kept with ``keep_images=true``): ``id``, ``text``, the
   condition PNGs with their annotator metadata, sizes, source.
 * ``_empty_prompt.safetensors`` beside the shards: the empty caption's embedding, stored once, so
@@ -52,9 +56,9 @@ from pipelines.data.schema import (
     MANIFEST,
     PRECOMPUTE_FOOTER_KEY,
     PRECOMPUTED_FORMAT,
-    TENSOR_COLUMNS,
     TEXT_EMBEDDING,
     is_image_type,
+    prompt_column,
     with_hf_features,
 )
 from pipelines.data.shards import Manifest, ShardedOutput, check_output_outside, plan_identity, run_resumable
@@ -145,13 +149,14 @@ class PrecomputeShards:
     """Ray Data actor: loads the VAE and text encoder once, then encodes whole input files."""
 
     def __init__(self, job: PrecomputeJob):
-        from model.base import load_base
+        from model.families import load
 
         self.job = job
         self.device = actor_device()
-        base = load_base(job.base_model, storage=job.storage, device=self.device)
-        base.unet = None  # not needed here: free its memory
-        self.base = base
+        base = load(job.base_model, storage=job.storage, device=self.device)
+        native = (base.resolution, base.resolution)
+        base.pipe.register_modules(**{base.family.denoiser_name: None})  # not needed here: free its memory
+        self.base, self.family = base, base.family
         self.scaling_factor = float(base.vae.config.scaling_factor)
         self.data = resolve(job.data, job.storage)
         self.output = ShardedOutput(resolve(job.output, job.storage), job.shards, PRECOMPUTE_FOOTER_KEY)
@@ -159,8 +164,10 @@ class PrecomputeShards:
         if not empty.exists():  # written before any shard, so a finished shard implies it exists
             from safetensors.torch import save
 
-            embedding = base.encode_prompts([""]).float().cpu().contiguous()
-            empty.write_bytes_atomic(save({TEXT_EMBEDDING: embedding}, metadata={"base_model": job.base_model}))
+            with torch.no_grad():  # the size only matters to size-dependent tensors, which are not stored
+                prompt = self.family.encode_prompts(base, [""], native)
+            tensors = {prompt_column(k): prompt[k].float().cpu().contiguous() for k in self.family.text_keys}
+            empty.write_bytes_atomic(save(tensors, metadata={"base_model": job.base_model}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = [self.precompute_shard(InputFile(**json.loads(text))) for text in batch["shard"]]
@@ -176,37 +183,43 @@ class PrecomputeShards:
         out = stored.rename_columns(table.column_names).select(kept)
         summary = {"fingerprint": shard.fingerprint(), "rows": table.num_rows}
         if table.num_rows:  # (an empty input file has no image to give the tensor columns their shape)
-            mean, std, text = self._encode(shard, table)
-            for name, values in ((LATENT_MEAN, mean), (LATENT_STD, std), (TEXT_EMBEDDING, text)):
+            tensors = self._encode(shard, table)
+            for name, values in tensors.items():
                 out = out.append_column(name, tensor_column(values))
             summary.update(
                 scaling_factor=self.scaling_factor,
-                shapes={LATENT_MEAN: list(mean.shape[1:]), TEXT_EMBEDDING: list(text.shape[1:])},
+                family=self.family.name,
+                shapes={name: list(values.shape[1:]) for name, values in tensors.items() if name != LATENT_STD},
             )
         summary["seconds"] = round(time.perf_counter() - start, 3)
         # PNG/JPEG bytes are already compressed; float tensors barely compress: skip the work for both.
-        encoded = {f.name for f in out.schema if is_image_type(f.type) or f.name in TENSOR_COLUMNS}
+        encoded = {f.name for f in out.schema if is_image_type(f.type) or f.name in summary.get("shapes", ())}
+        encoded |= {LATENT_STD} if table.num_rows else set()
         out = out.replace_schema_metadata(with_hf_features(out.schema.remove_metadata()).metadata)
         self.output.write_shard(shard.index, out, summary, encoded=encoded, inputs={shard.name: shard.version})
         return {**summary, "shard": shard.index}
 
-    def _encode(self, shard: InputFile, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        means, stds, texts = [], [], []
+    def _encode(self, shard: InputFile, table: pa.Table) -> dict[str, np.ndarray]:
+        """Column name -> float32 (rows, ...): the latent posterior and the family's text-derived prompt tensors."""
+        parts: dict[str, list[np.ndarray]] = {}
+        factor = self.base.pipe.vae_scale_factor
         for offset in range(0, table.num_rows, self.job.batch_size):
             rows = table.slice(offset, self.job.batch_size)
             images = np.stack([decode_rgb(b) for b in rows.column("image").to_pylist()])
-            if images.shape[1] % 8 or images.shape[2] % 8:
+            if images.shape[1] % factor or images.shape[2] % factor:
                 raise ValueError(
                     f"{shard.name}: images are {images.shape[2]}x{images.shape[1]}; the VAE needs "
-                    "sides that are multiples of 8 (re-annotate with such a resolution)"
+                    f"sides that are multiples of {factor} (re-annotate with such a resolution)"
                 )
             mean, std = latent_distribution(self.base.vae, image_tensor(images))
-            means.append(mean.float().cpu().numpy())
-            stds.append(std.float().cpu().numpy())
-            texts.append(
-                self.base.encode_prompts([str(t) for t in rows.column("text").to_pylist()]).float().cpu().numpy()
-            )
-        return np.concatenate(means), np.concatenate(stds), np.concatenate(texts)
+            with torch.no_grad():
+                prompts = [str(t) for t in rows.column("text").to_pylist()]
+                prompt = self.family.encode_prompts(self.base, prompts, images.shape[1:3])
+            batch = {LATENT_MEAN: mean, LATENT_STD: std}
+            batch |= {prompt_column(k): prompt[k] for k in self.family.text_keys}
+            for name, values in batch.items():
+                parts.setdefault(name, []).append(values.float().cpu().numpy())
+        return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,15 +369,15 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
 def _describe(summaries: dict[int, dict]) -> dict:
     """The manifest's precompute fields: rows, the latent scaling factor and tensor shapes (what train checks)."""
     first = _first_with_tensors(summaries)
-    latent, text = first.get("shapes", {}).get(LATENT_MEAN), first.get("shapes", {}).get(TEXT_EMBEDDING)
+    shapes = first.get("shapes", {})
+    tensors = {name: {"shape": shape, "dtype": "float32"} for name, shape in shapes.items()}
+    if LATENT_MEAN in shapes:
+        tensors[LATENT_STD] = tensors[LATENT_MEAN]
     return {
         "rows": sum(s["rows"] for s in summaries.values()),
+        "family": first.get("family"),
         "scaling_factor": first.get("scaling_factor"),
-        "tensors": {
-            LATENT_MEAN: {"shape": latent, "dtype": "float32"},
-            LATENT_STD: {"shape": latent, "dtype": "float32"},
-            TEXT_EMBEDDING: {"shape": text, "dtype": "float32"},
-        },
+        "tensors": tensors,
         "empty_prompt": EMPTY_PROMPT_FILE,
     }
 

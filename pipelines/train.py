@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from model.families import FAMILIES
 from pipelines.checkpoint import SUMMARY_FILE
 from pipelines.common.config import ConfigError, flatten
 from pipelines.common.storage import download_dir, is_s3, resolve
 from pipelines.data.dataset import DatasetInfo, inspect_dataset
-from pipelines.data.schema import ANNOTATED_FORMAT, MANIFEST, TENSOR_COLUMNS
+from pipelines.data.schema import ANNOTATED_FORMAT, MANIFEST, PROMPT_PREFIX, TENSOR_COLUMNS
 from pipelines.train_config import TrainConfig
 
 
@@ -153,7 +154,9 @@ def run_train(config: TrainConfig) -> TrainResult:
     try:
         precomputed = data.scaling_factor is not None
         # Names as the files have them; the workers read rows as image / text (pipelines.data.dataset.canonical).
-        columns = [*(TENSOR_COLUMNS if precomputed else (data.image_column,)), data.caption_column]
+        # A precomputed dataset's prompt tensors: text_embedding plus the family's others (prompt_*).
+        prompts = [c for c in data.columns if c.startswith(PROMPT_PREFIX)] if precomputed else []
+        columns = [*(TENSOR_COLUMNS if precomputed else (data.image_column,)), *prompts, data.caption_column]
         columns += [config.condition_column] + (["id"] if "id" in data.columns else [])
         inputs = LoopInputs(
             config=config,
@@ -165,6 +168,7 @@ def run_train(config: TrainConfig) -> TrainResult:
             run_dir=run_dir.uri,
             validation=data.validation,
             scaling_factor=data.scaling_factor,
+            resolution=data.resolution[::-1],  # (width, height) -> (height, width)
         )
         # Ray Train requests the workers' resources and waits for them: on an autoscaling cluster the
         # autoscaler adds the nodes (a request no node type can satisfy shows as infeasible in `ray status`).
@@ -190,8 +194,9 @@ def run_train(config: TrainConfig) -> TrainResult:
             result = trainer.fit()
         export = run_dir.join("export")
         final = json.loads(export.join(SUMMARY_FILE).read_bytes())  # rank 0 wrote it with the export
-        unet_dir = export.join("unet").uri if config.policy != "locked" else None
-        version = register(config, data, final["step"], run_id, export.join("controlnet").uri, unet_dir)
+        family = FAMILIES[final.pop("family")]
+        unet_dir = export.join(family.denoiser_name).uri if config.policy != "locked" else None
+        version = register(config, data, final["step"], run_id, export.join("controlnet").uri, unet_dir, family.name)
     except BaseException:
         tracking.close_run(tracking_uri, run_id, ok=False)
         raise
@@ -229,7 +234,13 @@ def registered_version(name: str, run_id: str, steps: int) -> str | None:
 
 
 def register(
-    config: TrainConfig, data: DatasetInfo, steps: int, run_id: str, controlnet_uri: str, unet_uri: str | None
+    config: TrainConfig,
+    data: DatasetInfo,
+    steps: int,
+    run_id: str,
+    controlnet_uri: str,
+    unet_uri: str | None,
+    family: str,
 ) -> str | None:
     """Log the export as a pyfunc model on the training run; register it with alias 'candidate' - once:
     re-running a finished training returns the version it registered."""
@@ -243,6 +254,7 @@ def register(
         return str(existing)
     metadata = {
         "base_model": recorded_base_model(config.base_model.source),
+        "family": family,
         "annotator": data.annotator,
         "condition_column": config.condition_column,
         "inference": vars(InferenceDefaults()),

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field
 
-from model.controlnet import Policy
+from model.families.base import Policy
 from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig, PathStr, Section
 
 LRSchedule = Literal["constant_with_warmup", "cosine"]

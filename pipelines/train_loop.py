@@ -1,10 +1,12 @@
 """The per-worker training loop: Ray Train runs :func:`train_loop` on every worker.
 
-Each worker loads the frozen base (VAE, text encoder, UNet), builds UNet + ControlNet, wraps it in a
-DeepSpeed engine (ZeRO stage from the config), resumes from Ray's latest checkpoint if there is one,
-and reads its share of the data from where the run stopped (pipelines/train_data.py): decode -> VAE
-latents + text embeddings -> prompt dropout -> noise -> predict -> MSE -> step. Rank 0 logs to MLflow
-(other ranks get a NullTracker); all ranks checkpoint and export together.
+Each worker loads the frozen base through its family's adapter (``model.families``: SD, SDXL, SD3, Flux; the
+family is read from the base's model_index.json), builds denoiser + ControlNet, wraps it in a DeepSpeed engine
+(ZeRO stage from the config), resumes from Ray's latest checkpoint if there is one, and reads its share of the
+data from where the run stopped (pipelines/train_data.py): decode -> ``fam.encode_images`` latents +
+``fam.encode_prompts`` tensors -> ``fam.drop_prompts`` -> ``fam.loss`` (the family's noising, prediction and
+target) -> step. Nothing here is family-specific. Rank 0 logs to MLflow (other ranks get a NullTracker); all
+ranks checkpoint and export together.
 
 This module must stay importable (Ray pickles ``train_loop`` by reference).
 """
@@ -21,8 +23,7 @@ import numpy as np
 import ray.train
 import torch
 
-from model.controlnet import ControlledUNet, controlnet_from_unet, param_groups
-from model.objective import diffusion_loss, drop_prompts
+from model.families import Controlled, param_groups
 from pipelines.checkpoint import (
     changed_params,
     export_model,
@@ -47,11 +48,12 @@ TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocati
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(base, config: TrainConfig) -> ControlledUNet:
-    model = ControlledUNet(base.unet, [controlnet_from_unet(base.unet)])
+def build_model(base, config: TrainConfig) -> Controlled:
+    fam = base.family
+    model = fam.controlled(base, [fam.new_controlnet(base)])
     if config.gradient_checkpointing:
-        # The UNet too: even locked, backward runs through its decoder to reach the ControlNet residuals.
-        for module in (model.unet, *model.controlnets):
+        # The denoiser too: even locked, backward runs through it to reach the ControlNet residuals.
+        for module in (model.denoiser, *model.controlnets):
             module.enable_gradient_checkpointing()
     return model
 
@@ -69,13 +71,13 @@ def deepspeed_config(config: TrainConfig) -> dict:
     }
 
 
-def build_engine(model: ControlledUNet, config: TrainConfig):
+def build_engine(model: Controlled, config: TrainConfig):
     import deepspeed
     from diffusers.optimization import get_scheduler
 
     # The shared-memory allreduce op is JIT-compiled on first use (~45 s); gloo is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # A client AdamW keeps the per-group learning rates (ControlNet vs unlocked UNet) as they are.
+    # A client AdamW keeps the per-group learning rates (ControlNet vs unlocked denoiser) as they are.
     optimizer = torch.optim.AdamW(
         param_groups(model, config.policy, config.lr, config.unet_lr), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -143,17 +145,17 @@ class EMA:
 # ---------------------------------------------------------------------------------------------
 
 
-def validation_images(state: dict, model: ControlledUNet, base, validation: dict, config: TrainConfig) -> np.ndarray:
+def validation_images(state: dict, model: Controlled, base, validation: dict, config: TrainConfig) -> np.ndarray:
     """Rank 0: condition | generated grid from full fp32 weights ``state``, fixed prompts and seeds."""
     from model.inference import build_pipeline, generate
     from pipelines.common.tracking import image_grid
 
     controlnet = type(model.controlnets[0]).from_config(model.controlnets[0].config)
     controlnet.load_state_dict(sub_state_dict(state, "controlnets.0."))
-    unet = type(model.unet).from_config(model.unet.config)
-    unet.load_state_dict(sub_state_dict(state, "unet."))
+    denoiser = type(model.denoiser).from_config(model.denoiser.config)
+    denoiser.load_state_dict(sub_state_dict(state, "denoiser."))
     device = base.vae.device
-    pipe = build_pipeline(base, [controlnet.to(device)], unet.to(device))
+    pipe = build_pipeline(base, [controlnet.to(device)], denoiser.to(device))
     conditions = np.stack([decode_condition(b, channels=3) for b in validation["condition"]])
     images = generate(pipe, validation["text"], conditions, seed=config.seed, steps=config.validation_steps)
     return image_grid(conditions, images)
@@ -232,6 +234,7 @@ class LoopInputs:
     run_dir: str  # storage_path/run_name: checkpoints live here (through Ray), the export under export/
     validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}: the fixed validation rows
     scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
+    resolution: tuple[int, int] = (0, 0)  # the dataset's (height, width): size-dependent prompt tensors
 
     @property
     def export_uri(self) -> str:
@@ -243,14 +246,14 @@ class TrainState:
     """Everything one worker's loop carries from step to step."""
 
     engine: object  # the DeepSpeed engine around ``model``
-    model: ControlledUNet
-    base: object  # model.base.BaseModel: frozen VAE, text encoder, noise scheduler
+    model: Controlled
+    base: object  # model.families.Base: the frozen base and its family's adapter
     ema: EMA | None
     tracker: object  # Tracker on rank 0, NullTracker elsewhere
     console: Callable[[str], None]  # print on rank 0, silent elsewhere
     hooks: StepHooks
     batches: SampleStream
-    empty_prompt: torch.Tensor
+    empty_prompt: dict[str, torch.Tensor]  # the empty caption encoded once: what prompt dropout substitutes
     step: int  # optimizer steps done
     position: int  # samples consumed by the whole run (all ranks): where the data stream resumes
     meter: Meter
@@ -260,16 +263,18 @@ class TrainState:
 def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (detached)."""
     config, engine, base = inputs.config, state.engine, state.base
-    dtype = torch_dtype(config.precision)
+    fam, dtype = base.family, torch_dtype(config.precision)
     total = torch.zeros((), device=engine.device)
     for _ in range(config.grad_accum):
         batch = next(state.batches)
         state.hooks.on_batch(state.step + 1, batch.pop("ids", None))
-        latents, text, conditions = batch_tensors(
-            batch, base, config.condition_column, inputs.scaling_factor, engine.device
+        latents, prompt, conditions = batch_tensors(
+            batch, base, config.condition_column, inputs.scaling_factor, engine.device, state.empty_prompt
         )
-        text = drop_prompts(text, state.empty_prompt, config.prompt_dropout)
-        loss = diffusion_loss(engine, base.noise_scheduler, latents.to(dtype), text.to(dtype), [conditions.to(dtype)])
+        prompt = fam.drop_prompts(prompt, state.empty_prompt, config.prompt_dropout)
+        prompt = {k: v.to(dtype) for k, v in prompt.items()}
+        controls = fam.control_inputs(base, conditions).to(dtype)
+        loss = fam.loss(engine, base, latents.to(dtype), prompt, [controls])
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries
         total += loss.detach()
@@ -282,7 +287,7 @@ def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
 
 def setup(inputs: LoopInputs) -> TrainState:
     """Load the base, build model + engine, restore the latest checkpoint, open the data stream there."""
-    from model.base import load_base
+    from model.families import load
     from pipelines.common.storage import resolve
     from pipelines.common.tracking import NullTracker, Tracker
 
@@ -290,7 +295,7 @@ def setup(inputs: LoopInputs) -> TrainState:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    base = load_base(config.base_model.source, storage=config.storage, device=device)
+    base = load(config.base_model.source, storage=config.storage, device=device)
     model = build_model(base, config)
     engine = build_engine(model, config)
     ema = EMA(model.named_parameters(), config.ema_decay) if config.ema else None
@@ -312,7 +317,7 @@ def setup(inputs: LoopInputs) -> TrainState:
         console=print if rank == 0 else (lambda line: None),
         hooks=StepHooks(config.debug, resolve(inputs.run_dir, config.storage), rank, world),
         batches=batches,
-        empty_prompt=base.encode_prompts([""]),
+        empty_prompt=base.family.encode_prompts(base, [""], inputs.resolution),
         step=step,
         position=position,
         meter=Meter(config.effective_batch),
@@ -359,28 +364,28 @@ def log_validation(state: TrainState, inputs: LoopInputs) -> None:
 
 
 def finish(state: TrainState, inputs: LoopInputs) -> None:
-    """All ranks gather the final (EMA) weights once; rank 0 checks the UNet against the base on disk,
+    """All ranks gather the final (EMA) weights once; rank 0 checks the denoiser against the base on disk,
     logs the last grid and writes the export with the final metrics (the driver reads them from it)."""
-    from diffusers import UNet2DConditionModel
-
-    config = inputs.config
+    config, fam = inputs.config, state.base.family
     trained = state.ema.full_weights() if state.ema is not None else master_weights(state.engine)
     weights = full_state_dict(state.engine, trained)
     if weights is None:  # only rank 0 holds the gathered weights
         return
-    base_unet = UNet2DConditionModel.from_pretrained(state.base.local_dir, subfolder="unet").state_dict()
+    on_disk = type(state.model.denoiser).from_pretrained(state.base.local_dir, subfolder=fam.denoiser_name)
+    base_weights = on_disk.state_dict()
     final = {
         **state.metrics,
         "step": state.step,
+        "family": fam.name,
         "steady_samples_per_s": state.meter.steady_samples_per_s(),
         "peak_rss_mb": peak_rss_mb(),
         "unet_params_changed": changed_params(
-            sub_state_dict(weights, "unet."), base_unet, torch_dtype(config.precision)
+            sub_state_dict(weights, "denoiser."), base_weights, torch_dtype(config.precision)
         ),
     }
     # Weights that did not train are exported as the base's own, not as their copies in the training dtype.
     trained = {name for name, p in state.model.named_parameters() if p.requires_grad}
-    weights.update({f"unet.{k}": v for k, v in base_unet.items() if f"unet.{k}" not in trained})
+    weights.update({f"denoiser.{k}": v for k, v in base_weights.items() if f"denoiser.{k}" not in trained})
     if config.num_validation:
         state.tracker.log_grid(
             validation_images(weights, state.model, state.base, inputs.validation, config), state.step

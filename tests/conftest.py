@@ -154,9 +154,9 @@ def tiny_base_dir(session_tmp) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_base_dir):
-    from model.base import load_base
+    from model.families import load
 
-    return load_base(str(tiny_base_dir))
+    return load(str(tiny_base_dir))
 
 
 @pytest.fixture(scope="session")

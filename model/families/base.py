@@ -21,13 +21,16 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-POLICIES = ("locked", "unlock_decoder", "unlock_full")
+# What trains besides the ControlNets: nothing (the paper's default), the denoiser's decoder side ("unlock SD"),
+# or the whole denoiser; each family says which blocks its decoder side is (``decoder_prefixes`` / ``unlocked``).
+Policy = Literal["locked", "unlock_decoder", "unlock_full"]
+POLICIES: tuple[str, ...] = get_args(Policy)
 
 
 @dataclass
@@ -49,7 +52,12 @@ class Base:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        return self.vae.device  # every family has one; the denoiser may be dropped (precompute does)
+
+    @property
+    def resolution(self) -> int:
+        """Native image size: the denoiser's sample size (in latents; 128 when it has none) times the VAE's factor."""
+        return (getattr(self.denoiser.config, "sample_size", None) or 128) * self.pipe.vae_scale_factor
 
 
 class Family(ABC):
@@ -60,7 +68,8 @@ class Family(ABC):
     control_pipeline_class: ClassVar[str]  # stock diffusers pipeline that generates with it
     # Denoiser parameter-name prefixes that ``unlock_decoder`` trains (see each family's docs page).
     decoder_prefixes: ClassVar[tuple[str, ...]]
-    # The prompt tensors that come from the text (one row per sample): what prompt dropout replaces.
+    # The prompt tensors that come from the text (one row per sample): what prompt dropout replaces and what
+    # precompute stores; the other prompt tensors depend only on the image size (see complete_prompt).
     text_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
 
     def load(self, local_dir: Path, source: str, device="cpu", dtype: torch.dtype = torch.float32) -> Base:
@@ -80,11 +89,28 @@ class Family(ABC):
     def encode_prompts(self, base: Base, prompts: Sequence[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Prompt tensors the denoiser takes, one row per prompt; ``size`` is the image's (height, width)."""
 
-    @abstractmethod
-    def encode_images(self, base: Base, images: torch.Tensor) -> torch.Tensor:
-        """images: float in [-1, 1], NCHW -> latents as the denoiser sees them (posterior sample, as in training)."""
+    def complete_prompt(
+        self, text: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The prompt for stored ``text`` tensors (:attr:`text_keys`, e.g. precomputed): the size-dependent rest
+        comes from ``empty``, the empty prompt encoded at the training size."""
+        return {**{k: v for k, v in empty.items() if k not in self.text_keys}, **text}
 
-    def control_inputs(self, base: Base, conditions: torch.Tensor) -> torch.Tensor:
+    def encode_images(
+        self, base: Base, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """images: float in [-1, 1], NCHW -> latents as the denoiser sees them (posterior sample, as in training)."""
+        vae = base.vae
+        posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        return self.scale_latents(base, posterior.sample(generator))
+
+    @abstractmethod
+    def scale_latents(self, base: Base, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (a posterior sample) -> the space the denoiser works in (scale, shift, packing)."""
+
+    def control_inputs(
+        self, base: Base, conditions: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """conditions: float in [0, 1], NCHW at image size -> the ControlNet's input (UNet families: as is)."""
         return conditions
 

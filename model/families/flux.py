@@ -57,17 +57,22 @@ class Flux(Family):
         image_ids = base.pipe._prepare_latent_image_ids(len(prompts), h, w, embeds.device, embeds.dtype)
         return {"prompt_embeds": embeds, "pooled_projections": pooled, "txt_ids": text_ids, "img_ids": image_ids}
 
-    def encode_images(self, base: Base, images: torch.Tensor) -> torch.Tensor:
-        vae = base.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
-        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    def scale_latents(self, base: Base, latents: torch.Tensor) -> torch.Tensor:
+        latents = (latents - base.vae.config.shift_factor) * base.vae.config.scaling_factor
         n, c, h, w = latents.shape
         return base.pipe._pack_latents(latents, n, c, h, w)
 
-    def control_inputs(self, base: Base, conditions: torch.Tensor) -> torch.Tensor:
+    def complete_prompt(
+        self, text: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        # txt_ids / img_ids have no batch dimension: the empty prompt's serve every row.
+        device = text["prompt_embeds"].device
+        return {**text, "txt_ids": empty["txt_ids"].to(device), "img_ids": empty["img_ids"].to(device)}
+
+    def control_inputs(self, base: Base, conditions: torch.Tensor, generator: torch.Generator | None = None):
         # As FluxControlNetPipeline prepares the control image for a ControlNet without input_hint_block.
         with torch.no_grad():
-            return self.encode_images(base, conditions * 2 - 1)
+            return self.encode_images(base, conditions * 2 - 1, generator)
 
     def predict(self, denoiser, controlnets, noisy, timesteps, prompt, controls, scales) -> torch.Tensor:
         guidance = None

@@ -57,15 +57,15 @@ class SD3(Family):
         )
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
 
-    def encode_images(self, base: Base, images: torch.Tensor, shift: bool = True) -> torch.Tensor:
-        vae = base.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
-        return (latents - (vae.config.shift_factor if shift else 0.0)) * vae.config.scaling_factor
+    def scale_latents(self, base: Base, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - base.vae.config.shift_factor) * base.vae.config.scaling_factor
 
-    def control_inputs(self, base: Base, conditions: torch.Tensor) -> torch.Tensor:
+    def control_inputs(self, base: Base, conditions: torch.Tensor, generator: torch.Generator | None = None):
         # As StableDiffusion3ControlNetPipeline prepares the control image: [-1, 1], VAE, no shift for these nets.
+        vae = base.vae
         with torch.no_grad():
-            return self.encode_images(base, conditions * 2 - 1, shift=False)
+            posterior = vae.encode((conditions * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+            return posterior.sample(generator) * vae.config.scaling_factor
 
     def predict(self, denoiser, controlnets, noisy, timesteps, prompt, controls, scales) -> torch.Tensor:
         embeds, pooled = prompt["prompt_embeds"], prompt["pooled_projections"]

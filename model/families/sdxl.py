@@ -15,9 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from model.controlnet import ControlledUNet
 from model.families.base import Base
-from model.families.sd import UNetFamily
+from model.families.sd import UNetFamily, condition_embedding_channels
 
 UNION_TYPES = ("openpose", "depth", "hed", "canny", "normal", "segment")
 TINY_VERSION = "1"
@@ -42,11 +41,9 @@ class SDXL(UNetFamily):
     text_keys = ("prompt_embeds", "text_embeds")
 
     def new_controlnet(self, base: Base, union: bool = False, conditioning_channels: int = 3) -> nn.Module:
-        from diffusers import ControlNetModel
-
         if union:
-            return union_from_unet(base.denoiser)
-        return ControlNetModel.from_unet(base.denoiser, conditioning_channels=conditioning_channels)
+            return union_from_unet(base.denoiser, condition_embedding_channels(base.pipe.vae_scale_factor))
+        return super().new_controlnet(base, conditioning_channels=conditioning_channels)
 
     def encode_prompts(self, base: Base, prompts: Sequence[str], size: tuple[int, int], crop=(0, 0), original=None):
         """``original``: the image's size before resizing (default ``size``); ``crop``: where the crop began."""
@@ -56,40 +53,31 @@ class SDXL(UNetFamily):
         time_ids = torch.tensor([*(original or size), *crop, *size], dtype=embeds.dtype, device=embeds.device)
         return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), 6)}
 
-    def predict(self, denoiser, controlnets, noisy, timesteps, prompt, controls, scales) -> torch.Tensor:
-        added = {"text_embeds": prompt["text_embeds"], "time_ids": prompt["time_ids"]}
-        embeds = prompt["prompt_embeds"]
-        if controlnets:  # SD's checks: pixels at x8 the latents
-            images = [c.image if isinstance(c, Union) else c for c in controls]
-            ControlledUNet(denoiser, controlnets).check_conditions(noisy, images)
-        down_sum, mid_sum = None, None
-        for net, control, scale in zip(controlnets, controls, scales):
-            kwargs = dict(encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)
-            if isinstance(control, Union):
-                types = torch.nn.functional.one_hot(control.types, net.config.num_control_type)
-                down, mid = net(
-                    noisy,
-                    timesteps,
-                    controlnet_cond=[control.image.to(noisy.dtype)],
-                    control_type=types.to(noisy.dtype),
-                    control_type_idx=[control.types],  # per sample: indexes the task embedding row-wise
-                    conditioning_scale=[scale],
-                    **kwargs,
-                )
-            else:
-                down, mid = net(
-                    noisy, timesteps, controlnet_cond=control.to(noisy.dtype), conditioning_scale=scale, **kwargs
-                )
-            down_sum = list(down) if down_sum is None else [a + b for a, b in zip(down_sum, down)]
-            mid_sum = mid if mid_sum is None else mid_sum + mid
-        return denoiser(
+    def complete_prompt(
+        self, text: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        n = text["prompt_embeds"].shape[0]
+        return {**text, "time_ids": empty["time_ids"][:1].expand(n, 6).to(text["prompt_embeds"].device)}
+
+    def added_conditions(self, prompt: dict[str, torch.Tensor]) -> dict:
+        return {"text_embeds": prompt["text_embeds"], "time_ids": prompt["time_ids"]}
+
+    def condition_pixels(self, control) -> torch.Tensor:
+        return control.image if isinstance(control, Union) else control
+
+    def control_residuals(self, net, noisy, timesteps, control, scale, **kwargs):
+        if not isinstance(control, Union):
+            return super().control_residuals(net, noisy, timesteps, control, scale, **kwargs)
+        types = torch.nn.functional.one_hot(control.types, net.config.num_control_type)
+        return net(
             noisy,
             timesteps,
-            encoder_hidden_states=embeds,
-            added_cond_kwargs=added,
-            down_block_additional_residuals=down_sum,
-            mid_block_additional_residual=mid_sum,
-        ).sample
+            controlnet_cond=[control.image.to(noisy.dtype)],
+            control_type=types.to(noisy.dtype),
+            control_type_idx=[control.types],  # per sample: indexes the task embedding row-wise
+            conditioning_scale=[scale],
+            **kwargs,
+        )
 
     def pipeline(self, base: Base, controlnets: Sequence[nn.Module]):
         from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
@@ -101,14 +89,14 @@ class SDXL(UNetFamily):
         return super().pipeline(base, controlnets)
 
 
-def union_from_unet(unet: nn.Module) -> nn.Module:
+def union_from_unet(unet: nn.Module, embedding_channels: tuple[int, ...]) -> nn.Module:
     """``ControlNetUnionModel.from_unet``, with its condition-fusion transformer as wide as the UNet's first block.
 
     from_unet leaves that transformer at SDXL's width (320), which only fits UNets whose first block is 320 wide;
     for others (the tiny preset) the same model is rebuilt at the UNet's width and keeps every copied weight."""
     from diffusers import ControlNetUnionModel
 
-    net = ControlNetUnionModel.from_unet(unet)
+    net = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels)
     width = unet.config.block_out_channels[0]
     if net.config.num_trans_channel == width:
         return net

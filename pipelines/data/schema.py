@@ -25,6 +25,15 @@ CONDITION_COLUMN = re.compile(rf"^({SINGLE_CONDITION_COLUMN}|{CONDITION_PREFIX}.
 # Columns a precomputed dataset adds (Arrow fixed-shape float32 tensors)
 LATENT_MEAN, LATENT_STD, TEXT_EMBEDDING = "latent_mean", "latent_std", "text_embedding"
 TENSOR_COLUMNS = (LATENT_MEAN, LATENT_STD, TEXT_EMBEDDING)
+PROMPT_PREFIX = (
+    "prompt_"  # a family's other text tensors (SDXL: prompt_text_embeds; SD3/Flux: prompt_pooled_projections)
+)
+
+
+def prompt_column(key: str) -> str:
+    """The column that stores a family's prompt tensor ``key`` (model.families ``text_keys``)."""
+    return TEXT_EMBEDDING if key == "prompt_embeds" else f"{PROMPT_PREFIX}{key}"
+
 
 # Metadata keys
 ANNOTATOR_KEY = b"zeroconv.annotator"  # on a condition field: the annotator spec (name, params, weights)

@@ -5,7 +5,7 @@ This module is where they become torch tensors:
 
 * images      uint8 (N, H, W, 3)  -> float (N, 3, H, W) in [-1, 1]   (the VAE's input range)
 * conditions  uint8 (N, H, W, C)  -> float (N, 3, H, W) in [0, 1]    (what ControlNet was trained on)
-* precomputed rows (VAE posterior mean/std, text embeddings) -> one latent sample per step
+* precomputed rows (VAE posterior mean/std, prompt tensors) -> one latent sample per step
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipelines.common.images import decode_condition, decode_rgb
-from pipelines.data.schema import TENSOR_COLUMNS
+from pipelines.data.schema import LATENT_MEAN, LATENT_STD, prompt_column
 
 
 def image_tensor(images: np.ndarray) -> torch.Tensor:
@@ -37,17 +37,15 @@ def latent_distribution(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.
     return dist.mean, dist.std
 
 
-def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """One posterior sample, scaled: the latents training denoises.
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One posterior sample, unscaled (the family's ``scale_latents`` turns it into what training denoises).
 
-    The noise is drawn on the CPU (from ``generator``, or torch's global RNG), exactly as
-    ``BaseModel.encode_images`` draws it for a VAE on the CPU; so with the same RNG state both give
-    the same latents. On a GPU the two differ in which RNG they use, not in distribution.
+    The noise is drawn on the CPU (from ``generator``, or torch's global RNG), exactly as the VAE's
+    ``latent_dist.sample()`` in ``fam.encode_images`` draws it for a VAE on the CPU; so with the same RNG state
+    both give the same latents. On a GPU the two differ in which RNG they use, not in distribution.
     """
     eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
-    return (mean + std * eps) * scaling_factor
+    return mean + std * eps
 
 
 def _conditions(batch: dict[str, np.ndarray], condition_column: str, device) -> torch.Tensor:
@@ -61,29 +59,40 @@ def _float_tensor(values: np.ndarray, device) -> torch.Tensor:
 
 def precomputed_tensors(
     batch: dict[str, np.ndarray],
+    base,
     condition_column: str,
-    scaling_factor: float,
+    empty_prompt: dict[str, torch.Tensor],
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """A batch of precomputed rows (numpy columns, as Ray Data's ``iter_batches`` gives them) ->
-    (latents, text_embeddings, conditions) for :func:`model.objective.diffusion_loss`.
+    (latents, prompt tensors, conditions) for the family's ``loss``; ``base`` is a model.families.Base.
 
-    Latents are sampled here, per step; prompt dropout is still the train loop's job.
+    Latents are sampled here, per step; the prompt's size-dependent tensors come from ``empty_prompt`` (the empty
+    caption encoded at the dataset's size); prompt dropout is still the train loop's job.
     """
-    mean, std, text = (_float_tensor(batch[name], device) for name in TENSOR_COLUMNS)
-    latents = sample_latents(mean, std, scaling_factor, generator)
-    return latents, text, _conditions(batch, condition_column, device)
+    fam = base.family
+    mean, std = (_float_tensor(batch[name], device) for name in (LATENT_MEAN, LATENT_STD))
+    latents = fam.scale_latents(base, sample_latents(mean, std, generator))
+    text = {key: _float_tensor(batch[prompt_column(key)], device) for key in fam.text_keys}
+    return latents, fam.complete_prompt(text, empty_prompt), _conditions(batch, condition_column, device)
 
 
 def raw_tensors(
     base, batch: dict[str, np.ndarray], condition_column: str, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same triple from annotated rows (JPEG images, captions), encoding them now with
-    ``base.encode_images`` / ``base.encode_prompts``: the path that precomputing replaces."""
-    latents = base.encode_images(image_tensor(np.stack([decode_rgb(b) for b in batch["image"]])).to(device))
-    text = base.encode_prompts([str(t) for t in batch["text"]]).to(device)
-    return latents.to(device), text, _conditions(batch, condition_column, device)
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The same triple from annotated rows (JPEG images, captions), encoding them now with the family's
+    ``encode_images`` / ``encode_prompts``: the path that precomputing replaces."""
+    images = image_tensor(np.stack([decode_rgb(b) for b in batch["image"]])).to(device)
+    return encoded_tensors(base, images, [str(t) for t in batch["text"]], _conditions(batch, condition_column, device))
+
+
+@torch.no_grad()
+def encoded_tensors(base, images: torch.Tensor, prompts: list[str], conditions: torch.Tensor):
+    """(latents, prompt tensors, conditions) through the frozen VAE and text encoders of ``base``."""
+    fam = base.family
+    prompt = fam.encode_prompts(base, prompts, tuple(images.shape[-2:]))
+    return fam.encode_images(base, images).to(images.device), prompt, conditions
 
 
 def decode_batch(batch: dict[str, np.ndarray], condition_column: str) -> dict[str, np.ndarray]:
@@ -103,11 +112,16 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torc
 
 
 def batch_tensors(
-    batch: dict[str, np.ndarray], base, condition_column: str, scaling_factor: float | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, text embeddings, conditions): through the frozen VAE and text encoder from a decoded
+    batch: dict[str, np.ndarray],
+    base,
+    condition_column: str,
+    scaling_factor: float | None,
+    device: torch.device,
+    empty_prompt: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(latents, prompt tensors, conditions): through the frozen VAE and text encoders from a decoded
     batch, or sampled from the stored posteriors of a precomputed one (``scaling_factor`` set)."""
     if scaling_factor is not None:
-        return precomputed_tensors(batch, condition_column, scaling_factor, device)
+        return precomputed_tensors(batch, base, condition_column, empty_prompt, device)
     images, conditions, prompts = to_tensors(batch, device)
-    return base.encode_images(images), base.encode_prompts(prompts), conditions
+    return encoded_tensors(base, images, prompts, conditions)

@@ -31,16 +31,15 @@ def register_controlnet(
     import torch
 
     from annotators import create
-    from model.controlnet import controlnet_from_unet
-    from model.export import export_controlnet
+    from model.export import export_model
     from model.registry import log_controlnet_model, set_alias
 
-    net = controlnet_from_unet(base.unet)
+    net = base.family.new_controlnet(base)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    out = export_controlnet(net, export_root / f"{name}-seed{seed}")
+    out = export_model(net, export_root / f"{name}-seed{seed}")
     metadata = {"base_model": str(base_dir), "annotator": annotator or create("canny").spec()}
     if inference:
         metadata["inference"] = inference

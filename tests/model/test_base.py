@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.base import TINY, build_tiny, load_base, resolve_base_dir
+from model.base import TINY, build_tiny, resolve_base_dir
+from model.families import load
 
 
 def test_tiny_is_deterministic_and_diffusers_format(tiny_base_dir, tmp_path):
@@ -21,8 +22,8 @@ def test_tiny_is_deterministic_and_diffusers_format(tiny_base_dir, tmp_path):
 
 def test_tiny_uses_clip_tokenizer(tiny_base):
     # CLIP's real ids: <|startoftext|> a red circle <|endoftext|>
-    assert tiny_base.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
-    assert tiny_base.resolution == 64 and tiny_base.prediction_type == "epsilon"
+    assert tiny_base.pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert tiny_base.resolution == 64 and tiny_base.pipe.scheduler.config.prediction_type == "epsilon"
 
 
 def test_stock_diffusers_loads_the_tiny_dir(tiny_base_dir):
@@ -35,13 +36,13 @@ def test_stock_diffusers_loads_the_tiny_dir(tiny_base_dir):
 
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_base(str(tmp_path / "nope"))
+        load(str(tmp_path / "nope"))
 
 
 def test_not_a_diffusers_dir_is_a_clear_error(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ValueError, match="not a diffusers Stable Diffusion directory: missing vae/"):
-        load_base(str(tmp_path))
+        load(str(tmp_path))
 
 
 def test_loads_from_s3(tiny_base_dir, s3_bucket, tmp_path, monkeypatch):
@@ -52,9 +53,9 @@ def test_loads_from_s3(tiny_base_dir, s3_bucket, tmp_path, monkeypatch):
         if f.is_file():
             s3.upload_file(str(f), s3_bucket, f"models/tiny/{f.relative_to(tiny_base_dir)}")
     monkeypatch.setenv("ZEROCONV_CACHE", str(tmp_path / "cache"))
-    base = load_base(f"s3://{s3_bucket}/models/tiny")
+    base = load(f"s3://{s3_bucket}/models/tiny")
     assert str(base.local_dir).startswith(str(tmp_path / "cache"))
-    assert base.tokenizer("a").input_ids == [49406, 320, 49407]
+    assert base.pipe.tokenizer("a").input_ids == [49406, 320, 49407]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_base_dir(f"s3://{s3_bucket}/models/missing")
 

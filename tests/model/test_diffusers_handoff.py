@@ -52,7 +52,7 @@ def test_diffusers_train_controlnet_script_contract_loads_the_tiny_base(tiny_bas
     assert result["class"] == "CLIPTextModel"
     assert result["ids"] == [49406, 320, 736, 7117, 49407]
     # the trained weights were loaded, not fresh ones: same embeddings as zeroconv computes
-    expected = tiny_base.encode_prompts(["a red circle"]).flatten()
+    expected = tiny_base.family.encode_prompts(tiny_base, ["a red circle"], (64, 64))["prompt_embeds"].flatten()
     assert torch.allclose(torch.tensor(result["hidden"]), expected, atol=1e-5)
     assert result["latent_shape"] == [1, 4, 8, 8] and result["residuals"] == 4
     assert result["prediction_type"] == "epsilon"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.export import export_controlnet
+from model.export import export_model
 from model.families import resolve
 from model.families.sdxl import UNION_TYPES, Union
 from tests.model.test_families import PRESETS, base_of, batch
@@ -58,7 +58,7 @@ def test_exported_controlnet_generates_with_the_stock_pipeline(family, tmp_path)
     net_class, pipe_class, control_arg = STOCK[family]
     assert (base.family.controlnet_class, base.family.control_pipeline_class) == (net_class, pipe_class)
     net = nudged(base.family.new_controlnet(base))
-    export_controlnet(net, tmp_path / "controlnet")
+    export_model(net, tmp_path / "controlnet")
 
     loaded = getattr(diffusers, net_class).from_pretrained(tmp_path / "controlnet")
     saved, reloaded = net.state_dict(), loaded.state_dict()
@@ -102,7 +102,7 @@ def test_union_controlnet_identity_with_a_type_per_sample():
 
 def test_union_controlnet_generates_with_the_stock_union_pipeline(tmp_path):
     base = base_of("sdxl")
-    export_controlnet(nudged(base.family.new_controlnet(base, union=True)), tmp_path / "union")
+    export_model(nudged(base.family.new_controlnet(base, union=True)), tmp_path / "union")
     loaded = diffusers.ControlNetUnionModel.from_pretrained(tmp_path / "union")
     stock = diffusers.StableDiffusionXLControlNetUnionPipeline.from_pretrained(resolve("tiny-sdxl"), controlnet=loaded)
     stock.set_progress_bar_config(disable=True)

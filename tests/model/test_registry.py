@@ -73,20 +73,19 @@ def registered(mlflow_server, tiny_base, tmp_path_factory):
     import mlflow
     import torch
 
-    from model.controlnet import controlnet_from_unet
-    from model.export import export_controlnet
+    from model.export import export_model
     from model.inference import generate, load_pipeline
     from model.registry import log_controlnet_model
     from pipelines.common.tracking import connect
     from pipelines.data.synthetic import fill50k
 
     connect(mlflow_server, "registry-tests")
-    net = controlnet_from_unet(tiny_base.unet)
+    net = tiny_base.family.new_controlnet(tiny_base)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-    export = export_controlnet(net, tmp_path_factory.mktemp("export") / "controlnet")
+    export = export_model(net, tmp_path_factory.mktemp("export") / "controlnet")
     metadata = {"base_model": "tiny", "inference": {"steps": 20, "guidance_scale": 9.0}}
     loads = []  # models loaded while logging: MLflow loads one to run predict on an input example
     load_model = mlflow.pyfunc.load_model
@@ -135,7 +134,7 @@ def test_registered_model_carries_code_requirements_signature_and_base(registere
         assert pins[package] == version(package).split("+")[0], package
     code = {str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py")}
     assert {"model/registry.py", "model/inference.py", "model/base.py", "pipelines/data/tensors.py"} <= code
-    assert not code & {"pipelines/train.py", "pipelines/annotate.py", "model/controlnet.py", "deploy/serve_app.py"}
+    assert not code & {"pipelines/train.py", "pipelines/annotate.py", "pipelines/train_loop.py", "deploy/serve_app.py"}
     # every library the logged code imports is pinned (open_clip only builds the tiny base, which is logged)
     imported = _third_party_imports(local / "code") - {"open_clip"}
     distributions = packages_distributions()

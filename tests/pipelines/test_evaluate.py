@@ -31,16 +31,8 @@ def test_baseline_is_the_base_model_without_control(tiny_base):
     with_control = generate(pipe, prompts, conditions, seed=seeds, steps=3)
     baseline = generate(pipe, prompts, conditions, seed=seeds, steps=3, conditioning_scale=0.0)
 
-    plain = StableDiffusionPipeline(
-        vae=tiny_base.vae,
-        text_encoder=tiny_base.text_encoder,
-        tokenizer=tiny_base.tokenizer,
-        unet=tiny_base.unet,
-        scheduler=DDIMScheduler.from_config(tiny_base.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = {k: v for k, v in tiny_base.pipe.components.items() if k != "scheduler"}
+    plain = StableDiffusionPipeline(**components, scheduler=DDIMScheduler.from_config(tiny_base.pipe.scheduler.config))
     latents = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
     expected = plain(
         prompts, num_inference_steps=3, guidance_scale=9.0, latents=latents, height=64, width=64, output_type="np"
@@ -57,9 +49,7 @@ def test_baseline_is_the_base_model_without_control(tiny_base):
 
 def _perturbed_controlnet(base, seed: int, scale: float = 0.05):
     """A fresh ControlNet is the identity (zero convs); perturbed weights make versions differ."""
-    from model.controlnet import controlnet_from_unet
-
-    net = controlnet_from_unet(base.unet)
+    net = base.family.new_controlnet(base)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
@@ -72,10 +62,10 @@ def register_controlnet(base, base_dir: Path, name: str, seed: int, export_root:
     import mlflow
 
     from annotators import create
-    from model.export import export_controlnet
+    from model.export import export_model
     from model.registry import log_controlnet_model
 
-    out = export_controlnet(_perturbed_controlnet(base, seed), export_root / f"{name}-seed{seed}")
+    out = export_model(_perturbed_controlnet(base, seed), export_root / f"{name}-seed{seed}")
     metadata = {
         "base_model": str(base_dir),
         "annotator": create("canny").spec(),

@@ -88,7 +88,7 @@ def test_tensors_are_the_encoders_outputs(precomputed, fill50k_parquet, tiny_bas
     assert torch.allclose(torch.from_numpy(rows["latent_mean"]), mean, atol=1e-5)
     assert torch.allclose(torch.from_numpy(rows["latent_std"]), std, atol=1e-5)
     assert float(std.min()) > 0  # a distribution, not a point: training still samples
-    text = tiny_base.encode_prompts(raw["text"][:6])
+    text = tiny_base.family.encode_prompts(tiny_base, raw["text"][:6], (64, 64))["prompt_embeds"]
     assert torch.allclose(torch.from_numpy(rows["text_embedding"]), text, atol=1e-5)
     assert list(rows["conditioning_image"]) == raw["conditioning_image"][:6]  # condition PNGs kept as they were
 
@@ -97,25 +97,25 @@ def test_tensors_are_the_encoders_outputs(precomputed, fill50k_parquet, tiny_bas
     assert first.column("latent_mean").combine_chunks().to_numpy_ndarray().shape[1:] == (4, 8, 8)
 
     empty = load_empty_prompt(str(output))
-    assert torch.allclose(empty, tiny_base.encode_prompts([""]), atol=1e-6)
+    assert torch.allclose(
+        empty, tiny_base.family.encode_prompts(tiny_base, [""], (64, 64))["prompt_embeds"], atol=1e-6
+    )
     manifest = read_manifest(str(output))
     assert manifest["status"] == "complete" and manifest["rows"] == 32
-    assert manifest["scaling_factor"] == tiny_base.vae.config.scaling_factor
+    assert manifest["scaling_factor"] == tiny_base.vae.config.scaling_factor and manifest["family"] == "sd"
     assert manifest["tensors"]["text_embedding"]["shape"] == [77, 32]
 
 
 def test_same_loss_from_images_and_from_precomputed_rows(precomputed, fill50k_parquet, tiny_base):
-    from model.controlnet import ControlledUNet, controlnet_from_unet
-    from model.objective import diffusion_loss
-
+    fam = tiny_base.family
     output, _ = precomputed
-    controlnet = controlnet_from_unet(tiny_base.unet)
+    controlnet = fam.new_controlnet(tiny_base)
     with torch.no_grad():  # a trained-looking ControlNet, so the condition matters to the loss
         g = torch.Generator().manual_seed(1)
         for p in controlnet.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    model = ControlledUNet(tiny_base.unet, [controlnet])
-    scaling = read_manifest(str(output))["scaling_factor"]
+    model = fam.controlled(tiny_base, [controlnet])
+    empty = fam.encode_prompts(tiny_base, [""], (64, 64))
 
     raw_all = pq.read_table(fill50k_parquet).to_pydict()
     raw = {k: np.array(v, dtype=object) for k, v in raw_all.items()}
@@ -127,9 +127,9 @@ def test_same_loss_from_images_and_from_precomputed_rows(precomputed, fill50k_pa
         if path == "raw":
             latents, text, cond = raw_tensors(tiny_base, raw_batch, "conditioning_image")
         else:
-            latents, text, cond = precomputed_tensors(pre_batch, "conditioning_image", scaling)
+            latents, text, cond = precomputed_tensors(pre_batch, tiny_base, "conditioning_image", empty)
         with torch.no_grad():
-            return float(diffusion_loss(model, tiny_base.noise_scheduler, latents, text, [cond]))
+            return float(fam.loss(model, tiny_base, latents, text, [cond]))
 
     assert loss("precomputed", 0) == pytest.approx(loss("raw", 0), rel=1e-5, abs=1e-6)
     assert loss("precomputed", 7) == pytest.approx(loss("raw", 7), rel=1e-5, abs=1e-6)
@@ -137,7 +137,7 @@ def test_same_loss_from_images_and_from_precomputed_rows(precomputed, fill50k_pa
 
     # An explicit generator gives the same latents on both sides of a sample as the global RNG would.
     pre_latents = precomputed_tensors(
-        pre_batch, "conditioning_image", scaling, generator=torch.Generator().manual_seed(3)
+        pre_batch, tiny_base, "conditioning_image", empty, generator=torch.Generator().manual_seed(3)
     )[0]
     torch.manual_seed(3)
     raw_latents = raw_tensors(tiny_base, raw_batch, "conditioning_image")[0]

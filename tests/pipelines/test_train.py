@@ -156,7 +156,9 @@ def test_zero3_unlock_decoder_moves_only_decoder_and_exports_unet(
 ):
     from diffusers import UNet2DConditionModel
 
-    from model.controlnet import DECODER_PREFIXES
+    from model.families import FAMILIES
+
+    DECODER_PREFIXES = FAMILIES["sd"].decoder_prefixes
 
     config = train_config(
         tmp_path,
@@ -316,25 +318,21 @@ def informative_tiny_base(out_dir: Path, images: np.ndarray) -> Path:
 def denoising_losses(base, controlnet, samples, repeats: int = 4) -> dict[str, float]:
     """Loss with each sample's own condition vs with the conditions rolled across the batch; the
     same noise and timesteps (one generator seed) for both."""
-    from model.controlnet import ControlledUNet
-    from model.objective import diffusion_loss
     from pipelines.data.tensors import condition_tensor
 
-    model = ControlledUNet(base.unet, [controlnet]).eval()
+    fam = base.family
+    model = fam.controlled(base, [controlnet]).eval()
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
     conditions = condition_tensor(np.stack([s.condition for s in samples]))
-    latents, text = base.encode_images(images), base.encode_prompts([s.text for s in samples])
+    with torch.no_grad():
+        latents = fam.encode_images(base, images)
+        text = fam.encode_prompts(base, [s.text for s in samples], (64, 64))
     losses = {}
     for name, conds in (("true", conditions), ("shuffled", conditions.roll(1, 0))):
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             losses[name] = float(
-                np.mean(
-                    [
-                        diffusion_loss(model, base.noise_scheduler, latents, text, [conds], generator=generator)
-                        for _ in range(repeats)
-                    ]
-                )
+                np.mean([fam.loss(model, base, latents, text, [conds], generator=generator) for _ in range(repeats)])
             )
     return losses
 
@@ -349,8 +347,7 @@ def test_control_is_learned_on_fill50k(tmp_path, ray_session, mlflow_server):
     circles takes far more steps than a test can spend (see docs/training.md)."""
     from diffusers import ControlNetModel
 
-    from model.base import load_base
-    from model.controlnet import controlnet_from_unet
+    from model.families import load
     from pipelines.data.synthetic import fill50k, write_fill50k_parquet
 
     samples = fill50k(32, size=64, seed=0)
@@ -374,8 +371,8 @@ def test_control_is_learned_on_fill50k(tmp_path, ray_session, mlflow_server):
     )
     result = run_train(config)
 
-    base = load_base(str(base_dir))
-    at_init = denoising_losses(base, controlnet_from_unet(base.unet), samples)
+    base = load(str(base_dir))
+    at_init = denoising_losses(base, base.family.new_controlnet(base), samples)
     assert at_init["true"] == at_init["shuffled"]
     trained = denoising_losses(base, ControlNetModel.from_pretrained(result.controlnet_dir), samples)
     print(
