@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import Field
@@ -222,9 +223,22 @@ def _resources_text(request: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(request.items())) + "}"
 
 
+@dataclass(frozen=True)
+class ItemStream:
+    """``count`` work items (dicts, one row each) that ``open()`` yields, for :func:`run_actor_pool` when a list
+    would not fit the driver: one read task on the driver's node calls ``open`` (it must pickle, and yield the
+    same items each time) and streams them into the pool (pipelines/common/item_stream.py)."""
+
+    count: int
+    open: Callable[[], Iterator[dict]]
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def run_actor_pool(
     actor: type,
-    items: list[dict],
+    items: list[dict] | ItemStream,
     *,
     compute: ActorCompute,
     ray_config: RayConfig,
@@ -243,6 +257,7 @@ def run_actor_pool(
     ``rows_per_call`` items (a numpy batch) to output columns. Items are cut into blocks of
     ``rows_per_call`` and each actor has one in flight, so no actor sits on a queue while another is
     idle at the end. ``progress(batch)`` says how much of ``total`` a batch finished (for the bar).
+    ``items`` is a list, or an :class:`ItemStream` the driver does not hold.
     """
     import ray
 
@@ -252,7 +267,13 @@ def run_actor_pool(
         compute, blocks, ray_config.resources, single_threaded, cluster_may_grow=not started_fixed_ray()
     )
     check_schedulable(options)
-    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    if isinstance(items, ItemStream):
+        from pipelines.common.item_stream import read_streamed
+
+        dataset = read_streamed(items.open, rows_per_block=rows_per_call)
+    else:
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+    dataset = dataset.map_batches(
         actor,
         batch_size=rows_per_call,
         fn_constructor_kwargs=constructor_kwargs,
