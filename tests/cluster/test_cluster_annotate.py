@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.annotate import AnnotateConfig, run_annotate
 from pipelines.data.synthetic import write_image_folder
-from tests.cluster.conftest import wait_for
+from tests.cluster.harness import wait_for
 
 pytestmark = pytest.mark.cluster
 

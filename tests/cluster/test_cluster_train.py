@@ -12,7 +12,7 @@ import torch
 
 from pipelines.common.config import BaseModelConfig, MLflowConfig
 from pipelines.train import TrainConfig, run_train
-from tests.cluster.conftest import wait_for
+from tests.cluster.harness import train_worker_nodes, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -58,16 +58,6 @@ def committed_checkpoints(run_dir: Path) -> list[str]:
         return []
     text = snapshot.read_text()
     return sorted({p.name for p in run_dir.glob("checkpoint_*") if p.name in text})
-
-
-def train_worker_nodes() -> dict[str, str]:
-    """Ray Train worker actors ever started (alive or dead): actor id -> node id."""
-    from ray.util.state import list_actors
-
-    return {
-        a.actor_id: a.node_id
-        for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)
-    }
 
 
 def zero_conv_weights(controlnet_dir: str) -> torch.Tensor:
