@@ -75,7 +75,11 @@ def ensure_ray(config: RayConfig | None = None) -> bool:
     # it stays in Ray's session log folder, which the run's summary names.
     log_to_driver = console.streams_worker_logs()
     if address:
-        context = ray.init(address=address, log_to_driver=log_to_driver)
+        # On a cluster the autoscaler's lines ("Adding 2 node(s) of type cpu_decode") are the progress a user
+        # waits on; they come through Ray's log stream, which quiet mode would otherwise keep off.
+        context = ray.init(address=address, log_to_driver=True)
+        if not log_to_driver:
+            _only_autoscaler_lines()
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray listener on loopback
         context = ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
@@ -83,6 +87,21 @@ def ensure_ray(config: RayConfig | None = None) -> bool:
     if session_dir:
         console.record_log_location("Ray", f"{session_dir}/logs")
     return True
+
+
+def _only_autoscaler_lines() -> None:
+    """Of Ray's log stream to this driver, print the autoscaler's events to the terminal and drop the workers'
+    output (it stays in the session's log folder). Ray has no public switch for that: its printer of the
+    stream is replaced by a filtering one, under the same name, so that ``ray.shutdown()`` removes it."""
+    from ray._private import worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def print_autoscaler_events(data: dict) -> None:
+        if data.get("pid") == "autoscaler":
+            worker.print_worker_logs(data, console.terminal())
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_autoscaler_events)
 
 
 def storage_runtime_env() -> dict:
