@@ -98,7 +98,10 @@ def test_replicas_ask_for_the_ray_resources_that_pin_them_to_a_node_type():
     from deploy.app import CheckedConfig
 
     def actor_options(**fields) -> dict:
-        return CheckedConfig(ServeConfig(**fields), {}, None).application()._bound_deployment.ray_actor_options
+        gateway = CheckedConfig(ServeConfig(**fields), {}, None).application()._bound_deployment
+        assert gateway.ray_actor_options == {"num_cpus": 0}  # the gateway fits anywhere, pinned by nothing
+        server = gateway.init_args[0]._bound_deployment  # the model replicas, behind the gateway
+        return server.ray_actor_options
 
     pinned = actor_options(ray={"resources": {"annotate_gpu": 1}}, replicas={"num_cpus": 0.5})
     assert pinned == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"annotate_gpu": 1.0}}
@@ -108,7 +111,7 @@ def test_replicas_ask_for_the_ray_resources_that_pin_them_to_a_node_type():
 def test_a_replica_that_fails_to_load_reports_only_that_error(tmp_path):
     from deploy.app import ControlNetServer
 
-    replica_class = ControlNetServer.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+    replica_class = ControlNetServer.func_or_class
     replica = replica_class.__new__(replica_class)
     config = ServeConfig(models=["no-such-model"], mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     with pytest.raises(ValueError, match="no-such-model"):
