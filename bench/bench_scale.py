@@ -55,7 +55,8 @@ def dry_run(shards, spill_dir: str) -> dict:
 
     plan = SpilledPlan.write(shards, spill_dir)
     digest = hashlib.sha256("".join(plan.fingerprints[i] for i in range(len(plan))).encode())
-    sent_bytes = sum(len(item["shard"]) for item in plan.items(range(len(plan))))
+    stream = plan.items(range(len(plan)))
+    sent_bytes = sum(len(item["shard"]) for key in stream.keys for item in stream.read([key]))  # a task each
     return {
         "shards": len(plan),
         "inputs": plan.inputs(range(len(plan))) or 0,

@@ -30,7 +30,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -209,7 +208,7 @@ def _annotate(
     )
 
     def annotate(pending: list[int], done) -> None:
-        from pipelines.common.cluster import ItemStream, run_actor_pool, storage_runtime_env
+        from pipelines.common.cluster import run_actor_pool, storage_runtime_env
 
         job = ShardJob(
             source=source,
@@ -226,7 +225,7 @@ def _annotate(
         )
         batches = run_actor_pool(
             AnnotateShards,
-            ItemStream(len(pending), partial(plan.items, pending)),  # streamed from the plan file, not held
+            plan.items(pending),  # read from the plan file where needed, not held by the driver
             compute=config.compute,
             ray_config=config.ray,
             constructor_kwargs={"job": job},

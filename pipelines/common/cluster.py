@@ -244,15 +244,15 @@ def _resources_text(request: dict[str, float]) -> str:
 
 @dataclass(frozen=True)
 class ItemStream:
-    """``count`` work items (dicts, one row each) that ``open()`` yields, for :func:`run_actor_pool` when a list
-    would not fit the driver: one read task on the driver's node calls ``open`` (it must pickle, and yield the
-    same items each time) and streams them into the pool (pipelines/common/item_stream.py)."""
+    """Work items for :func:`run_actor_pool` when a list would not fit the driver: a small key per item (e.g.
+    its byte offset in a file on the driver's node) and ``read(keys) -> items`` (dicts, one row each), which
+    must pickle: Ray Data read tasks on the driver's node call it (pipelines/common/item_stream.py)."""
 
-    count: int
-    open: Callable[[], Iterator[dict]]
+    keys: list
+    read: Callable[[list], list[dict]]
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.keys)
 
 
 def run_actor_pool(
@@ -289,7 +289,7 @@ def run_actor_pool(
     if isinstance(items, ItemStream):
         from pipelines.common.item_stream import read_streamed
 
-        dataset = read_streamed(items.open, rows_per_block=rows_per_call)
+        dataset = read_streamed(items.keys, items.read, rows_per_block=rows_per_call)
     else:
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
     dataset = dataset.map_batches(

@@ -1,17 +1,20 @@
-"""Work items streamed into Ray Data from the driver's node, for inputs too large to hold as a list.
+"""Work items read into Ray Data on the driver's node, for inputs too large to hold as a list.
 
-    dataset = read_streamed(partial(plan.items, pending), rows_per_block=1)
+    dataset = read_streamed(ItemStream(keys, read), rows_per_block=1)
 
 ``ray.data.from_items`` takes a list: the driver holds every item, then copies them into the object store
-at once. An :class:`~pipelines.common.cluster.ItemStream` is read instead by one Ray Data read task on the
-driver's node (the items may come from a local file there; it asks for no CPU, so it runs on a head started
-with ``num-cpus 0``), block by block as the pipeline downstream asks for more: the driver holds a way to
-open the items, not the items.
+at once. An :class:`~pipelines.common.cluster.ItemStream` holds a small key per item (e.g. a byte offset
+in a file on this node) and a function that reads the items of some keys. Each block of
+``rows_per_block`` items is one Ray Data read task that reads its items when the pipeline asks for it:
+the driver holds the keys, not the items. One task per block, not one task yielding every block: Ray
+Data joins the small blocks one task yields into one block, which would hand the whole input to a
+single actor of the pool. The tasks run on the driver's node (where the items are) and ask for no CPU,
+so they run on a head started with ``num-cpus 0``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 
 import pyarrow as pa
@@ -19,37 +22,36 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 
-class _StreamedItems(Datasource):
-    def __init__(self, open_items: Callable[[], Iterator[dict]], rows_per_block: int):
-        self._open_items, self._rows_per_block = open_items, rows_per_block
+class _KeyedItems(Datasource):
+    def __init__(self, keys: list, read: Callable[[list], list[dict]], rows_per_block: int):
+        self._keys, self._read, self._rows_per_block = keys, read, rows_per_block
 
     @property
     def supports_distributed_reads(self) -> bool:
-        return False  # Ray Data then pins the one read task to the driver's node, where the items are
+        return False  # Ray Data then pins the read tasks to the driver's node, where the items are
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None  # unknown without reading them all: the point is not to
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
-        metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        read = partial(_blocks, self._open_items, self._rows_per_block)
-        return [ReadTask(read, metadata, per_task_row_limit=per_task_row_limit)]
+        tasks = []
+        for start in range(0, len(self._keys), self._rows_per_block):
+            keys = self._keys[start : start + self._rows_per_block]
+            metadata = BlockMetadata(num_rows=len(keys), size_bytes=None, input_files=None, exec_stats=None)
+            tasks.append(ReadTask(partial(_block, self._read, keys), metadata, per_task_row_limit=per_task_row_limit))
+        return tasks
 
 
-def _blocks(open_items: Callable[[], Iterator[dict]], rows_per_block: int) -> Iterator[pa.Table]:
-    rows: list[dict] = []
-    for item in open_items():
-        rows.append(item)
-        if len(rows) == rows_per_block:
-            yield pa.Table.from_pylist(rows)
-            rows = []
-    if rows:
-        yield pa.Table.from_pylist(rows)
+def _block(read: Callable[[list], list[dict]], keys: list) -> list[pa.Table]:
+    return [pa.Table.from_pylist(read(keys))]
 
 
-def read_streamed(open_items: Callable[[], Iterator[dict]], rows_per_block: int):
-    """A Ray Data dataset of what ``open_items()`` yields (it must pickle, and yield the same items each time),
-    read in blocks of ``rows_per_block`` rows by one task (no CPU) on this node."""
+def read_streamed(keys: list, read: Callable[[list], list[dict]], rows_per_block: int):
+    """A Ray Data dataset of the items ``read(keys)`` gives (``read`` must pickle), one read task (no CPU, on
+    this node) per ``rows_per_block`` keys."""
     import ray
 
-    return ray.data.read_datasource(_StreamedItems(open_items, rows_per_block), num_cpus=0, override_num_blocks=1)
+    blocks = -(-len(keys) // rows_per_block)
+    return ray.data.read_datasource(
+        _KeyedItems(keys, read, rows_per_block), num_cpus=0, override_num_blocks=max(blocks, 1)
+    )

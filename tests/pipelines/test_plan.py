@@ -19,9 +19,11 @@ def test_the_plan_file_holds_every_shard_and_streams_back_the_pending_ones(tmp_p
     assert len(plan) == len(shards) == 4 and plan.kind == "images"
     assert plan.fingerprints == {s.index: s.fingerprint() for s in shards}  # what resume and the manifest check
     assert plan.inputs(range(4)) == 14 and plan.inputs([1, 3]) == shards[1].count + shards[3].count
-    items = list(plan.items([3, 1]))  # any order asked; plan order given
-    assert [Shard.from_json(i["shard"]) for i in items] == [shards[1], shards[3]]
-    assert list(plan.items([])) == []
+    stream = plan.items([3, 1])  # any order asked; plan order given
+    assert len(stream) == 2
+    assert [Shard.from_json(i["shard"]) for i in stream.read(stream.keys)] == [shards[1], shards[3]]
+    assert [Shard.from_json(i["shard"]) for i in stream.read(stream.keys[1:])] == [shards[3]]  # one read task's
+    assert len(plan.items([])) == 0
 
 
 def test_an_empty_plan_is_refused(tmp_path):
