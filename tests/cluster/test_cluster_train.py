@@ -76,6 +76,10 @@ def trained_through_a_node_loss(fake_cluster, mlflow_server, fill50k_parquet, tm
     config = train_config(work, fill50k_parquet, mlflow_server)
     run_dir = work / "train" / RUN
     outcome: dict = {}
+    earlier = set(train_worker_nodes())  # workers of other runs on this cluster (the submitted pipeline's)
+
+    def workers() -> dict[str, str]:
+        return {actor: node for actor, node in train_worker_nodes().items() if actor not in earlier}
 
     def train() -> None:
         try:
@@ -89,7 +93,7 @@ def trained_through_a_node_loss(fake_cluster, mlflow_server, fill50k_parquet, tm
     if "error" in outcome:
         raise outcome["error"]
     committed = committed_checkpoints(run_dir)
-    before = train_worker_nodes()
+    before = workers()
     victim = next(iter(before.values()))
     fake_cluster.kill_node(victim)
     job.join(timeout=900)
@@ -102,7 +106,7 @@ def trained_through_a_node_loss(fake_cluster, mlflow_server, fill50k_parquet, tm
         "committed_at_kill": int(committed[-1].rsplit("_", 1)[1]),
         "victim": victim,
         "nodes_before": set(before.values()),
-        "nodes_after": set(train_worker_nodes().values()),
+        "nodes_after": set(workers().values()),
         "export": zero_conv_weights(outcome["result"].controlnet_dir),
     }
 
