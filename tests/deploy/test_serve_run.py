@@ -77,7 +77,6 @@ def test_a_request_whose_replica_dies_is_answered_by_its_replacement(ray_session
     and it is answered 200 - here by the replacement Serve starts - where Serve's proxy alone answers 500."""
     import ray
     from ray import serve
-    from ray.util.state import list_actors
 
     registry("serve-replica-loss", seed=6)
     app_name = "replica-loss"
@@ -97,10 +96,11 @@ def test_a_request_whose_replica_dies_is_answered_by_its_replacement(ray_session
     body = {"prompt": "a circle", "controls": [{"image": condition}], "steps": 100, "seed": 0}  # seconds of work
     try:
         result = run_serve(config)
+        # Serve names each replica actor SERVE_REPLICA::<app>#<deployment>#<id> (in its own namespace).
         (replica,) = [
             a
-            for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-            if a.class_name.startswith(f"ServeReplica:{app_name}:ControlNetServer")
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app_name}#ControlNetServer#")
         ]
         answers: list[requests.Response] = []
         request = threading.Thread(
@@ -109,7 +109,7 @@ def test_a_request_whose_replica_dies_is_answered_by_its_replacement(ray_session
         request.start()
         time.sleep(3)  # the request reaches the replica and generates (100 steps take longer than this)
         assert request.is_alive(), "the request finished before its replica could be killed: give it more steps"
-        ray.kill(ray.get_actor(replica.name, namespace=replica.ray_namespace), no_restart=True)
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
         request.join(timeout=300)
 
         assert answers and answers[0].status_code == 200, answers and answers[0].text
