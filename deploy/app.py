@@ -63,6 +63,9 @@ class ReplicaLost(RequestError):
     def __init__(self):
         super().__init__(None, "the model replica serving this request was lost; retry it", 503)
 
+    def __reduce__(self):
+        return type(self), ()
+
 
 app = FastAPI(title="zeroconv", description="ControlNet image generation from registered models.")
 

@@ -130,3 +130,11 @@ def test_the_serve_run_config_serves_the_demo_registry():
     assert config.models == [MODEL_NAME] and config.work_dir == DemoConfig().work_dir
     assert config.mlflow.tracking_uri is None  # -> sqlite <work_dir>/mlflow.db, where the demo registers
     assert spec["http_options"]["request_timeout_s"] > config.request_timeout_s  # the app's 504 answers first
+
+
+def test_a_request_error_crosses_from_a_replica_to_the_gateway_whole():
+    """A 4xx raised in a model replica reaches the gateway pickled: it must keep its field and status."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(RequestError("controls[0].image", "not valid base64", 400)))
+    assert (error.field, error.message, error.status) == ("controls[0].image", "not valid base64", 400)
