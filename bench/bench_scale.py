@@ -7,8 +7,9 @@ For each size, in a fresh subprocess (so peak RSS is that size's own):
 
   (a) images: a synthetic sorted listing of N image files with captions (1,000 per folder, as
       img2dataset lays them out) goes through the real planner (caption pairing, shard cut) and a
-      dry run: every shard is fingerprinted and serialised as the driver sends it to workers, then
-      dropped. No file is touched: this measures the driver, not the disk.
+      dry run of annotate's driver: the plan streams into its plan file (fingerprints and counts
+      kept) and every shard streams back as the work item sent to the actors. No input file is
+      touched: this measures the driver, not the disk.
   (b) parquet: a real Parquet file of N tiny rows is planned through ``Source`` (footer, row ranges)
       and dry-run the same way.
   (c) baseline: the same listing held whole before cutting (what a one-shot ``FileSelector``
@@ -46,15 +47,22 @@ def synthetic_listing(n: int):
         yield ListedFile(f"{folder}/{i:09d}.txt", f"{60 + i % 13}:{1_700_000_000_000_000_000 + i}")
 
 
-def dry_run(shards) -> dict:
-    """What the driver does with a plan before any work starts: fingerprint and serialise each shard."""
-    digest, count, inputs, sent_bytes = hashlib.sha256(), 0, 0, 0
-    for shard in shards:
-        digest.update(shard.fingerprint().encode())
-        sent_bytes += len(shard.to_json())
-        count += 1
-        inputs += shard.count or 0
-    return {"shards": count, "inputs": inputs, "plan_sha256": digest.hexdigest()[:16], "json_mb": sent_bytes / 2**20}
+def dry_run(shards, spill_dir: str) -> dict:
+    """What annotate's driver does with a plan before any work starts: stream it into its plan file
+    (keeping each shard's fingerprint and count), then stream every shard back as the work item the
+    actor pool is sent (pipelines.data.plan)."""
+    from pipelines.data.plan import SpilledPlan
+
+    plan = SpilledPlan.write(shards, spill_dir)
+    digest = hashlib.sha256("".join(plan.fingerprints[i] for i in range(len(plan))).encode())
+    stream = plan.items(range(len(plan)))
+    sent_bytes = sum(len(item["shard"]) for key in stream.keys for item in stream.read([key]))  # a task each
+    return {
+        "shards": len(plan),
+        "inputs": plan.inputs(range(len(plan))) or 0,
+        "plan_sha256": digest.hexdigest()[:16],
+        "json_mb": sent_bytes / 2**20,
+    }
 
 
 def measure(kind: str, n: int, tmp: str) -> dict:
@@ -63,13 +71,14 @@ def measure(kind: str, n: int, tmp: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = before.ru_utime + before.ru_stime
     started = time.perf_counter()
+    spill = tempfile.mkdtemp(dir=tmp)
     if kind == "images":
-        result = dry_run(plan_images(synthetic_listing(n), SHARD_SIZE))
+        result = dry_run(plan_images(synthetic_listing(n), SHARD_SIZE), spill)
     elif kind == "baseline":
         listing = list(synthetic_listing(n))  # held whole, as a one-shot listing is
-        result = dry_run(list(plan_images(iter(listing), SHARD_SIZE)))
+        result = dry_run(list(plan_images(iter(listing), SHARD_SIZE)), spill)
     else:
-        result = dry_run(Source(str(Path(tmp) / f"tiny-{n}.parquet"), image_column="image").plan(SHARD_SIZE))
+        result = dry_run(Source(str(Path(tmp) / f"tiny-{n}.parquet"), image_column="image").plan(SHARD_SIZE), spill)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {

@@ -1,14 +1,21 @@
 """``zeroconv serve``: registered ControlNets behind an HTTP endpoint (Ray Serve + FastAPI).
 
-One deployment, :class:`ControlNetServer`, is the whole application. Each replica
+Two deployments make the application (Ray Serve model composition):
 
-* loads what it serves at start-up (deploy/store.py): ``models:/NAME@ALIAS`` for every model, the
-  base model once, and the annotators it offers, built exactly as the models were trained;
-* answers ``POST /v1/generate`` with the same :func:`model.inference.generate` the offline pipeline
-  uses (DDIM, 20 steps, CFG 9.0 unless the model or request says otherwise);
-* batches concurrent requests (``@serve.batch``, deploy/batching.py); a request that times out or
-  whose client goes away is dropped from its batch, or stops its pipeline call if it was alone;
-* polls the aliases in a background thread and swaps in a new version when an alias moves.
+* :class:`Gateway`, the HTTP ingress: checks the bearer token and the request (a bad one gets its 4xx
+  here, without touching a model replica) and hands it to a :class:`ControlNetServer` replica through a
+  ``DeploymentHandle``. A request whose replica is lost while generating (its node gone: spot reclaim,
+  scale-down) is sent again to another replica, and answered 503 with ``Retry-After`` only if that fails
+  too: Serve's proxy would answer it 500 (it maps a dead replica's ``RayActorError`` to 500).
+* :class:`ControlNetServer`, the model replicas. Each replica
+
+  * loads what it serves at start-up (deploy/store.py): ``models:/NAME@ALIAS`` for every model, the
+    base model once, and the annotators it offers, built exactly as the models were trained;
+  * generates with the same :func:`model.inference.generate` the offline pipeline uses (DDIM, 20 steps,
+    CFG 9.0 unless the model or request says otherwise);
+  * batches concurrent requests (``@serve.batch``, deploy/batching.py); a request that times out or
+    whose client goes away is dropped from its batch, or stops its pipeline call if it was alone;
+  * polls the aliases in a background thread and swaps in a new version when an alias moves.
 
 Entry points: :func:`build_app` (the import path ``serve run``/``serve deploy`` use, see
 ``deploy/serve_config.yaml``) and :func:`run_serve` (``zeroconv serve``). Both run the same
@@ -32,23 +39,44 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
 
 from deploy.batching import BatchWait, run_batch
 from deploy.config import ModelRef, ServeConfig, validate_config
 from deploy.jobs import Job, prepare_job
-from deploy.schemas import GenerateResponse, RequestError, parse_request
+from deploy.schemas import GenerateRequest, GenerateResponse, RequestError, parse_request
 from deploy.store import ModelStore
 from pipelines.common.cluster import ensure_ray
 from pipelines.common.config import ConfigError
 
 logger = logging.getLogger("ray.serve")
 
+REPLICA_ATTEMPTS = 2  # a request whose replica was lost is sent once more, to another replica; then 503
+RETRY_AFTER_S = 5  # what a 503 tells the client: about the time Serve takes to notice and replace a lost replica
+GATEWAY_MAX_ONGOING = 1024  # the gateway only awaits replicas; their max_ongoing_requests bounds the work
+
+
+class ReplicaLost(RequestError):
+    """The replicas a request was sent to were lost while generating it: 503, worth trying again shortly."""
+
+    def __init__(self):
+        super().__init__(None, "the model replica serving this request was lost; retry it", 503)
+
+    def __reduce__(self):
+        return type(self), ()
+
+
 app = FastAPI(title="zeroconv", description="ControlNet image generation from registered models.")
 
 
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, ReplicaLost):
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
@@ -74,9 +102,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 @serve.deployment(name="ControlNetServer")
-@serve.ingress(app)
 class ControlNetServer:
-    def __init__(self, config: ServeConfig, token: SecretStr | None = None):
+    """A model replica: generates for requests the :class:`Gateway` checked."""
+
+    def __init__(self, config: ServeConfig):
         import mlflow
         import torch
 
@@ -88,7 +117,6 @@ class ControlNetServer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         mlflow.set_tracking_uri(config.mlflow.tracking_uri)  # build_app resolved it to an absolute URI
         self.config = config
-        self._token = token.get_secret_value().encode() if token else None
         self.store = ModelStore(config, device)
         self.generate_batch.set_max_batch_size(config.batching.max_batch_size)
         self._batch_wait = BatchWait(config.batching.batch_wait_timeout_s)
@@ -106,27 +134,14 @@ class ControlNetServer:
             except Exception:  # a bug in refresh must not end hot reload for good
                 logger.exception("hot reload check failed; still serving the loaded versions")
 
-    def _authorize(self, request: Request) -> None:
-        if self._token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-            raise RequestError("Authorization", "missing or wrong bearer token", 401)
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
+    def health(self) -> dict:
         return self.store.health()
 
-    @app.get("/v1/models")
-    async def list_models(self, request: Request) -> dict:
-        self._authorize(request)
+    def models(self) -> dict:
         return {"models": [m.info(n == self.store.default_model).model_dump() for n, m in self.store.models.items()]}
 
-    @app.post("/v1/generate")
-    async def generate(self, request: Request):
-        self._authorize(request)
-        started = time.perf_counter()
-        req = parse_request(await read_body(request, self.config.limits.max_request_bytes))
+    async def generate(self, req: GenerateRequest, deadline: float) -> tuple[bytes, dict]:
+        """One request, answered by ``deadline`` (``time.time()``): (PNG bytes, the response's other fields)."""
         if any(control.source_image for control in req.controls):
             # Annotators can take seconds: keep the event loop free for other requests meanwhile.
             job = await asyncio.to_thread(prepare_job, req, self.store, self.config.limits)
@@ -134,7 +149,7 @@ class ControlNetServer:
             # Decoding condition maps takes milliseconds; a thread hop would cost more than it saves.
             job = prepare_job(req, self.store, self.config.limits)
         self.generate_batch.set_batch_wait_timeout_s(self._batch_wait.wait_s(time.monotonic()))
-        remaining = self.config.request_timeout_s - (time.perf_counter() - started)
+        remaining = deadline - time.time()  # wall clock: the gateway that set it may run on another node
         try:
             result = await asyncio.wait_for(self.generate_batch(job), max(remaining, 0.001))
         except asyncio.TimeoutError:
@@ -146,28 +161,16 @@ class ControlNetServer:
         if isinstance(result, Exception):
             raise result
         png, versions, batch_size = result
-        if req.response_format == "png" or (
-            req.response_format is None and "image/png" in request.headers.get("accept", "")
-        ):
-            return Response(
-                png,
-                media_type="image/png",
-                headers={
-                    "X-Seed": str(job.seed),
-                    "X-Models": ",".join(f"{v.name}/{v.version}" for v in versions),
-                },
-            )
-        return GenerateResponse(
-            image=base64.b64encode(png).decode(),
-            seed=job.seed,
-            width=job.width,
-            height=job.height,
-            steps=job.steps,
-            guidance_scale=job.guidance_scale,
-            models=versions,
-            batch_size=batch_size,
-            elapsed_ms=round((time.perf_counter() - started) * 1e3, 2),
-        ).model_dump()
+        fields = {
+            "seed": job.seed,
+            "width": job.width,
+            "height": job.height,
+            "steps": job.steps,
+            "guidance_scale": job.guidance_scale,
+            "models": versions,
+            "batch_size": batch_size,
+        }
+        return png, fields
 
     @serve.batch(max_batch_size=8)  # size from the config (__init__), wait from BatchWait (per request)
     async def generate_batch(self, jobs: list[Job]) -> list:
@@ -179,6 +182,65 @@ class ControlNetServer:
 
     def __del__(self):
         self._stop.set()
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=GATEWAY_MAX_ONGOING)
+@serve.ingress(app)
+class Gateway:
+    """The HTTP ingress: authorizes and parses requests, forwards them to the model replicas."""
+
+    def __init__(self, server: DeploymentHandle, config: ServeConfig, token: SecretStr | None = None):
+        self.server = server
+        self.config = config
+        self._token = token.get_secret_value().encode() if token else None
+
+    async def _on_a_replica(self, method: str, *args):
+        """``server.method(*args)`` on a model replica; again on another one if that replica is lost meanwhile."""
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            try:
+                return await getattr(self.server, method).remote(*args)
+            except RayActorError as exc:  # the replica died (ActorDiedError) or is unreachable: not the request
+                logger.warning("%s: model replica lost (attempt %d of %d): %s", method, attempt, REPLICA_ATTEMPTS, exc)
+        raise ReplicaLost()
+
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise RequestError("Authorization", "missing or wrong bearer token", 401)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return await self._on_a_replica("health")
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._authorize(request)
+        return await self._on_a_replica("models")
+
+    @app.post("/v1/generate")
+    async def generate(self, request: Request):
+        self._authorize(request)
+        started, deadline = time.perf_counter(), time.time() + self.config.request_timeout_s
+        req = parse_request(await read_body(request, self.config.limits.max_request_bytes))
+        png, fields = await self._on_a_replica("generate", req, deadline)  # a retry gets what is left
+        if req.response_format == "png" or (
+            req.response_format is None and "image/png" in request.headers.get("accept", "")
+        ):
+            return Response(
+                png,
+                media_type="image/png",
+                headers={
+                    "X-Seed": str(fields["seed"]),
+                    "X-Models": ",".join(f"{v.name}/{v.version}" for v in fields["models"]),
+                },
+            )
+        return GenerateResponse(
+            image=base64.b64encode(png).decode(),
+            **fields,
+            elapsed_ms=round((time.perf_counter() - started) * 1e3, 2),
+        ).model_dump()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +335,10 @@ class CheckedConfig:
             options["autoscaling_config"] = replicas.autoscaling.model_dump()
         else:
             options["num_replicas"] = replicas.num_replicas
-        return ControlNetServer.options(**options).bind(config, self.token)
+        server = ControlNetServer.options(**options).bind(config)
+        # The gateway only forwards: no CPU of its own, so it fits anywhere, even on a head with num-cpus 0.
+        gateway = {"num_replicas": config.gateway_replicas, "ray_actor_options": {"num_cpus": 0}}
+        return Gateway.options(**gateway).bind(server, config, self.token)
 
 
 def build_app(args: dict):

@@ -79,6 +79,12 @@ class ServeConfig(JobConfig):
     app_name: str = Field(default="zeroconv", description="Serve application name.")
     route_prefix: str = Field(default="/", description="URL prefix of the application.")
     replicas: ReplicasConfig = ReplicasConfig()
+    gateway_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas of the HTTP gateway in front of the model replicas (no CPU each; it retries a request "
+        "whose model replica was lost). On a cluster, 2+ keep serving when a gateway's node is lost.",
+    )
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     auth_token_env: str | None = Field(

@@ -45,6 +45,9 @@ class RequestError(ValueError):
     def body(self) -> dict:
         return {"error": self.message, "field": self.field}
 
+    def __reduce__(self):  # raised in a model replica, re-raised in the gateway: pickled with all its fields
+        return type(self), (self.field, self.message, self.status)
+
 
 class LimitsConfig(Section):
     """What a single request may ask for. Anything over a limit is refused with a 4xx, never served."""

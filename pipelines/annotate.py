@@ -5,8 +5,10 @@
 How the work is cut, and why:
 
 * The driver lists the input once and cuts it into deterministic shards (``pipelines.data.sources``).
-  Shard ``k`` always holds the same inputs and always becomes ``data/train-<k>-of-<n>.parquet``.
-* The shard list streams through an autoscaling pool of annotator actors
+  Shard ``k`` always holds the same inputs and always becomes ``data/train-<k>-of-<n>.parquet``. The
+  plan streams into a file on the driver's disk (``pipelines.data.plan``): the driver keeps each
+  shard's fingerprint, not its inputs, so its memory stays flat in the number of inputs.
+* The pending shards stream from that file through an autoscaling pool of annotator actors
   (``pipelines.common.cluster.run_actor_pool``; the actor: :mod:`pipelines.annotate_worker`). Each
   actor does all the work of one shard in one place - read, decode, resize/crop, annotate, encode -
   so full-size pixel arrays never travel through the object store; only a one-line summary comes back.
@@ -23,6 +25,7 @@ Output layout and columns: docs/data-schema.md.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -35,6 +38,7 @@ from pipelines.annotate_worker import AnnotateShards, ShardJob
 from pipelines.common.cluster import ActorCompute
 from pipelines.common.config import ConfigError, JobConfig, PathStr, Section
 from pipelines.common.storage import Location, is_s3, resolve
+from pipelines.data.plan import SpilledPlan
 from pipelines.data.schema import (
     ANNOTATE_FOOTER_KEY,
     ANNOTATED_FORMAT,
@@ -44,7 +48,7 @@ from pipelines.data.schema import (
     dumps,
 )
 from pipelines.data.shards import Manifest, ShardedOutput, check_output_outside, plan_identity, run_resumable
-from pipelines.data.sources import InputFormat, Shard, Source
+from pipelines.data.sources import InputFormat, Source
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -186,26 +190,30 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
     specs = [a.spec() for a in built]
     del built  # the actors build their own
     columns = dict(zip(condition_columns([a.name for a in config.annotators]), specs))
-    shards = list(source.plan(config.shard_size))
-    if not shards:
-        raise FileNotFoundError(f"input {config.input!r} holds nothing to annotate")
-    sharded = ShardedOutput(output, len(shards), ANNOTATE_FOOTER_KEY)
+    with tempfile.TemporaryDirectory(prefix="zeroconv-plan-") as spill:
+        plan = SpilledPlan.write(source.plan(config.shard_size), spill)  # the driver keeps fingerprints only
+        return _annotate(config, source, output, columns, plan, started)
+
+
+def _annotate(
+    config: AnnotateConfig, source: Source, output: Location, columns: dict, plan: SpilledPlan, started: float
+) -> AnnotateResult:
+    sharded = ShardedOutput(output, len(plan), ANNOTATE_FOOTER_KEY)
     manifest = Manifest(
         output.join(MANIFEST),
         ANNOTATED_FORMAT,
         "annotation",
-        _job_identity(config, source, shards, columns),
+        _job_identity(config, source, plan, columns),
         _describe(output),
     )
 
     def annotate(pending: list[int], done) -> None:
         from pipelines.common.cluster import run_actor_pool, storage_runtime_env
 
-        todo = [shards[i] for i in pending]
         job = ShardJob(
             source=source,
             output=output.uri,
-            shards=len(shards),
+            shards=len(plan),
             storage=config.storage,
             annotators=tuple((a.name, a.params) for a in config.annotators),
             columns=columns,
@@ -215,17 +223,16 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
             batch_size=config.compute.batch_size,
             threads=config.compute.threads(),
         )
-        known = [s.count for s in todo]
         batches = run_actor_pool(
             AnnotateShards,
-            [{"shard": s.to_json()} for s in todo],
+            plan.items(pending),  # read from the plan file where needed, not held by the driver
             compute=config.compute,
             ray_config=config.ray,
             constructor_kwargs={"job": job},
             single_threaded=True,  # annotation is one image at a time: actors scale out on CPUs too
             runtime_env=storage_runtime_env() if is_s3(source.uri) or is_s3(output.uri) else None,
             progress=lambda batch: sum(json.loads(s)["read"] for s in batch["summary"]),
-            total=sum(known) if all(c is not None for c in known) else None,
+            total=plan.inputs(pending),
             desc="annotate",
             unit="image",
         )
@@ -233,9 +240,8 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
             for summary in batch["summary"]:
                 done(json.loads(summary))
 
-    by_index = {s.index: s for s in shards}
     summaries, finished = run_resumable(
-        sharded, manifest, {i: s.fingerprint() for i, s in by_index.items()}, annotate, lambda i: by_index[i].inputs()
+        sharded, manifest, plan.fingerprints, annotate, lambda index: plan.shard(index).inputs()
     )
     totals = _totals(summaries.values())
     return AnnotateResult(
@@ -247,18 +253,18 @@ def run_annotate(config: AnnotateConfig) -> AnnotateResult:
         accepted=totals["accepted"],
         rejected=totals["rejected"],
         reasons=totals["reasons"],
-        shards=len(shards),
-        shards_written=len(shards) - len(finished),
+        shards=len(plan),
+        shards_written=len(plan) - len(finished),
         shards_skipped=len(finished),
         processed=sum(s["read"] for i, s in summaries.items() if i not in finished),
         seconds=time.perf_counter() - started,
     )
 
 
-def _job_identity(config: AnnotateConfig, source: Source, shards: list[Shard], columns: dict[str, dict]) -> dict:
+def _job_identity(config: AnnotateConfig, source: Source, plan: SpilledPlan, columns: dict[str, dict]) -> dict:
     """What decides the output's content; a re-run must match it to resume on the same output."""
-    identity = {"input": source.uri, "input_format": shards[0].kind}
-    if shards[0].kind == "parquet":
+    identity = {"input": source.uri, "input_format": plan.kind}
+    if plan.kind == "parquet":
         identity.update(image_column=config.image_column, caption_column=config.caption_column)
     identity.update(
         resolution=config.resolution,
@@ -266,7 +272,7 @@ def _job_identity(config: AnnotateConfig, source: Source, shards: list[Shard], c
         shard_size=config.shard_size,
         jpeg_quality=config.jpeg_quality,
         columns=columns,
-        plan=plan_identity([s.fingerprint() for s in shards]),
+        plan=plan_identity([plan.fingerprints[i] for i in range(len(plan))]),
     )
     return json.loads(dumps(identity))
 

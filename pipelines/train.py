@@ -125,9 +125,19 @@ def check_fits_fixed_cluster(resources: dict[str, float], num_workers: int, node
     )
 
 
+def scaling_config(config: TrainConfig, resources: dict[str, float]):
+    """Ray Train's ScalingConfig: a fixed worker count, or with ``min_workers`` an elastic one (Ray Train V2
+    starts with what fits, at least min_workers, and restarts the group from the latest checkpoint at another
+    size as nodes join or go; the data order and checkpoints do not depend on the worker count)."""
+    from ray.train import ScalingConfig
+
+    workers = config.num_workers if config.min_workers is None else (config.min_workers, config.num_workers)
+    return ScalingConfig(num_workers=workers, use_gpu=config.use_gpu, resources_per_worker=resources)
+
+
 def run_train(config: TrainConfig) -> TrainResult:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.common import console, tracking
@@ -145,7 +155,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     config = resolve_config(config, has_gpu_nodes=any(node.get("GPU", 0) > 0 for node in nodes))
     resources = worker_resources(config)
     if not (config.ray.address or os.environ.get("RAY_ADDRESS")):  # a local Ray: these nodes are all there is
-        check_fits_fixed_cluster(resources, config.num_workers, nodes)
+        check_fits_fixed_cluster(resources, config.min_workers or config.num_workers, nodes)
     storage = resolve(config.storage_path, config.storage)
     run_dir = storage.join(config.run_name)
     tracking_uri = config.mlflow.tracking_uri
@@ -174,9 +184,7 @@ def run_train(config: TrainConfig) -> TrainResult:
         # autoscaler adds the nodes (a request no node type can satisfy shows as infeasible in `ray status`).
         trainer = TorchTrainer(
             partial(train_loop, inputs),
-            scaling_config=ScalingConfig(
-                num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
-            ),
+            scaling_config=scaling_config(config, resources),
             run_config=RunConfig(
                 name=config.run_name,
                 storage_path=storage.path if is_s3(storage.uri) else storage.uri,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 
 from model.families.base import Policy
 from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig, PathStr, Section
@@ -59,7 +59,15 @@ class TrainConfig(JobConfig):
         description="MLflow registered model name (alias 'candidate'); empty: log without registering.",
     )
     # Scale
-    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    num_workers: int = Field(
+        default=1, ge=1, description="Ray Train workers (data-parallel ranks); with min_workers, the most."
+    )
+    min_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Elastic training: start as soon as this many workers fit, grow to num_workers as nodes join "
+        "(and shrink on node loss) by restarting from the latest checkpoint. None: exactly num_workers.",
+    )
     cpus_per_worker: float = Field(
         default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed); leave some for Ray Data."
     )
@@ -83,7 +91,7 @@ class TrainConfig(JobConfig):
     grad_accum: int = Field(
         default=1,
         ge=1,
-        description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum * num_workers).",
+        description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum * workers).",
     )
     lr: float = Field(default=1e-5, gt=0, description="ControlNet learning rate (paper: 1e-5).")
     unet_lr: float = Field(
@@ -136,6 +144,12 @@ class TrainConfig(JobConfig):
     mlflow: MLflowConfig = MLflowConfig()
     debug: TrainDebug = TrainDebug()
 
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.num_workers
+    def effective_batch(self, workers: int | None = None) -> int:
+        """Samples per optimizer step with ``workers`` ranks (default num_workers; elastic runs vary)."""
+        return self.batch_size * self.grad_accum * (workers or self.num_workers)
+
+    @model_validator(mode="after")
+    def _min_workers_at_most_num_workers(self) -> "TrainConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
+        return self

@@ -279,7 +279,7 @@ def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries
         total += loss.detach()
     state.step += 1
-    state.position += config.effective_batch
+    state.position += state.meter.samples_per_step  # this run's worker count: elastic runs change it
     if state.ema is not None:
         state.ema.update()
     return total / config.grad_accum
@@ -320,7 +320,7 @@ def setup(inputs: LoopInputs) -> TrainState:
         empty_prompt=base.family.encode_prompts(base, [""], inputs.resolution),
         step=step,
         position=position,
-        meter=Meter(config.effective_batch),
+        meter=Meter(config.effective_batch(world)),
     )
 
 

@@ -103,10 +103,15 @@ def test_head_offers_no_cpu_and_workers_start_at_zero(cluster):
 
 def test_the_simulated_cluster_is_derived_from_this_file(cluster):
     """tests/cluster runs on ray_cluster.yaml's node types and custom resources (scaled down), not on a copy."""
-    from tests.cluster.conftest import HEAD_TYPE, cluster_config
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+
+    from tests.cluster.harness import HEAD_TYPE, PROVIDER, cluster_config
 
     fake = cluster_config(gcs_port=6379)
-    assert fake["provider"]["type"] == "fake_multinode" and fake["provider"]["gcs_address"] == "127.0.0.1:6379"
+    assert fake["provider"]["module"] == PROVIDER and fake["provider"]["gcs_address"] == "127.0.0.1:6379"
+    # Ray's own fake_multinode provider, loaded the way the head's autoscaler loads it.
+    assert issubclass(_get_node_provider_cls(fake["provider"]), FakeMultiNodeProvider)
     assert fake["available_node_types"][HEAD_TYPE]["resources"] == {"CPU": 0}
     launcher_types = {name for name in cluster["available_node_types"] if name != cluster["head_node_type"]}
     assert set(fake["available_node_types"]) - {HEAD_TYPE} == launcher_types

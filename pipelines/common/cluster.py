@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import Field
@@ -74,7 +75,11 @@ def ensure_ray(config: RayConfig | None = None) -> bool:
     # it stays in Ray's session log folder, which the run's summary names.
     log_to_driver = console.streams_worker_logs()
     if address:
-        context = ray.init(address=address, log_to_driver=log_to_driver)
+        # On a cluster the autoscaler's lines ("Adding 2 node(s) of type cpu_decode") are the progress a user
+        # waits on; they come through Ray's log stream, which quiet mode would otherwise keep off.
+        context = ray.init(address=address, log_to_driver=True)
+        if not log_to_driver:
+            _only_autoscaler_lines()
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray listener on loopback
         context = ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
@@ -82,6 +87,21 @@ def ensure_ray(config: RayConfig | None = None) -> bool:
     if session_dir:
         console.record_log_location("Ray", f"{session_dir}/logs")
     return True
+
+
+def _only_autoscaler_lines() -> None:
+    """Of Ray's log stream to this driver, print the autoscaler's events to the terminal and drop the workers'
+    output (it stays in the session's log folder). Ray has no public switch for that: its printer of the
+    stream is replaced by a filtering one, under the same name, so that ``ray.shutdown()`` removes it."""
+    from ray._private import worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def print_autoscaler_events(data: dict) -> None:
+        if data.get("pid") == "autoscaler":
+            worker.print_worker_logs(data, console.terminal())
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_autoscaler_events)
 
 
 def storage_runtime_env() -> dict:
@@ -222,9 +242,22 @@ def _resources_text(request: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(request.items())) + "}"
 
 
+@dataclass(frozen=True)
+class ItemStream:
+    """Work items for :func:`run_actor_pool` when a list would not fit the driver: a small key per item (e.g.
+    its byte offset in a file on the driver's node) and ``read(keys) -> items`` (dicts, one row each), which
+    must pickle: Ray Data read tasks on the driver's node call it (pipelines/common/item_stream.py)."""
+
+    keys: list
+    read: Callable[[list], list[dict]]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 def run_actor_pool(
     actor: type,
-    items: list[dict],
+    items: list[dict] | ItemStream,
     *,
     compute: ActorCompute,
     ray_config: RayConfig,
@@ -243,6 +276,7 @@ def run_actor_pool(
     ``rows_per_call`` items (a numpy batch) to output columns. Items are cut into blocks of
     ``rows_per_call`` and each actor has one in flight, so no actor sits on a queue while another is
     idle at the end. ``progress(batch)`` says how much of ``total`` a batch finished (for the bar).
+    ``items`` is a list, or an :class:`ItemStream` the driver does not hold.
     """
     import ray
 
@@ -252,7 +286,13 @@ def run_actor_pool(
         compute, blocks, ray_config.resources, single_threaded, cluster_may_grow=not started_fixed_ray()
     )
     check_schedulable(options)
-    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    if isinstance(items, ItemStream):
+        from pipelines.common.item_stream import read_streamed
+
+        dataset = read_streamed(items.keys, items.read, rows_per_block=rows_per_call)
+    else:
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+    dataset = dataset.map_batches(
         actor,
         batch_size=rows_per_call,
         fn_constructor_kwargs=constructor_kwargs,

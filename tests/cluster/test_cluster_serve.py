@@ -1,5 +1,6 @@
-"""`zeroconv serve` with 2 replicas on 2 nodes: a node is lost under steady traffic; requests keep being
-answered (none hangs; a few may fail while the replica is gone) and the replica count recovers."""
+"""`zeroconv serve` with 2 model replicas on 2 nodes: a node is lost under steady traffic; requests keep being
+answered (none hangs; the requests in flight on the lost replica are sent again by the gateway, at worst
+answered 503) and the replica count recovers."""
 
 from __future__ import annotations
 
@@ -12,31 +13,29 @@ import requests
 
 from pipelines.common.images import encode_png
 from pipelines.data.synthetic import fill50k
-from tests.cluster.conftest import free_port, wait_for
+from tests.cluster.harness import wait_for
 from tests.deploy.conftest import register_controlnet
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.cluster
 
 MODEL = "cluster-serve"
 APP = "zeroconv-cluster"
 REQUEST_TIMEOUT_S = 60  # a request that takes longer counts as hung
-MAX_FAILED = 3  # requests in flight on the lost node when it went (2 client threads, one request each)
+MAX_FAILED = 2  # requests in flight on the lost replica (2 client threads), if even their retry failed
 
 
-def replica_resources() -> list[dict]:
-    """What each alive replica actor asked Ray for."""
+def replicas(deployment: str = "ControlNetServer") -> list:
+    """Alive replica actors of one deployment of the application (the model's, or the HTTP gateway's)."""
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
-    return [a.required_resources for a in actors if a.class_name.startswith(f"ServeReplica:{APP}:")]
+    return [a for a in actors if a.class_name.startswith(f"ServeReplica:{APP}:{deployment}")]
 
 
 def replica_nodes() -> dict[str, str]:
-    """Alive replicas of the application: actor id -> node id."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
-    return {a.actor_id: a.node_id for a in actors if a.class_name.startswith(f"ServeReplica:{APP}:")}
+    """Alive model replicas: actor id -> node id."""
+    return {a.actor_id: a.node_id for a in replicas()}
 
 
 def two_replicas(avoiding: str | None = None) -> dict[str, str] | None:
@@ -83,9 +82,9 @@ def test_serve_survives_a_lost_node_and_recovers_its_replicas(fake_cluster, serv
         "seed": 0,
         "steps": 2,
     }
-    replicas = wait_for(lambda: two_replicas(), 300, "2 replicas")
-    assert all(r.get("annotate_gpu") == 1 for r in replica_resources())  # ray.resources reached the replicas
-    nodes = set(replicas.values())
+    model_replicas = wait_for(lambda: two_replicas(), 300, "2 replicas")
+    assert all(r.required_resources.get("annotate_gpu") == 1 for r in replicas())  # ray.resources reached them
+    nodes = set(model_replicas.values())
     assert len(nodes) == 2  # one replica per node
     assert {fake_cluster.node_type(n) for n in nodes} == {"gpu_annotate"}  # pinned by the custom resource
 
@@ -107,13 +106,16 @@ def test_serve_survives_a_lost_node_and_recovers_its_replicas(fake_cluster, serv
     clients = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
     for c in clients:
         c.start()
-    wait_for(lambda: outcomes.count(200) >= 10, 300, "10 answers before the node loss")
-    victim = next(iter(replicas.values()))
+    wait_for(lambda: outcomes.count(200) >= 5, 300, "5 answers before the node loss")
+    # A node with a model replica and no gateway replica: the gateway is no CPU, it may share either node (or
+    # the head); losing the gateway's own node would lose the requests it holds, as losing a proxy would.
+    (gateway,) = replicas("Gateway")
+    victim = next(n for n in model_replicas.values() if n != gateway.node_id)
     fake_cluster.kill_node(victim)
     killed_at = len(outcomes)
     recovered = wait_for(lambda: two_replicas(avoiding=victim), 600, "2 replicas again, none on the lost node")
     recovered_at = len(outcomes)
-    wait_for(lambda: outcomes[recovered_at:].count(200) >= 10, 300, "10 answers after recovery")
+    wait_for(lambda: outcomes[recovered_at:].count(200) >= 5, 300, "5 answers after recovery")
     stop.set()
     for c in clients:
         c.join(timeout=REQUEST_TIMEOUT_S + 10)
@@ -122,11 +124,7 @@ def test_serve_survives_a_lost_node_and_recovers_its_replicas(fake_cluster, serv
     assert "hung" not in counts and "refused" not in counts, counts
     failed = [o for o in outcomes if o != 200]
     assert len(failed) <= MAX_FAILED, counts
-    assert set(failed) <= {500, 503}, counts
+    assert set(failed) <= {503}, counts  # never 500: the gateway retried them or said "try again"
     assert all(o == 200 for o in outcomes[recovered_at:]), counts
     assert outcomes[killed_at:recovered_at].count(200) > 0, "nothing was answered while one replica was gone"
     assert {fake_cluster.node_type(n) for n in recovered.values()} == {"gpu_annotate"}
-    if 500 in counts:  # the server should say "try again" (503), never 500: see docs/cluster.md "Known limits"
-        pytest.xfail(
-            "Ray Serve 2.60's proxy answers 500 for a request in flight on a replica that died (RayActorError)"
-        )

@@ -15,7 +15,7 @@ import yaml
 from pipelines.annotate import AnnotateConfig, run_annotate
 from pipelines.data.synthetic import write_image_folder
 from pipelines.pipeline import PipelineConfig
-from tests.cluster.test_cluster_train import train_worker_nodes
+from tests.cluster.harness import train_worker_nodes
 
 pytestmark = pytest.mark.cluster
 
@@ -64,13 +64,6 @@ def pipeline_yaml(work: Path, incoming: Path, heldout: Path, mlflow_uri: str) ->
     }
 
 
-@pytest.mark.xfail(
-    reason="open (issue 11): on the simulated cluster annotate and train run on their node types, then registering "
-    "the model fails inside the job: os.getcwd() raises FileNotFoundError, the job's runtime-env working dir "
-    "disappeared under the driver (suspected: fake_multinode nodes share one session dir, so a node's release of "
-    "the job package deletes the head's copy). Not yet reproduced outside the simulation.",
-    strict=False,
-)
 def test_submit_pipeline_runs_every_stage_on_the_cluster(fake_cluster, mlflow_server, tmp_path):
     import mlflow
 

@@ -12,7 +12,7 @@ import torch
 
 from pipelines.common.config import BaseModelConfig, MLflowConfig
 from pipelines.train import TrainConfig, run_train
-from tests.cluster.conftest import wait_for
+from tests.cluster.harness import train_worker_nodes, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -60,16 +60,6 @@ def committed_checkpoints(run_dir: Path) -> list[str]:
     return sorted({p.name for p in run_dir.glob("checkpoint_*") if p.name in text})
 
 
-def train_worker_nodes() -> dict[str, str]:
-    """Ray Train worker actors ever started (alive or dead): actor id -> node id."""
-    from ray.util.state import list_actors
-
-    return {
-        a.actor_id: a.node_id
-        for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)
-    }
-
-
 def zero_conv_weights(controlnet_dir: str) -> torch.Tensor:
     """The ControlNet's output convolutions: zero at initialisation, grown by every optimizer step."""
     from diffusers import ControlNetModel
@@ -86,6 +76,10 @@ def trained_through_a_node_loss(fake_cluster, mlflow_server, fill50k_parquet, tm
     config = train_config(work, fill50k_parquet, mlflow_server)
     run_dir = work / "train" / RUN
     outcome: dict = {}
+    earlier = set(train_worker_nodes())  # workers of other runs on this cluster (the submitted pipeline's)
+
+    def workers() -> dict[str, str]:
+        return {actor: node for actor, node in train_worker_nodes().items() if actor not in earlier}
 
     def train() -> None:
         try:
@@ -99,7 +93,7 @@ def trained_through_a_node_loss(fake_cluster, mlflow_server, fill50k_parquet, tm
     if "error" in outcome:
         raise outcome["error"]
     committed = committed_checkpoints(run_dir)
-    before = train_worker_nodes()
+    before = workers()
     victim = next(iter(before.values()))
     fake_cluster.kill_node(victim)
     job.join(timeout=900)
@@ -112,7 +106,7 @@ def trained_through_a_node_loss(fake_cluster, mlflow_server, fill50k_parquet, tm
         "committed_at_kill": int(committed[-1].rsplit("_", 1)[1]),
         "victim": victim,
         "nodes_before": set(before.values()),
-        "nodes_after": set(train_worker_nodes().values()),
+        "nodes_after": set(workers().values()),
         "export": zero_conv_weights(outcome["result"].controlnet_dir),
     }
 

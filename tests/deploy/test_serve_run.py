@@ -7,6 +7,7 @@ import base64
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -67,6 +68,55 @@ def test_run_serve_deploys_on_loopback_and_answers(ray_session, registry):
         assert answer.json()["models"] == [{"name": "serve-run", "version": "1"}]
         result.stop()
         assert result.stopped and not serve_is_running()  # it started Serve, so it stopped it
+    finally:
+        serve.shutdown()
+
+
+def test_a_request_whose_replica_dies_is_answered_by_its_replacement(ray_session, registry):
+    """A model replica killed while generating (as when its node is lost): the gateway sends the request again
+    and it is answered 200 - here by the replacement Serve starts - where Serve's proxy alone answers 500."""
+    import ray
+    from ray import serve
+
+    registry("serve-replica-loss", seed=6)
+    app_name = "replica-loss"
+    config = load_config(
+        ServeConfig,
+        overrides=[
+            "models=[serve-replica-loss]",
+            f"mlflow.tracking_uri={registry.tracking_uri}",
+            f"port={_free_port()}",
+            f"app_name={app_name}",
+            "block=false",
+            "replicas.num_cpus=0.5",
+            "reload_interval_s=0",
+        ],
+    )
+    condition = base64.b64encode(encode_png(np.zeros((64, 64, 3), np.uint8))).decode()
+    body = {"prompt": "a circle", "controls": [{"image": condition}], "steps": 100, "seed": 0}  # seconds of work
+    try:
+        result = run_serve(config)
+        # Serve names each replica actor SERVE_REPLICA::<app>#<deployment>#<id> (in its own namespace).
+        (replica,) = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app_name}#ControlNetServer#")
+        ]
+        answers: list[requests.Response] = []
+        request = threading.Thread(
+            target=lambda: answers.append(requests.post(f"{result.url}/v1/generate", json=body, timeout=300))
+        )
+        request.start()
+        time.sleep(3)  # the request reaches the replica and generates (100 steps take longer than this)
+        assert request.is_alive(), "the request finished before its replica could be killed: give it more steps"
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        request.join(timeout=300)
+
+        assert answers and answers[0].status_code == 200, answers and answers[0].text
+        gateway_logs = Path(ray._private.worker._global_node.get_logs_dir_path(), "serve").glob(
+            f"replica_{app_name}_Gateway_*.log"
+        )
+        assert any("model replica lost" in p.read_text() for p in gateway_logs)  # it was retried, not luck
     finally:
         serve.shutdown()
 

@@ -134,7 +134,10 @@ def test_replicas_ask_for_the_ray_resources_that_pin_them_to_a_node_type():
     from deploy.app import CheckedConfig
 
     def actor_options(**fields) -> dict:
-        return CheckedConfig(ServeConfig(**fields), {}, None).application()._bound_deployment.ray_actor_options
+        gateway = CheckedConfig(ServeConfig(**fields), {}, None).application()._bound_deployment
+        assert gateway.ray_actor_options == {"num_cpus": 0}  # the gateway fits anywhere, pinned by nothing
+        server = gateway.init_args[0]._bound_deployment  # the model replicas, behind the gateway
+        return server.ray_actor_options
 
     pinned = actor_options(ray={"resources": {"annotate_gpu": 1}}, replicas={"num_cpus": 0.5})
     assert pinned == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"annotate_gpu": 1.0}}
@@ -144,7 +147,7 @@ def test_replicas_ask_for_the_ray_resources_that_pin_them_to_a_node_type():
 def test_a_replica_that_fails_to_load_reports_only_that_error(tmp_path):
     from deploy.app import ControlNetServer
 
-    replica_class = ControlNetServer.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+    replica_class = ControlNetServer.func_or_class
     replica = replica_class.__new__(replica_class)
     config = ServeConfig(models=["no-such-model"], mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     with pytest.raises(ValueError, match="no-such-model"):
@@ -163,3 +166,11 @@ def test_the_serve_run_config_serves_the_demo_registry():
     assert config.models == [MODEL_NAME] and config.work_dir == DemoConfig().work_dir
     assert config.mlflow.tracking_uri is None  # -> sqlite <work_dir>/mlflow.db, where the demo registers
     assert spec["http_options"]["request_timeout_s"] > config.request_timeout_s  # the app's 504 answers first
+
+
+def test_a_request_error_crosses_from_a_replica_to_the_gateway_whole():
+    """A 4xx raised in a model replica reaches the gateway pickled: it must keep its field and status."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(RequestError("controls[0].image", "not valid base64", 400)))
+    assert (error.field, error.message, error.status) == ("controls[0].image", "not valid base64", 400)

@@ -64,6 +64,22 @@ def test_gpu_workers_are_requested_not_sized_from_the_cluster_now(tmp_path):
     assert worker_resources(resolved) == {"CPU": 1.0, "GPU": 1.0, "train_gpu": 1}
 
 
+def test_min_workers_makes_the_worker_count_elastic(tmp_path):
+    """min_workers: Ray Train V2's elastic (min, max) worker count; without it, exactly num_workers."""
+    from pipelines.train import scaling_config
+
+    resources = {"CPU": 1.0, "train_gpu": 1}
+    elastic = scaling_config(TrainConfig(work_dir=str(tmp_path), num_workers=8, min_workers=2), resources)
+    assert elastic.elasticity_enabled and (elastic.min_workers, elastic.max_workers) == (2, 8)
+    assert elastic.resources_per_worker == resources
+    fixed = scaling_config(TrainConfig(work_dir=str(tmp_path), num_workers=8), resources)
+    assert not fixed.elasticity_enabled and fixed.num_workers == 8
+    # Each step consumes batch x accum x the workers of the group running now, not num_workers.
+    assert TrainConfig(batch_size=2, grad_accum=3, num_workers=8, min_workers=2).effective_batch(2) == 12
+    with pytest.raises(ConfigError, match="min_workers=4 is more than num_workers=2"):
+        load_config(TrainConfig, overrides=["num_workers=2", "min_workers=4"])
+
+
 def test_a_request_no_node_can_hold_is_refused_on_a_fixed_cluster():
     from pipelines.train import check_fits_fixed_cluster
 
