@@ -51,6 +51,13 @@ class TrainResult:
         ]
         if self.unet_dir:
             lines.append(f"  unet:       {self.unet_dir}")
+        if self.metrics.get("fidelity_last") is not None:
+            converged = self.metrics.get("fidelity_converged_step")
+            lines.append(
+                f"  fidelity:   {self.metrics['fidelity_metric']} {self.metrics['fidelity_last']:.3f} "
+                f"(no control {self.metrics['fidelity_baseline']:.3f}); "
+                + (f"above 2x no control from step {converged}" if converged else "not yet above 2x no control")
+            )
         lines.append(f"  checkpoint: {self.checkpoint}")
         lines.append(f"  mlflow run: {self.mlflow_run_id}")
         if self.registered_model:
@@ -133,11 +140,14 @@ def run_train(config: TrainConfig) -> TrainResult:
     from pipelines.common.cluster import ensure_ray, storage_runtime_env
     from pipelines.common.tracking import check_tracking_server, resolve_tracking_uri
     from pipelines.train_data import TrainFiles
+    from pipelines.train_fidelity import read_heldout_rows
     from pipelines.train_loop import LoopInputs, train_loop
 
     # Everything a user can get wrong fails here, before a worker starts.
     data = inspect_dataset(config)
     check_annotation_finished(config)
+    if config.fidelity.every:  # the held-out rows and their annotator, read as rank 0 will read them
+        read_heldout_rows(config.fidelity, config.storage)
     check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir))
     ensure_ray(config.ray)
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 
 from model.controlnet import Policy
 from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig, PathStr, Section
@@ -26,6 +26,36 @@ class TrainDebug(Section):
         description="A local directory (on the workers' nodes): each rank appends the sample ids of every step to "
         "samples_rank<R>.jsonl there.",
     )
+
+
+class FidelityCurveConfig(Section):
+    """Control fidelity during training (``fidelity.*``): every ``every`` steps rank 0 generates from a small
+    held-out set, re-annotates and scores it (docs/training.md, "Fidelity curves"); off unless every > 0."""
+
+    every: int = Field(default=0, ge=0, description="Steps between fidelity scores (0: off).")
+    data: PathStr | None = Field(
+        default=None, description="Held-out annotated dataset (not trained on), local or s3://; needed if every > 0."
+    )
+    limit: int = Field(default=16, ge=1, description="Score the held-out dataset's first N rows.")
+    condition_column: str | None = Field(
+        default=None, description="Its condition column. Default: conditioning_image, else cond_<annotator>."
+    )
+    caption_column: str = Field(default="text", description="Its caption column.")
+    annotator: str | None = Field(
+        default=None,
+        description="Annotator that re-annotates the generated images. Default: the one the held-out "
+        "dataset's condition column records (zeroconv annotate records it).",
+    )
+    mask_iou: bool = Field(default=False, description="Fill50K-style data: also score the filled circle's mask IoU.")
+    seed: int = Field(default=0, description="Row i is generated with seed + i, at every scoring alike.")
+    steps: int = Field(default=20, ge=1, description="DDIM steps per image.")
+    guidance_scale: float = Field(default=9.0, ge=0, description="CFG scale.")
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "FidelityCurveConfig":
+        if self.every and not self.data:
+            raise ValueError("fidelity.every > 0 needs fidelity.data: a held-out annotated dataset to score")
+        return self
 
 
 class TrainConfig(JobConfig):
@@ -133,6 +163,7 @@ class TrainConfig(JobConfig):
         default=4, ge=0, description="Validation images per grid: the dataset's first rows (0: no grids)."
     )
     validation_steps: int = Field(default=20, ge=1, description="DDIM steps for validation images.")
+    fidelity: FidelityCurveConfig = FidelityCurveConfig()
     mlflow: MLflowConfig = MLflowConfig()
     debug: TrainDebug = TrainDebug()
 

@@ -38,6 +38,7 @@ from pipelines.data.tensors import batch_tensors, decode_batch
 from pipelines.train_config import TrainConfig
 from pipelines.train_data import SampleStream, TrainFiles
 from pipelines.train_debug import StepHooks
+from pipelines.train_fidelity import FidelityCurve, pipeline_from_weights
 
 TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocation, first-call overheads
 
@@ -145,15 +146,10 @@ class EMA:
 
 def validation_images(state: dict, model: ControlledUNet, base, validation: dict, config: TrainConfig) -> np.ndarray:
     """Rank 0: condition | generated grid from full fp32 weights ``state``, fixed prompts and seeds."""
-    from model.inference import build_pipeline, generate
+    from model.inference import generate
     from pipelines.common.tracking import image_grid
 
-    controlnet = type(model.controlnets[0]).from_config(model.controlnets[0].config)
-    controlnet.load_state_dict(sub_state_dict(state, "controlnets.0."))
-    unet = type(model.unet).from_config(model.unet.config)
-    unet.load_state_dict(sub_state_dict(state, "unet."))
-    device = base.vae.device
-    pipe = build_pipeline(base, [controlnet.to(device)], unet.to(device))
+    pipe = pipeline_from_weights(state, model, base)
     conditions = np.stack([decode_condition(b, channels=3) for b in validation["condition"]])
     images = generate(pipe, validation["text"], conditions, seed=config.seed, steps=config.validation_steps)
     return image_grid(conditions, images)
@@ -255,6 +251,7 @@ class TrainState:
     position: int  # samples consumed by the whole run (all ranks): where the data stream resumes
     meter: Meter
     metrics: dict = field(default_factory=dict)
+    fidelity: FidelityCurve = field(default_factory=FidelityCurve)  # fidelity.every: scores on held-out rows
 
 
 def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
@@ -303,12 +300,13 @@ def setup(inputs: LoopInputs) -> TrainState:
     batches = SampleStream(
         inputs.files, config.seed, config.shuffle_buffer, rank, world, config.batch_size, position, decode
     )
+    tracker = Tracker(inputs.tracking_uri, inputs.run_id) if rank == 0 else NullTracker()
     return TrainState(
         engine=engine,
         model=model,
         base=base,
         ema=ema,
-        tracker=Tracker(inputs.tracking_uri, inputs.run_id) if rank == 0 else NullTracker(),
+        tracker=tracker,
         console=print if rank == 0 else (lambda line: None),
         hooks=StepHooks(config.debug, resolve(inputs.run_dir, config.storage), rank, world),
         batches=batches,
@@ -316,6 +314,7 @@ def setup(inputs: LoopInputs) -> TrainState:
         step=step,
         position=position,
         meter=Meter(config.effective_batch),
+        fidelity=FidelityCurve.start(config, model, base, engine, tracker, rank, step),
     )
 
 
@@ -332,6 +331,7 @@ def train_loop(inputs: LoopInputs) -> None:
         step, last = state.step, state.step == config.max_steps
         if step % config.log_every == 0 or last:
             log_metrics(state, config.max_steps)
+        state.fidelity.after_step(step, state.engine)
         if config.num_validation and config.validate_every and step % config.validate_every == 0 and not last:
             log_validation(state, inputs)
         if step % config.checkpoint_every == 0 or last:
@@ -372,6 +372,7 @@ def finish(state: TrainState, inputs: LoopInputs) -> None:
     final = {
         **state.metrics,
         "step": state.step,
+        **state.fidelity.summary(),
         "steady_samples_per_s": state.meter.steady_samples_per_s(),
         "peak_rss_mb": peak_rss_mb(),
         "unet_params_changed": changed_params(
