@@ -42,14 +42,17 @@ def generate_and_score(
     annotator,
     scoring: fidelity.Scoring,
     prompts: list[str],
-    conditions: np.ndarray,
+    conditions: np.ndarray | list[np.ndarray],
     seeds: list[int],
     steps: int,
     guidance_scale: float,
-    conditioning_scale: float = 1.0,
+    conditioning_scale: float | list[float] = 1.0,
+    references: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
-    """Generate one image per (prompt, condition, seed), re-annotate it, score it against its condition:
-    (images, re-annotations, one score dict per sample). Evaluation and training's fidelity curve use this."""
+    """Generate one image per (prompt, condition, seed), re-annotate it, score it against its condition
+    (or ``references``, e.g. when ``conditions`` is a list, one per composed ControlNet): (images,
+    re-annotations, one score dict per sample). Evaluation, training's fidelity curve and
+    bench/bench_experiments.py use this."""
     from model.inference import generate
 
     images = generate(
@@ -62,7 +65,8 @@ def generate_and_score(
         conditioning_scale=conditioning_scale,
     )
     maps = annotator(images)
-    return images, maps, [scoring(i, m, c) for i, m, c in zip(images, maps, conditions)]
+    references = conditions if references is None else references
+    return images, maps, [scoring(i, m, c) for i, m, c in zip(images, maps, references)]
 
 
 class FidelityScorer:
