@@ -5,8 +5,9 @@ steps, then follows it within a few hundred. The loss hardly shows it; a fidelit
 ``fidelity.every`` > 0, rank 0 scores the current weights every that many steps on the first
 ``fidelity.limit`` rows of a held-out dataset the way ``zeroconv evaluate`` does (generate with fixed
 seeds -> re-annotate with the data's annotator -> :mod:`pipelines.fidelity`'s zeroconv scores) and logs
-``fidelity/<score>`` to MLflow next to the loss. The no-control baseline (the same pipeline at
-conditioning scale 0: the base alone) is scored once when the loop starts, as ``fidelity/baseline_<score>``.
+``fidelity_curve/<score>`` to MLflow next to the loss. The no-control baseline (the same pipeline at
+conditioning scale 0: the base alone) is scored once when the loop starts, as
+``fidelity_curve/baseline_<score>``.
 
 The first scored step whose headline (edge F1 for edge annotators) exceeds twice the baseline's is the
 run's convergence step: MLflow tag ``zeroconv.fidelity.converged_step`` and ``fidelity_converged_step``
@@ -28,7 +29,7 @@ from pipelines.train_config import FidelityCurveConfig, TrainConfig
 
 CONVERGED_TAG = "zeroconv.fidelity.converged_step"
 CONVERGENCE_FACTOR = 2.0  # "converged": the headline score exceeds this many times the no-control baseline
-PREFIX = "fidelity/"
+PREFIX = "fidelity_curve/"  # not evaluate's fidelity/*: both are logged on the same (the model's) run
 
 
 def converged_step(history: list[tuple[int, float]], baseline: float) -> int | None:

@@ -50,6 +50,8 @@ def test_reduced_demo_writes_grid_and_fidelity_summary(tmp_path, ray_session, ti
     assert str(version.version) == fidelity["model_version"]
     artifacts = [a.path for a in client.list_artifacts(version.run_id, "demo")]
     assert GRID_ARTIFACT in artifacts
-    # The training run's fidelity curve: scored at steps 2 and 4.
-    curve = client.get_metric_history(version.run_id, "fidelity/edge_f1")
+    # The training run's fidelity curve, scored at steps 2 and 4, and evaluate's own score (step 0) live on the
+    # same run under different names: a curve read back on resume must not take evaluate's score for its own.
+    curve = client.get_metric_history(version.run_id, "fidelity_curve/edge_f1")
     assert sorted(m.step for m in curve) == [2, 4]
+    assert [m.step for m in client.get_metric_history(version.run_id, "fidelity/edge_f1")] == [0]

@@ -63,18 +63,18 @@ def test_short_run_logs_the_curve_at_its_steps_and_the_convergence_step_from_the
     client = mlflow.MlflowClient(mlflow_server)
     history = {
         key: sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, key))
-        for key in ("fidelity/edge_f1", "fidelity/mask_iou", "fidelity/baseline_edge_f1", "loss")
+        for key in ("fidelity_curve/edge_f1", "fidelity_curve/mask_iou", "fidelity_curve/baseline_edge_f1", "loss")
     }
-    assert [s for s, _ in history["fidelity/edge_f1"]] == [2, 4]  # every 2 steps of 5
-    assert [s for s, _ in history["fidelity/mask_iou"]] == [2, 4]
-    assert [s for s, _ in history["fidelity/baseline_edge_f1"]] == [0]  # once, when the loop starts
+    assert [s for s, _ in history["fidelity_curve/edge_f1"]] == [2, 4]  # every 2 steps of 5
+    assert [s for s, _ in history["fidelity_curve/mask_iou"]] == [2, 4]
+    assert [s for s, _ in history["fidelity_curve/baseline_edge_f1"]] == [0]  # once, when the loop starts
     assert [s for s, _ in history["loss"]] == [1, 2, 3, 4, 5]  # next to the loss
-    assert all(0.0 <= v <= 1.0 for _, v in history["fidelity/edge_f1"] + history["fidelity/mask_iou"])
-    baseline = history["fidelity/baseline_edge_f1"][0][1]
-    expected = converged_step(history["fidelity/edge_f1"], baseline)
+    assert all(0.0 <= v <= 1.0 for _, v in history["fidelity_curve/edge_f1"] + history["fidelity_curve/mask_iou"])
+    baseline = history["fidelity_curve/baseline_edge_f1"][0][1]
+    expected = converged_step(history["fidelity_curve/edge_f1"], baseline)
     assert result.metrics["fidelity_metric"] == "edge_f1"
     assert result.metrics["fidelity_baseline"] == pytest.approx(baseline)
-    assert result.metrics["fidelity_last"] == pytest.approx(history["fidelity/edge_f1"][-1][1])
+    assert result.metrics["fidelity_last"] == pytest.approx(history["fidelity_curve/edge_f1"][-1][1])
     assert result.metrics["fidelity_converged_step"] == expected
     tags = client.get_run(result.mlflow_run_id).data.tags
     assert tags.get(CONVERGED_TAG) == (None if expected is None else str(expected))
