@@ -11,6 +11,8 @@ Trainability policies (what the optimizer sees):
 * ``unlock_decoder``  - plus the UNet's decoder side (up blocks and output layers) at its own lower
                         learning rate: the original "unlock SD" (sd_locked=False), lr ~2e-6 vs 1e-5.
 * ``unlock_full``     - the whole UNet at the lower learning rate.
+* ``pretrain``        - no ControlNet: the UNet alone (:class:`UNetOnly`), every weight at ``lr``; how
+                        ``zeroconv pretrain-base`` trains a text-to-image base from scratch.
 """
 
 from __future__ import annotations
@@ -20,17 +22,50 @@ from typing import Literal, Sequence, get_args
 import torch
 from torch import nn
 
-Policy = Literal["locked", "unlock_decoder", "unlock_full"]
+Policy = Literal["locked", "unlock_decoder", "unlock_full", "pretrain"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 # The UNet's decoder side in diffusers naming; the original code's output_blocks + out.
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
 
 
-def controlnet_from_unet(unet: nn.Module, conditioning_channels: int = 3) -> nn.Module:
-    """A new ControlNet whose encoder + mid block are an exact copy of ``unet``'s."""
+def condition_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """The condition encoder's channels for a base whose VAE downsamples by ``vae_scale_factor``: one
+    stride-2 step per channel after the first, so conditions at image size meet the latents at their size.
+    x8 -> diffusers' default (16, 32, 96, 256); x4 -> (16, 32, 96); x16 -> (16, 32, 96, 256, 256)."""
+    steps = int(vae_scale_factor).bit_length() - 1
+    if vae_scale_factor < 1 or 2**steps != vae_scale_factor:
+        raise ValueError(f"the VAE's scale factor must be a power of 2, got {vae_scale_factor}")
+    default = (16, 32, 96, 256)
+    return default[: steps + 1] + (default[-1],) * max(0, steps + 1 - len(default))
+
+
+def condition_scale_factor(controlnet: nn.Module) -> int:
+    """How much a ControlNet's condition encoder downsamples: conditions are latents' size times this."""
+    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+
+
+def controlnet_from_unet(unet: nn.Module, vae_scale_factor: int = 8, conditioning_channels: int = 3) -> nn.Module:
+    """A new ControlNet whose encoder + mid block are an exact copy of ``unet``'s, taking conditions at the
+    size of the images the base's VAE (downsampling by ``vae_scale_factor``) encodes."""
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels)
+    return ControlNetModel.from_unet(
+        unet,
+        conditioning_embedding_out_channels=condition_embedding_channels(vae_scale_factor),
+        conditioning_channels=conditioning_channels,
+    )
+
+
+class UNetOnly(nn.Module):
+    """The ``pretrain`` policy's model: the UNet alone, called like :class:`ControlledUNet` (conditions
+    are ignored), so the objective and the train loop serve both."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, noisy_latents, timesteps, text_embeddings, conditions=(), conditioning_scales=None):
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
 
 
 class ControlledUNet(nn.Module):
@@ -55,9 +90,10 @@ class ControlledUNet(nn.Module):
                     f"condition {i} has shape {tuple(cond.shape)}; expected (N, {want_c}, H, W) "
                     f"with {want_c} channel(s)"
                 )
-            if cond.shape[0] != n or cond.shape[2:] != (h * 8, w * 8):
+            f = condition_scale_factor(net)
+            if cond.shape[0] != n or cond.shape[2:] != (h * f, w * f):
                 raise ValueError(
-                    f"condition {i} has shape {tuple(cond.shape)}; expected ({n}, {want_c}, {h * 8}, {w * 8}) "
+                    f"condition {i} has shape {tuple(cond.shape)}; expected ({n}, {want_c}, {h * f}, {w * f}) "
                     f"to match latents {tuple(latents.shape)}"
                 )
 
@@ -99,10 +135,15 @@ class ControlledUNet(nn.Module):
         ).sample
 
 
-def apply_policy(model: ControlledUNet, policy: str) -> dict[str, list[str]]:
+def apply_policy(model: ControlledUNet | UNetOnly, policy: str) -> dict[str, list[str]]:
     """Set requires_grad for ``policy``; return the parameter names that train, by group."""
     if policy not in POLICIES:
         raise ValueError(f"unknown trainability policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if (policy == "pretrain") != isinstance(model, UNetOnly):
+        raise ValueError(f"policy {policy!r} does not fit a {type(model).__name__} (pretrain trains a UNetOnly)")
+    if policy == "pretrain":
+        model.unet.requires_grad_(True)
+        return {"unet": [n for n, _ in model.unet.named_parameters()]}
     model.controlnets.requires_grad_(True)
     model.unet.requires_grad_(False)
     for name, param in model.unet.named_parameters():
@@ -114,9 +155,12 @@ def apply_policy(model: ControlledUNet, policy: str) -> dict[str, list[str]]:
     }
 
 
-def param_groups(model: ControlledUNet, policy: str, lr: float, unet_lr: float) -> list[dict]:
-    """Optimizer parameter groups: ControlNet(s) at ``lr``, any unlocked UNet params at ``unet_lr``."""
+def param_groups(model: ControlledUNet | UNetOnly, policy: str, lr: float, unet_lr: float) -> list[dict]:
+    """Optimizer parameter groups: ControlNet(s) at ``lr``, any unlocked UNet params at ``unet_lr``
+    (``pretrain``: the whole UNet at ``lr``)."""
     apply_policy(model, policy)
+    if policy == "pretrain":
+        return [{"name": "unet", "lr": lr, "params": list(model.unet.parameters())}]
     groups = [
         {"name": "controlnet", "lr": lr, "params": [p for p in model.controlnets.parameters() if p.requires_grad]}
     ]

@@ -65,6 +65,46 @@ def build_pipeline(base, controlnets: Sequence[torch.nn.Module], unet: torch.nn.
     return pipe
 
 
+@torch.no_grad()
+def text_to_image(
+    base,
+    prompts: Sequence[str],
+    unet: torch.nn.Module | None = None,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+) -> np.ndarray:
+    """The base alone (or with ``unet`` in place of its own): stock StableDiffusionPipeline, DDIM, image i
+    from a CPU generator seeded ``seed + i``, at the base's native resolution -> uint8 (N, H, W, 3)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    unet = unet if unet is not None else base.unet
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    size = unet.config.sample_size
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    latents = torch.stack([torch.randn((unet.config.in_channels, size, size), generator=g) for g in generators])
+    out = pipe(
+        prompt=list(prompts),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        latents=latents.to(unet.device, unet.dtype),
+        height=size * pipe.vae_scale_factor,
+        width=size * pipe.vae_scale_factor,
+        output_type="np",
+    ).images
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
 def load_pipeline(
     base_source: str,
     controlnet_dirs: Sequence[str | Path],

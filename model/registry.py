@@ -6,7 +6,7 @@ libraries, with or without zeroconv:
 
     artifacts/controlnet/     the exported ControlNet (diffusers format)
     artifacts/unet/           only when a policy unlocked the UNet
-    artifacts/tiny-sd/        the base model, when it is built in code (``tiny``): nothing to rebuild
+    artifacts/base_model/     the base model, when it is built in (``tiny``, ``shapes``): nothing to rebuild
     artifacts/zeroconv.json   base model reference, annotator spec, inference defaults, resolution
     code/model, code/pipelines  the zeroconv modules ``predict`` imports, and only those
     requirements.txt          the exact installed versions of the libraries they import
@@ -238,7 +238,7 @@ def log_controlnet_model(
         raise ValueError("model metadata must include 'base_model'")
     import tempfile
 
-    from model.base import TINY, resolve_base_dir
+    from model.base import SHAPES, TINY, resolve_base_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / METADATA_FILE
@@ -246,8 +246,8 @@ def log_controlnet_model(
         artifacts = {"controlnet": str(controlnet_dir), "metadata": str(meta_path)}
         if unet_dir:
             artifacts["unet"] = str(unet_dir)
-        if metadata["base_model"] == TINY:
-            artifacts[BASE_MODEL_ARTIFACT] = str(resolve_base_dir(TINY))
+        if metadata["base_model"] in (TINY, SHAPES):
+            artifacts[BASE_MODEL_ARTIFACT] = str(resolve_base_dir(metadata["base_model"]))
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=ControlNetPyfunc(),

@@ -240,13 +240,15 @@ def changed_params(
 def export_model(
     state: dict[str, torch.Tensor], model, unet_unlocked: bool, summary: dict, out_uri: str, storage=None
 ) -> None:
-    """Rank 0: write the ControlNet (and an unlocked UNet) in diffusers format, plus ``summary`` (the final
-    metrics, which is how they reach the driver) as SUMMARY_FILE, to ``out_uri`` (local or s3://)."""
+    """Rank 0: write the ControlNet (if the model has one) and an unlocked UNet in diffusers format, plus
+    ``summary`` (the final metrics, which is how they reach the driver) as SUMMARY_FILE, to ``out_uri``
+    (local or s3://)."""
     from model.export import export_controlnet, export_unet
     from pipelines.common.storage import upload_dir
 
     with tempfile.TemporaryDirectory(prefix="zeroconv-export-") as tmp:
-        export_controlnet(model.controlnets[0], Path(tmp) / "controlnet", sub_state_dict(state, "controlnets.0."))
+        for i, controlnet in enumerate(getattr(model, "controlnets", ())[:1]):
+            export_controlnet(controlnet, Path(tmp) / "controlnet", sub_state_dict(state, f"controlnets.{i}."))
         if unet_unlocked:
             export_unet(model.unet, Path(tmp) / "unet", sub_state_dict(state, "unet."))
         (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

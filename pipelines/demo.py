@@ -83,7 +83,8 @@ def show_zero_conv_identity(config: DemoConfig) -> tuple[float, int]:
     conditions = [condition_tensor(np.stack([s.condition for s in samples]))]
     with torch.no_grad():
         plain = base.unet(latents, t, encoder_hidden_states=text).sample
-        controlled = ControlledUNet(base.unet, [controlnet_from_unet(base.unet)])(latents, t, text, conditions)
+        controlnet = controlnet_from_unet(base.unet, base.vae_scale_factor)
+        controlled = ControlledUNet(base.unet, [controlnet])(latents, t, text, conditions)
     diff = float((plain - controlled).abs().max())
     _say(
         "identity",

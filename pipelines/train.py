@@ -35,7 +35,7 @@ class TrainResult:
     steps: int
     metrics: dict
     checkpoint: str | None
-    controlnet_dir: str
+    controlnet_dir: str | None  # None for policy=pretrain: the UNet alone trains
     unet_dir: str | None
     mlflow_run_id: str
     registered_model: str | None = None
@@ -47,8 +47,9 @@ class TrainResult:
             f"trained {self.run_name!r} for {self.steps} steps "
             f"(loss {self.metrics.get('loss', float('nan')):.4f}, "
             f"{self.metrics.get('samples_per_s', 0):.1f} samples/s)",
-            f"  controlnet: {self.controlnet_dir}",
         ]
+        if self.controlnet_dir:
+            lines.append(f"  controlnet: {self.controlnet_dir}")
         if self.unet_dir:
             lines.append(f"  unet:       {self.unet_dir}")
         if self.metrics.get("fidelity_last") is not None:
@@ -201,7 +202,9 @@ def run_train(config: TrainConfig) -> TrainResult:
         export = run_dir.join("export")
         final = json.loads(export.join(SUMMARY_FILE).read_bytes())  # rank 0 wrote it with the export
         unet_dir = export.join("unet").uri if config.policy != "locked" else None
-        version = register(config, data, final["step"], run_id, export.join("controlnet").uri, unet_dir)
+        controlnet_dir = export.join("controlnet").uri if config.policy != "pretrain" else None
+        # A pretrained UNet is a base model, not a ControlNet: nothing to register as one.
+        version = register(config, data, final["step"], run_id, controlnet_dir, unet_dir) if controlnet_dir else None
     except BaseException:
         tracking.close_run(tracking_uri, run_id, ok=False)
         raise
@@ -211,10 +214,10 @@ def run_train(config: TrainConfig) -> TrainResult:
         steps=int(final.pop("step")),
         metrics=final,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
-        controlnet_dir=export.join("controlnet").uri,
+        controlnet_dir=controlnet_dir,
         unet_dir=unet_dir,
         mlflow_run_id=run_id,
-        registered_model=config.registered_model or None,
+        registered_model=(config.registered_model or None) if controlnet_dir else None,
         model_version=version,
         unet_params_changed=final.pop("unet_params_changed"),
     )

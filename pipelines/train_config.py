@@ -59,7 +59,8 @@ class FidelityCurveConfig(Section):
 
 
 class TrainConfig(JobConfig):
-    """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
+    """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset; or, with
+    policy=pretrain, the base's UNet alone (how ``zeroconv pretrain-base`` makes the shapes base)."""
 
     data: PathStr = Field(
         default="runs/annotated",
@@ -124,10 +125,18 @@ class TrainConfig(JobConfig):
     warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0: off).")
     policy: Policy = Field(
-        default="locked", description="What trains: locked (ControlNet only), unlock_decoder, unlock_full."
+        default="locked",
+        description="What trains: locked (ControlNet only), unlock_decoder, unlock_full; pretrain: no ControlNet, "
+        "every UNet weight at lr (text-to-image pretraining; nothing is registered).",
     )
     prompt_dropout: float = Field(
         default=0.5, ge=0, le=1, description="Probability of replacing a prompt by the empty prompt (paper: 0.5)."
+    )
+    snr_gamma: float = Field(
+        default=0.0, ge=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); 0: plain MSE."
+    )
+    offset_noise: float = Field(
+        default=0.0, ge=0, description="Offset noise: per-channel constant noise of this std (e.g. 0.1); 0: off."
     )
     ema: bool = Field(
         default=False, description="Keep an EMA of the trained weights and export it instead of the raw weights."

@@ -21,7 +21,7 @@ import numpy as np
 import ray.train
 import torch
 
-from model.controlnet import ControlledUNet, controlnet_from_unet, param_groups
+from model.controlnet import ControlledUNet, UNetOnly, controlnet_from_unet, param_groups
 from model.objective import diffusion_loss, drop_prompts
 from pipelines.checkpoint import (
     changed_params,
@@ -48,11 +48,14 @@ TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocati
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(base, config: TrainConfig) -> ControlledUNet:
-    model = ControlledUNet(base.unet, [controlnet_from_unet(base.unet)])
+def build_model(base, config: TrainConfig) -> ControlledUNet | UNetOnly:
+    if config.policy == "pretrain":
+        model = UNetOnly(base.unet)
+    else:
+        model = ControlledUNet(base.unet, [controlnet_from_unet(base.unet, base.vae_scale_factor)])
     if config.gradient_checkpointing:
         # The UNet too: even locked, backward runs through its decoder to reach the ControlNet residuals.
-        for module in (model.unet, *model.controlnets):
+        for module in (model.unet, *getattr(model, "controlnets", ())):
             module.enable_gradient_checkpointing()
     return model
 
@@ -70,7 +73,7 @@ def deepspeed_config(config: TrainConfig) -> dict:
     }
 
 
-def build_engine(model: ControlledUNet, config: TrainConfig):
+def build_engine(model: ControlledUNet | UNetOnly, config: TrainConfig):
     import deepspeed
     from diffusers.optimization import get_scheduler
 
@@ -144,13 +147,22 @@ class EMA:
 # ---------------------------------------------------------------------------------------------
 
 
-def validation_images(state: dict, model: ControlledUNet, base, validation: dict, config: TrainConfig) -> np.ndarray:
+def validation_images(
+    state: dict, model: ControlledUNet | UNetOnly, base, validation: dict, config: TrainConfig
+) -> np.ndarray:
     """Rank 0: condition | generated grid from full fp32 weights ``state``, fixed prompts and seeds."""
-    from model.inference import generate
+    from model.inference import generate, text_to_image
     from pipelines.common.tracking import image_grid
 
-    pipe = pipeline_from_weights(state, model, base)
     conditions = np.stack([decode_condition(b, channels=3) for b in validation["condition"]])
+    if isinstance(model, UNetOnly):  # pretraining: text-to-image, beside the outlines of the rows' images
+        unet = type(model.unet).from_config(model.unet.config)
+        unet.load_state_dict(sub_state_dict(state, "unet."))
+        images = text_to_image(
+            base, validation["text"], unet.to(base.vae.device), config.seed, config.validation_steps
+        )
+        return image_grid(conditions, images)
+    pipe = pipeline_from_weights(state, model, base)
     images = generate(pipe, validation["text"], conditions, seed=config.seed, steps=config.validation_steps)
     return image_grid(conditions, images)
 
@@ -239,7 +251,7 @@ class TrainState:
     """Everything one worker's loop carries from step to step."""
 
     engine: object  # the DeepSpeed engine around ``model``
-    model: ControlledUNet
+    model: ControlledUNet | UNetOnly
     base: object  # model.base.BaseModel: frozen VAE, text encoder, noise scheduler
     ema: EMA | None
     tracker: object  # Tracker on rank 0, NullTracker elsewhere
@@ -266,7 +278,15 @@ def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
             batch, base, config.condition_column, inputs.scaling_factor, engine.device
         )
         text = drop_prompts(text, state.empty_prompt, config.prompt_dropout)
-        loss = diffusion_loss(engine, base.noise_scheduler, latents.to(dtype), text.to(dtype), [conditions.to(dtype)])
+        loss = diffusion_loss(
+            engine,
+            base.noise_scheduler,
+            latents.to(dtype),
+            text.to(dtype),
+            [conditions.to(dtype)],
+            snr_gamma=config.snr_gamma,
+            offset_noise=config.offset_noise,
+        )
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries
         total += loss.detach()

@@ -49,7 +49,9 @@ class SD(UNetFamily):
     control_pipeline_class = "StableDiffusionControlNetPipeline"
 
     def new_controlnet(self, base: Base, conditioning_channels: int = 3) -> nn.Module:
-        return controlnet_from_unet(base.denoiser, conditioning_channels=conditioning_channels)
+        return controlnet_from_unet(
+            base.denoiser, base.pipe.vae_scale_factor, conditioning_channels=conditioning_channels
+        )
 
     def encode_prompts(self, base: Base, prompts: Sequence[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
         embeds, _ = base.pipe.encode_prompt(list(prompts), base.device, 1, do_classifier_free_guidance=False)

@@ -115,3 +115,42 @@ def write_fill50k_parquet(
     for k in range(shards):
         pq.write_table(table.slice(k * step, step), out / f"part-{k:05d}.parquet")
     return out
+
+
+def colour_names(image: np.ndarray) -> np.ndarray:
+    """The nearest named colour (index into ``COLOURS``) of every pixel of a uint8 (H, W, 3) image."""
+    palette = np.array(list(COLOURS.values()), np.float32)
+    distance = ((image[..., None, :].astype(np.float32) - palette) ** 2).sum(-1)
+    return distance.argmin(-1)
+
+
+def read_colours(image: np.ndarray, min_circle: float = 0.02) -> tuple[str, str | None]:
+    """(background, circle) colour names of a Fill50K-style image, e.g. a generated one: the background is
+    the commonest colour along the border, the circle the commonest other colour inside (None when under
+    ``min_circle`` of the pixels have one). The inverse of what :func:`fill50k_sample` draws."""
+    names, labels = list(COLOURS), colour_names(image)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    background = int(np.bincount(border, minlength=len(names)).argmax())
+    others = labels[labels != background]
+    if others.size < min_circle * labels.size:
+        return names[background], None
+    return names[background], names[int(np.bincount(others, minlength=len(names)).argmax())]
+
+
+def prompted_colour_accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    """How often images show the colours their "<circle> circle with <background> background" prompts name:
+    the fraction with the right background, the right circle colour, and both."""
+    right_bg = right_circle = both = 0
+    for image, prompt in zip(images, prompts):
+        words = prompt.split()
+        background, circle = read_colours(image)
+        right_bg += background == words[3]
+        right_circle += circle == words[0]
+        both += background == words[3] and circle == words[0]
+    n = max(len(prompts), 1)
+    return {"background": right_bg / n, "circle": right_circle / n, "both": both / n}
+
+
+def colour_prompts() -> list[str]:
+    """Every caption Fill50K-style data can have: each ordered pair of distinct colours (56)."""
+    return [f"{fg} circle with {bg} background" for fg in COLOURS for bg in COLOURS if fg != bg]
