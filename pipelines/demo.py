@@ -40,17 +40,17 @@ class DemoConfig(JobConfig):
     """The demo's knobs; everything else uses each stage's own defaults, sized for the demo base."""
 
     work_dir: str = Field(default="demo-output", description="where the demo writes everything")
-    base_model: BaseModelConfig = BaseModelConfig(source="tiny")
+    base_model: BaseModelConfig = BaseModelConfig(source="shapes")
     mlflow: MLflowConfig = MLflowConfig(experiment="zeroconv-demo")
     images: int = Field(default=2000, ge=8, description="synthetic training images (plus 4 broken files)")
     heldout: int = Field(default=32, ge=1, description="held-out images for evaluation")
-    train_steps: int = Field(default=2000, ge=1, description="training steps")
+    train_steps: int = Field(default=4000, ge=1, description="training steps")
     batch_size: int = Field(default=32, ge=1, description="training batch")
     lr: float = Field(
         default=5e-4, gt=0, description="ControlNet learning rate (higher than the paper's 1e-5: a short CPU run)"
     )
     fidelity_every: int = Field(
-        default=250, ge=0, description="training steps between fidelity scores on the held-out set (0: off)"
+        default=500, ge=0, description="training steps between fidelity scores on the held-out set (0: off)"
     )
     guidance_scale: float = Field(default=5.0, ge=0, description="CFG scale for evaluation, the grid and serving")
     sampling_steps: int = Field(default=20, ge=1, description="DDIM steps for evaluation, the grid and serving")
@@ -181,7 +181,7 @@ def annotate_heldout(config: DemoConfig, work: Path, heldout_images: Path, resol
     )
 
 
-def serve_one_request(config: DemoConfig, work: Path) -> Path:
+def serve_one_request(config: DemoConfig, work: Path, resolution: int) -> Path:
     """Serve models:/NAME@champion over HTTP on 127.0.0.1, ask for one image, save it next to its condition."""
     from PIL import Image
 
@@ -200,6 +200,7 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
                 "port": port,
                 "block": False,
                 "reload_interval_s": 0,
+                "limits": {"min_size": min(64, resolution)},  # the shapes base makes 32 px images
             }
         )
     )
@@ -329,7 +330,7 @@ def run_demo(config: DemoConfig) -> str:
     grid, summary["fidelity"] = control_grid(config, work)
     summary["grid"] = str(grid)
     if config.serve:
-        summary["generated"] = str(serve_one_request(config, work))
+        summary["generated"] = str(serve_one_request(config, work, resolution))
     summary["seconds"] = round(time.time() - started, 1)
     (work / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return (
