@@ -195,10 +195,11 @@ class PrecomputeShards:
         for offset in range(0, table.num_rows, self.job.batch_size):
             rows = table.slice(offset, self.job.batch_size)
             images = np.stack([decode_rgb(b) for b in rows.column("image").to_pylist()])
-            if images.shape[1] % 8 or images.shape[2] % 8:
+            factor = self.base.vae_scale_factor
+            if images.shape[1] % factor or images.shape[2] % factor:
                 raise ValueError(
                     f"{shard.name}: images are {images.shape[2]}x{images.shape[1]}; the VAE needs "
-                    "sides that are multiples of 8 (re-annotate with such a resolution)"
+                    f"sides that are multiples of {factor} (re-annotate with such a resolution)"
                 )
             mean, std = latent_distribution(self.base.vae, image_tensor(images))
             means.append(mean.float().cpu().numpy())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from pipelines.common.config import JobConfig, MLflowConfig, PathStr, flatten
+from pipelines.common.config import JobConfig, MLflowConfig, PathStr
 from pipelines.common.storage import is_s3
 from pipelines.common.tracking import RUN_FILE
 
@@ -85,7 +85,7 @@ def run_pretrain_base(config: PretrainBaseConfig) -> str:
     record = {
         "command": "zeroconv pretrain-base " + " ".join(f"{k}={v}" for k, v in changed_settings(config).items()),
         "seed": config.seed,
-        "settings": flatten(config.model_dump(exclude={"mlflow", "ray", "storage", "work_dir", "out"})),
+        "settings": config.model_dump(exclude={"mlflow", "ray", "storage", "work_dir", "out"}),
         "vae": {k: vae[k] for k in ("steps", "loss", "psnr_db", "scaling_factor")},
         "unet": {"steps": unet["steps"], "loss": unet["loss"]},
         "prompted_colour_accuracy": quality,
@@ -219,6 +219,8 @@ def write_data(config: PretrainBaseConfig, folder: Path) -> Path:
 
 def pretrain_unet(config: PretrainBaseConfig, init: Path, data: Path, work: Path) -> dict:
     """Phase 4: ``zeroconv train policy=pretrain`` (resumes from its own checkpoints on a re-run)."""
+    import mlflow
+
     from pipelines.train import run_train
     from pipelines.train_config import TrainConfig
 
@@ -253,7 +255,10 @@ def pretrain_unet(config: PretrainBaseConfig, init: Path, data: Path, work: Path
         storage=config.storage,
     )
     result = run_train(train_config)
-    return {"unet_dir": result.unet_dir, "steps": result.steps, "loss": round(result.metrics["loss"], 5)}
+    # The last loss the workers logged (a re-run of a finished training trains no step, so its own result has none).
+    history = mlflow.MlflowClient(train_config.mlflow.tracking_uri).get_metric_history(result.mlflow_run_id, "loss")
+    loss = max(history, key=lambda m: m.step).value
+    return {"unet_dir": result.unet_dir, "steps": result.steps, "loss": round(loss, 5)}
 
 
 def assemble(init: Path, unet_dir: Path, out: Path) -> None:
