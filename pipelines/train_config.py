@@ -179,3 +179,9 @@ class TrainConfig(JobConfig):
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.num_workers
+
+    @model_validator(mode="after")
+    def _fidelity_needs_a_controlnet(self) -> "TrainConfig":
+        if self.fidelity.every and self.policy == "pretrain":
+            raise ValueError("fidelity.every scores a ControlNet's control; policy=pretrain trains none (set 0)")
+        return self

@@ -24,6 +24,14 @@ def test_fidelity_every_without_held_out_data_is_a_config_error():
         FidelityCurveConfig(every=10)
 
 
+def test_fidelity_curve_with_pretraining_is_a_config_error():
+    from pipelines.train_config import TrainConfig
+
+    with pytest.raises((ConfigError, ValueError), match="policy=pretrain"):
+        TrainConfig(policy="pretrain", fidelity={"every": 10, "data": "runs/heldout"})
+    TrainConfig(policy="pretrain")  # the curve off: fine
+
+
 def test_held_out_rows_without_an_annotator_name_the_fix(fill50k_parquet):
     # fill50k_table's conditions are the true outlines: no annotator recorded on the column.
     with pytest.raises(ValueError, match="fidelity.annotator"):
