@@ -11,9 +11,7 @@ from pipelines.common.config import MLflowConfig
 from pipelines.pretrain_base import RECORD_FILE, SAMPLES_FILE, PretrainBaseConfig, run_pretrain_base
 
 
-def test_pretrain_base_short_run_trains_every_phase_and_writes_a_stock_diffusers_base(
-    tmp_path, ray_session, mlflow_server
-):
+def test_pretrain_base_short_run_trains_every_phase_and_writes_a_stock_diffusers_base(tmp_path, ray_session):
     import mlflow
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -26,7 +24,8 @@ def test_pretrain_base_short_run_trains_every_phase_and_writes_a_stock_diffusers
         steps=40,
         batch_size=8,
         lr=2e-3,
-        mlflow=MLflowConfig(tracking_uri=mlflow_server, experiment="test-pretrain"),
+        # MLflow without a server (SQLite): the phases log there exactly as to a server.
+        mlflow=MLflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="test-pretrain"),
     )
     message = run_pretrain_base(config)
     out = tmp_path / "base"
@@ -37,7 +36,7 @@ def test_pretrain_base_short_run_trains_every_phase_and_writes_a_stock_diffusers
     assert (out / SAMPLES_FILE).stat().st_size > 0
 
     # The UNet trained through `zeroconv train policy=pretrain`: its logged loss fell.
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(config.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name("test-pretrain")
     (unet_run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pretrain-unet'")
     losses = [m.value for m in sorted(client.get_metric_history(unet_run.info.run_id, "loss"), key=lambda m: m.step)]
