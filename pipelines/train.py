@@ -133,6 +133,16 @@ def check_fits_fixed_cluster(resources: dict[str, float], num_workers: int, node
     )
 
 
+def check_base_supports(config: TrainConfig) -> None:
+    """policy=pretrain and the objective's options exist only for some families (Family.check_training): fail here,
+    in one line, not in every worker. Only when one is asked for: naming the family resolves the base's files."""
+    if config.policy == "pretrain" or config.snr_gamma or config.offset_noise:
+        from model.families import family_of, resolve
+
+        base_dir = resolve(config.base_model.source, config.storage)
+        family_of(base_dir).check_training(config.policy, config.snr_gamma, config.offset_noise)
+
+
 def run_train(config: TrainConfig) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -148,6 +158,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     # Everything a user can get wrong fails here, before a worker starts.
     data = inspect_dataset(config)
     check_annotation_finished(config)
+    check_base_supports(config)
     if config.fidelity.every:  # the held-out rows and their annotator, read as rank 0 will read them
         read_heldout_rows(config.fidelity, config.storage)
     check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir))
