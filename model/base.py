@@ -6,6 +6,8 @@ adapter. :func:`resolve_base_dir` accepts:
 
 * ``tiny`` - a tiny SD built from configs in code with a fixed seed and CLIP's real tokenizer,
   saved once in diffusers format under the cache dir, then loaded like any other directory;
+* ``shapes`` - the same size, pretrained on Fill50K-style circles by ``zeroconv pretrain-base`` (32 px,
+  a VAE downsampling x4); its fp16 weights ship in the package (model/assets/shapes) and load as fp32;
 * a local directory;
 * ``s3://bucket/prefix`` - copied to the cache dir first, once per version of its files (see
   :func:`s3_base_dir`);
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 TINY = "tiny"
+SHAPES = "shapes"
+SHAPES_DIR = Path(__file__).parent / "assets" / "shapes"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # What a hub snapshot fetches: the component folders of every family (model/families), not only SD's.
 HUB_FOLDERS = COMPONENTS + ("transformer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -35,6 +39,13 @@ def resolve_base_dir(source: str, storage=None) -> Path:
 
     if source == TINY:
         return ensure_tiny(cache_dir() / "tiny-sd")
+    if source == SHAPES:
+        if not (SHAPES_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the shapes base is not in this installation ({SHAPES_DIR}); build it with "
+                "'zeroconv pretrain-base out=DIR' and use base_model.source=DIR"
+            )
+        return SHAPES_DIR
     if source.startswith("s3://"):
         dest = s3_base_dir(source, storage)
         _check_diffusers_dir(dest, source)
@@ -53,10 +64,10 @@ def resolve_base_dir(source: str, storage=None) -> Path:
         except Exception as exc:  # offline, unknown repo, gated...
             raise FileNotFoundError(
                 f"base model {source!r} is not a local directory and could not be fetched from the hub "
-                f"({type(exc).__name__}). Use 'tiny', a local diffusers directory or an s3:// URI."
+                f"({type(exc).__name__}). Use 'tiny', 'shapes', a local diffusers directory or an s3:// URI."
             ) from None
     raise FileNotFoundError(
-        f"base model {source!r} does not exist. Use 'tiny', a local diffusers directory, "
+        f"base model {source!r} does not exist. Use 'tiny', 'shapes', a local diffusers directory, "
         f"an s3:// URI or a hub id like 'org/name'."
     )
 
@@ -79,7 +90,7 @@ def s3_base_dir(source: str, storage=None) -> Path:
     files = src.list_files()
     if not files:
         raise FileNotFoundError(
-            f"base model {source!r} does not exist. Use 'tiny', a local diffusers directory, "
+            f"base model {source!r} does not exist. Use 'tiny', 'shapes', a local diffusers directory, "
             f"an s3:// URI or a hub id like 'org/name'."
         )
     listing = sorted((f.path[len(src.path) :], f.size, f.mtime_ns) for f in files)

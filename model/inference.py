@@ -80,6 +80,38 @@ def check_controlnet_family(family, controlnet: torch.nn.Module, where: str) -> 
         )
 
 
+@torch.no_grad()
+def text_to_image(
+    base,
+    prompts: Sequence[str],
+    denoiser: torch.nn.Module | None = None,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+) -> np.ndarray:
+    """The base alone (or with ``denoiser`` in place of its own): its family's stock text-to-image pipeline with
+    DDIM, image i from a CPU generator seeded ``seed + i``, at the base's native resolution -> uint8 (N, H, W, 3).
+    For families that support policy=pretrain (SD), whose validation grids and samples this draws."""
+    from diffusers import DDIMScheduler
+
+    components = dict(base.pipe.components, scheduler=DDIMScheduler.from_config(base.pipe.scheduler.config))
+    if denoiser is not None:
+        components[base.family.denoiser_name] = denoiser
+    pipe = type(base.pipe)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    out = pipe(
+        prompt=list(prompts),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        height=base.resolution,
+        width=base.resolution,
+        output_type="np",
+    ).images
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
 def load_pipeline(
     base_source: str,
     controlnet_dirs: Sequence[str | Path],

@@ -6,7 +6,7 @@ libraries, with or without zeroconv:
 
     artifacts/controlnet/     the exported ControlNet (diffusers format)
     artifacts/unet/           only when a policy unlocked the denoiser (a UNet, or a transformer for SD3/Flux)
-    artifacts/tiny-sd/        the base model when it is built in code (``tiny``, ``tiny-sdxl``...): nothing to rebuild
+    artifacts/base_model/     a built-in base model (``tiny``, ``shapes``, ``tiny-sdxl``...): nothing to rebuild
     artifacts/zeroconv.json   base model reference and family, annotator spec, inference defaults, resolution
     code/model, code/pipelines  the zeroconv modules ``predict`` imports, and only those
     requirements.txt          the exact installed versions of the libraries they import
@@ -226,7 +226,7 @@ def log_controlnet_model(
         raise ValueError("model metadata must include 'base_model'")
     import tempfile
 
-    from model.base import TINY
+    from model.base import SHAPES, TINY
     from model.families import TINY_PRESETS, resolve
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,7 +235,7 @@ def log_controlnet_model(
         artifacts = {"controlnet": str(controlnet_dir), "metadata": str(meta_path)}
         if unet_dir:
             artifacts["unet"] = str(unet_dir)
-        if metadata["base_model"] in (TINY, *TINY_PRESETS):
+        if metadata["base_model"] in (TINY, SHAPES, *TINY_PRESETS):
             artifacts[BASE_MODEL_ARTIFACT] = str(resolve(metadata["base_model"]))
         with warnings.catch_warnings():
             # A signature and no input example: given an example, MLflow loads the whole pipeline in this

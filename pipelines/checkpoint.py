@@ -240,14 +240,15 @@ def changed_params(
 def export_model(
     state: dict[str, torch.Tensor], model, denoiser_unlocked: bool, summary: dict, out_uri: str, storage=None
 ) -> None:
-    """Rank 0: write the ControlNet (and an unlocked denoiser, as ``unet/`` or ``transformer/``) in diffusers
-    format, plus ``summary`` (the final metrics and the family, which is how they reach the driver) as
-    SUMMARY_FILE, to ``out_uri`` (local or s3://)."""
+    """Rank 0: write the ControlNet (none under policy=pretrain) and an unlocked denoiser (as ``unet/`` or
+    ``transformer/``) in diffusers format, plus ``summary`` (the final metrics and the family, which is how they
+    reach the driver) as SUMMARY_FILE, to ``out_uri`` (local or s3://)."""
     from model.export import export_model as export_diffusers
     from pipelines.common.storage import upload_dir
 
     with tempfile.TemporaryDirectory(prefix="zeroconv-export-") as tmp:
-        export_diffusers(model.controlnets[0], Path(tmp) / "controlnet", sub_state_dict(state, "controlnets.0."))
+        if len(model.controlnets):
+            export_diffusers(model.controlnets[0], Path(tmp) / "controlnet", sub_state_dict(state, "controlnets.0."))
         if denoiser_unlocked:
             folder = Path(tmp) / model.family.denoiser_name
             export_diffusers(model.denoiser, folder, sub_state_dict(state, "denoiser."))

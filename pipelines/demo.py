@@ -1,12 +1,16 @@
-"""``zeroconv demo``: the whole product, end to end, on this machine, with the built-in tiny model.
+"""``zeroconv demo``: the whole product, end to end, on this machine, with a built-in base model.
 
-    1. base       build the tiny Stable Diffusion; show the zero-convolution identity (y_c == y at step 0)
-    2. data       write Fill50K-style images (plus a few broken files) and a held-out set
-    3. pipeline   `zeroconv pipeline run`: annotate -> train (Ray Train + DeepSpeed) -> register -> evaluate -> promote
-    4. serve      `zeroconv serve`: Ray Serve loads models:/NAME@champion; one real HTTP request; image saved
+    1. base       load the base (default ``shapes``, pretrained on Fill50K-style pictures); show the
+                  zero-convolution identity (y_c == y at step 0)
+    2. data       write Fill50K-style images (plus a few broken files) and a held-out set, at the base's size
+    3. pipeline   `zeroconv pipeline run`: annotate -> train (Ray Train + DeepSpeed; a fidelity curve on the
+                  held-out set) -> register -> evaluate (edge F1 and circle-mask IoU vs no control) -> promote
+    4. grid       condition | base alone | with ControlNet for held-out rows (PNG, also on the model's MLflow run)
+    5. serve      `zeroconv serve`: Ray Serve loads models:/NAME@champion; one real HTTP request; image saved
 
 Every step calls the same ``run_<stage>`` function a user or a scheduler would; only the synthetic
-input is demo-specific. Re-running resumes: finished stages are skipped.
+input is demo-specific. Re-running resumes: finished stages are skipped. The numbers land in
+``demo_summary.json`` (``resolution``, ``fidelity``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import time
@@ -27,20 +32,29 @@ from pydantic import Field
 from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig
 
 MODEL_NAME = "zeroconv-demo"
+GRID_FILE = "demo-grid.png"
+GRID_ARTIFACT = "demo/grid.png"
 
 
 class DemoConfig(JobConfig):
-    """The demo's knobs; everything else uses each stage's own defaults, sized for the tiny model."""
+    """The demo's knobs; everything else uses each stage's own defaults, sized for the demo base."""
 
     work_dir: str = Field(default="demo-output", description="where the demo writes everything")
-    base_model: BaseModelConfig = BaseModelConfig()
+    base_model: BaseModelConfig = BaseModelConfig(source="shapes")
     mlflow: MLflowConfig = MLflowConfig(experiment="zeroconv-demo")
-    images: int = Field(default=256, ge=8, description="synthetic training images (plus 4 broken files)")
-    heldout: int = Field(default=16, ge=1, description="held-out images for evaluation")
-    train_steps: int = Field(default=120, ge=1, description="training steps")
+    images: int = Field(default=2000, ge=8, description="synthetic training images (plus 4 broken files)")
+    heldout: int = Field(default=32, ge=1, description="held-out images for evaluation")
+    train_steps: int = Field(default=4000, ge=1, description="training steps")
+    batch_size: int = Field(default=32, ge=1, description="training batch")
     lr: float = Field(
-        default=2e-4, gt=0, description="ControlNet learning rate (higher than the paper's 1e-5: a short CPU run)"
+        default=5e-4, gt=0, description="ControlNet learning rate (higher than the paper's 1e-5: a short CPU run)"
     )
+    fidelity_every: int = Field(
+        default=500, ge=0, description="training steps between fidelity scores on the held-out set (0: off)"
+    )
+    guidance_scale: float = Field(default=5.0, ge=0, description="CFG scale for evaluation, the grid and serving")
+    sampling_steps: int = Field(default=20, ge=1, description="DDIM steps for evaluation, the grid and serving")
+    grid_rows: int = Field(default=8, ge=1, description="held-out rows in the condition | base | ControlNet grid")
     serve: bool = Field(default=True, description="serve the promoted model and send one HTTP request")
     fresh: bool = Field(default=False, description="delete work_dir first instead of resuming")
     seed: int = Field(default=0, description="random seed for the synthetic data")
@@ -50,8 +64,9 @@ def _say(step: str, text: str) -> None:
     print(f"[demo] {step:<9} {text}", flush=True)
 
 
-def show_zero_conv_identity(config: DemoConfig) -> float:
-    """Build the base model and a ControlNet from it; the controlled denoiser equals the plain one exactly."""
+def show_zero_conv_identity(config: DemoConfig) -> tuple[float, int]:
+    """Load the base model and build a ControlNet from it; the controlled denoiser equals the plain one exactly.
+    Returns the largest difference and the base's native resolution (the demo's image size)."""
     from model.families import load
     from pipelines.data.synthetic import fill50k
     from pipelines.data.tensors import condition_tensor, image_tensor
@@ -81,16 +96,16 @@ def show_zero_conv_identity(config: DemoConfig) -> float:
         f"max |{fam.denoiser_name} + ControlNet - {fam.denoiser_name}| at step 0 = {diff} "
         "(zero convolutions: training starts from the base model)",
     )
-    return diff
+    return diff, base.resolution
 
 
-def make_data(config: DemoConfig, work: Path) -> tuple[Path, Path]:
+def make_data(config: DemoConfig, work: Path, resolution: int) -> tuple[Path, Path]:
     from pipelines.data.synthetic import write_image_folder
 
     incoming = work / "incoming"
-    write_image_folder(incoming / "batch-0001", config.images, size=64, seed=config.seed, broken=True)
+    write_image_folder(incoming / "batch-0001", config.images, size=resolution, seed=config.seed, broken=True)
     heldout = write_image_folder(
-        work / "heldout-images", config.heldout, size=64, seed=config.seed + 10_000, broken=False
+        work / "heldout-images", config.heldout, size=resolution, seed=config.seed + 10_000, broken=False
     )
     _say(
         "data",
@@ -100,37 +115,61 @@ def make_data(config: DemoConfig, work: Path) -> tuple[Path, Path]:
     return incoming, heldout
 
 
-def pipeline_config(config: DemoConfig, work: Path, incoming: Path):
+def pipeline_config(config: DemoConfig, work: Path, incoming: Path, resolution: int):
     from pipelines.pipeline import PipelineConfig
 
+    sampling = {"steps": config.sampling_steps, "guidance_scale": config.guidance_scale}
     return PipelineConfig.model_validate(
         {
             "work_dir": str(work),
             "storage": config.storage.model_dump(),
             "ray": config.ray.model_dump(),
             "mlflow": config.mlflow.model_dump(),
-            "annotate": {"input": str(incoming), "resolution": 64, "min_side": 32, "shard_size": 64},
+            "annotate": {
+                "input": str(incoming),
+                "resolution": resolution,
+                "min_side": resolution // 2,
+                "shard_size": 500,
+            },
             "train": {
                 "base_model": config.base_model.model_dump(),
                 "run_name": "demo",
                 "registered_model": MODEL_NAME,
                 "num_workers": 1,
-                "batch_size": 8,
+                # Two cores to the one worker: torch runs 1.4x faster on two threads than on one.
+                "cpus_per_worker": min(2, os.cpu_count() or 1),
+                # ZeRO partitions nothing on one worker; stage 0 skips its bookkeeping (0.5M parameters).
+                "zero_stage": 0,
+                "batch_size": config.batch_size,
                 "max_steps": config.train_steps,
                 "lr": config.lr,
+                "prompt_dropout": 0.5,
                 "checkpoint_every": max(1, config.train_steps // 2),
-                "log_every": 10,
+                "log_every": 50,
                 "validate_every": 0,
                 "num_validation": 4,
-                "validation_steps": 10,
+                "validation_steps": config.sampling_steps,
+                "fidelity": {
+                    "every": config.fidelity_every,
+                    "data": str(work / "heldout"),
+                    "limit": min(16, config.heldout),
+                    "mask_iou": True,
+                    **sampling,
+                },
             },
-            "evaluate": {"data": str(work / "heldout"), "limit": config.heldout, "steps": 10, "grid_samples": 8},
+            "evaluate": {
+                "data": str(work / "heldout"),
+                "limit": config.heldout,
+                "mask_iou": True,
+                "grid_samples": config.grid_rows,
+                **sampling,
+            },
             "promote": {"margin": 0.0},
         }
     )
 
 
-def annotate_heldout(config: DemoConfig, work: Path, heldout_images: Path) -> None:
+def annotate_heldout(config: DemoConfig, work: Path, heldout_images: Path, resolution: int) -> None:
     from pipelines.annotate import AnnotateConfig, run_annotate
 
     run_annotate(
@@ -141,14 +180,14 @@ def annotate_heldout(config: DemoConfig, work: Path, heldout_images: Path) -> No
                 "ray": config.ray.model_dump(),
                 "input": str(heldout_images),
                 "output": str(work / "heldout"),
-                "resolution": 64,
-                "min_side": 32,
+                "resolution": resolution,
+                "min_side": resolution // 2,
             }
         )
     )
 
 
-def serve_one_request(config: DemoConfig, work: Path) -> Path:
+def serve_one_request(config: DemoConfig, work: Path, resolution: int) -> Path:
     """Serve models:/NAME@champion over HTTP on 127.0.0.1, ask for one image, save it next to its condition."""
     from PIL import Image
 
@@ -167,6 +206,7 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
                 "port": port,
                 "block": False,
                 "reload_interval_s": 0,
+                "limits": {"min_size": min(64, resolution)},  # the shapes base makes 32 px images
             }
         )
     )
@@ -178,8 +218,8 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
             {
                 "prompt": row["text"],
                 "seed": 0,
-                "steps": 20,
-                "guidance_scale": 9.0,
+                "steps": config.sampling_steps,
+                "guidance_scale": config.guidance_scale,
                 "controls": [{"image": base64.b64encode(encoded_bytes(row["conditioning_image"])).decode()}],
             }
         ).encode()
@@ -204,6 +244,73 @@ def serve_one_request(config: DemoConfig, work: Path) -> Path:
     return out
 
 
+def control_grid(config: DemoConfig, work: Path) -> tuple[Path, dict]:
+    """condition | base alone | with ControlNet for the first held-out rows, generated exactly as evaluate
+    did (the evaluated version, same seeds, steps and CFG; the base alone is conditioning scale 0). Saved
+    as a PNG and logged on the model's MLflow run. Returns its path and the version's fidelity numbers."""
+    import tempfile
+
+    import mlflow
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from model.inference import generate, load_pipeline
+    from model.registry import resolve_model
+    from pipelines.common.images import decode_condition
+    from pipelines.common.tracking import connect, resolve_tracking_uri
+    from pipelines.evaluate import evaluation_grid
+    from pipelines.fidelity_record import read_fidelity
+    from pipelines.train_fidelity import CONVERGED_TAG
+
+    connect(resolve_tracking_uri(config.mlflow.tracking_uri, str(work), must_exist=True), config.mlflow.experiment)
+    rows = pq.read_table(work / "heldout", columns=["text", "conditioning_image"]).slice(0, config.grid_rows)
+    prompts = rows.column("text").to_pylist()
+    conditions = np.stack([decode_condition(b, channels=3) for b in rows.column("conditioning_image").to_pylist()])
+    with tempfile.TemporaryDirectory(prefix="zc-demo-") as tmp:
+        model = resolve_model(MODEL_NAME, alias="candidate", dest=tmp)
+        pipe = load_pipeline(config.base_model.source, [model.controlnet_dir], model.unet_dir, storage=config.storage)
+        images = {
+            scale: generate(
+                pipe,
+                prompts,
+                conditions,
+                seed=0,  # evaluate's default seed: row i gets seed i
+                steps=config.sampling_steps,
+                guidance_scale=config.guidance_scale,
+                conditioning_scale=scale,
+            )
+            for scale in (0.0, 1.0)
+        }
+    grid = evaluation_grid(
+        [[c, base, controlled] for c, base, controlled in zip(conditions, images[0.0], images[1.0])]
+    )
+    out = work / GRID_FILE
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(out)
+    client = mlflow.MlflowClient()
+    client.log_image(model.run_id, grid, artifact_file=GRID_ARTIFACT)
+    record = read_fidelity(MODEL_NAME, model.version)  # what evaluate measured for this version
+    run = client.get_run(model.run_id).data
+    converged = run.tags.get(CONVERGED_TAG)
+    fidelity = {
+        "metric": record.metric,
+        "controlnet": record.score,
+        "no_control": record.baseline_score,
+        "mask_iou": run.metrics.get("fidelity/mask_iou"),
+        "mask_iou_no_control": run.metrics.get("fidelity/baseline_mask_iou"),
+        "samples": record.samples,
+        "guidance_scale": config.guidance_scale,
+        "model_version": model.version,
+        "converged_step": int(converged) if converged else None,  # training's curve: first step above 2x
+    }
+    _say(
+        "grid",
+        f"condition | base alone | with ControlNet -> {out}; {record.metric} {record.score:.3f} vs "
+        f"{record.baseline_score:.3f} without control, mask IoU {fidelity['mask_iou']:.3f} vs "
+        f"{fidelity['mask_iou_no_control']:.3f} ({record.samples} held-out samples, CFG {config.guidance_scale:g})",
+    )
+    return out, fidelity
+
+
 def run_demo(config: DemoConfig) -> str:
     from pipelines.common.cluster import ensure_ray
     from pipelines.pipeline import run_pipeline
@@ -214,23 +321,29 @@ def run_demo(config: DemoConfig) -> str:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
 
-    summary: dict = {"identity_max_abs_diff": show_zero_conv_identity(config)}
-    incoming, heldout_images = make_data(config, work)
+    diff, resolution = show_zero_conv_identity(config)
+    summary: dict = {"identity_max_abs_diff": diff, "resolution": resolution, "base_model": config.base_model.source}
+    incoming, heldout_images = make_data(config, work, resolution)
     ensure_ray(config.ray)
-    annotate_heldout(config, work, heldout_images)
-    result = run_pipeline(pipeline_config(config, work, incoming))
+    annotate_heldout(config, work, heldout_images, resolution)
+    result = run_pipeline(pipeline_config(config, work, incoming, resolution))
     _say("pipeline", str(result).replace("\n", "\n" + " " * 17))
     summary["pipeline"] = result.steps
     for manifest in sorted((work / "annotated").rglob("_manifest.json")):
         summary.setdefault("manifests", {})[str(manifest.relative_to(work))] = json.loads(manifest.read_text())[
             "counts"
         ]
+    grid, summary["fidelity"] = control_grid(config, work)
+    summary["grid"] = str(grid)
     if config.serve:
-        summary["generated"] = str(serve_one_request(config, work))
+        summary["generated"] = str(serve_one_request(config, work, resolution))
+    summary["seconds"] = round(time.time() - started, 1)
     (work / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return (
-        f"demo finished in {time.time() - started:.0f}s. Look at:\n"
-        f"  {work / 'demo_summary.json'}  (counts, scores, versions)\n"
+        f"demo finished in {summary['seconds']:.0f}s. Look at:\n"
+        f"  {grid}  (condition | base alone | with ControlNet)\n"
+        f"  {work / 'demo_summary.json'}  (counts, fidelity with and without control, versions)\n"
         f"  {work / 'generated.png'}  (condition | generated, from a real HTTP request)\n"
-        f"  mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}  (runs, loss curves, image grids, registry)"
+        f"  mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}  (runs, loss and fidelity curves, grids, "
+        "registry)"
     )

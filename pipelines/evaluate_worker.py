@@ -37,6 +37,38 @@ class EvalJob:
     storage: StorageConfig
 
 
+def generate_and_score(
+    pipe,
+    annotator,
+    scoring: fidelity.Scoring,
+    prompts: list[str],
+    conditions: np.ndarray | list[np.ndarray],
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    conditioning_scale: float | list[float] = 1.0,
+    references: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+    """Generate one image per (prompt, condition, seed), re-annotate it, score it against its condition
+    (or ``references``, e.g. when ``conditions`` is a list, one per composed ControlNet): (images,
+    re-annotations, one score dict per sample). Evaluation, training's fidelity curve and
+    bench/bench_experiments.py use this."""
+    from model.inference import generate
+
+    images = generate(
+        pipe,
+        prompts,
+        conditions,
+        seed=seeds,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        conditioning_scale=conditioning_scale,
+    )
+    maps = annotator(images)
+    references = conditions if references is None else references
+    return images, maps, [scoring(i, m, c) for i, m, c in zip(images, maps, references)]
+
+
 class FidelityScorer:
     """Ray Data actor: generate -> re-annotate -> score, for the model and (optionally) the baseline."""
 
@@ -77,8 +109,6 @@ class FidelityScorer:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from model.inference import generate
-
         job = self.job
         conditions = np.stack([decode_condition(b, channels=self.channels) for b in batch["condition"]])
         prompts = [str(t) for t in batch["text"]]
@@ -86,17 +116,17 @@ class FidelityScorer:
         out: dict[str, np.ndarray] = {"index": batch["index"]}
         runs = [("", self.pipe, 1.0)] + ([("baseline_", self.baseline_pipe, 0.0)] if self.baseline_pipe else [])
         for prefix, pipe, conditioning_scale in runs:
-            images = generate(
+            images, maps, scores = generate_and_score(
                 pipe,
+                self.annotator,
+                job.scoring,
                 prompts,
                 conditions,
-                seed=seeds,
-                steps=job.steps,
-                guidance_scale=job.guidance_scale,
-                conditioning_scale=conditioning_scale,
+                seeds,
+                job.steps,
+                job.guidance_scale,
+                conditioning_scale,
             )
-            maps = self.annotator(images)
-            scores = [job.scoring(i, m, c) for i, m, c in zip(images, maps, conditions)]
             for key in scores[0]:
                 out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)
             out[prefix + "generated"] = np.array([encode_png(i) for i in images], dtype=object)

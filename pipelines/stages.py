@@ -36,6 +36,12 @@ STAGES: dict[str, Stage] = {
         "run_train",
         "train a ControlNet on annotated Parquet (Ray Train + DeepSpeed), log and register in MLflow",
     ),
+    "pretrain-base": Stage(
+        "pipelines.pretrain_base",
+        "PretrainBaseConfig",
+        "run_pretrain_base",
+        "build the shapes demo base from scratch: VAE, then the UNet on Ray Train (Fill50K-style data)",
+    ),
     "precompute": Stage(
         "pipelines.precompute",
         "PrecomputeConfig",

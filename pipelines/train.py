@@ -36,7 +36,7 @@ class TrainResult:
     steps: int
     metrics: dict
     checkpoint: str | None
-    controlnet_dir: str
+    controlnet_dir: str | None  # None for policy=pretrain: the UNet alone trains
     unet_dir: str | None
     mlflow_run_id: str
     registered_model: str | None = None
@@ -48,10 +48,18 @@ class TrainResult:
             f"trained {self.run_name!r} for {self.steps} steps "
             f"(loss {self.metrics.get('loss', float('nan')):.4f}, "
             f"{self.metrics.get('samples_per_s', 0):.1f} samples/s)",
-            f"  controlnet: {self.controlnet_dir}",
         ]
+        if self.controlnet_dir:
+            lines.append(f"  controlnet: {self.controlnet_dir}")
         if self.unet_dir:
             lines.append(f"  unet:       {self.unet_dir}")
+        if self.metrics.get("fidelity_last") is not None:
+            converged = self.metrics.get("fidelity_converged_step")
+            lines.append(
+                f"  fidelity:   {self.metrics['fidelity_metric']} {self.metrics['fidelity_last']:.3f} "
+                f"(no control {self.metrics['fidelity_baseline']:.3f}); "
+                + (f"above 2x no control from step {converged}" if converged else "not yet above 2x no control")
+            )
         lines.append(f"  checkpoint: {self.checkpoint}")
         lines.append(f"  mlflow run: {self.mlflow_run_id}")
         if self.registered_model:
@@ -135,6 +143,16 @@ def scaling_config(config: TrainConfig, resources: dict[str, float]):
     return ScalingConfig(num_workers=workers, use_gpu=config.use_gpu, resources_per_worker=resources)
 
 
+def check_base_supports(config: TrainConfig) -> None:
+    """policy=pretrain and the objective's options exist only for some families (Family.check_training): fail here,
+    in one line, not in every worker. Only when one is asked for: naming the family resolves the base's files."""
+    if config.policy == "pretrain" or config.snr_gamma or config.offset_noise:
+        from model.families import family_of, resolve
+
+        base_dir = resolve(config.base_model.source, config.storage)
+        family_of(base_dir).check_training(config.policy, config.snr_gamma, config.offset_noise)
+
+
 def run_train(config: TrainConfig) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -144,11 +162,15 @@ def run_train(config: TrainConfig) -> TrainResult:
     from pipelines.common.cluster import ensure_ray, storage_runtime_env
     from pipelines.common.tracking import check_tracking_server, resolve_tracking_uri
     from pipelines.train_data import TrainFiles
+    from pipelines.train_fidelity import read_heldout_rows
     from pipelines.train_loop import LoopInputs, train_loop
 
     # Everything a user can get wrong fails here, before a worker starts.
     data = inspect_dataset(config)
     check_annotation_finished(config)
+    check_base_supports(config)
+    if config.fidelity.every:  # the held-out rows and their annotator, read as rank 0 will read them
+        read_heldout_rows(config.fidelity, config.storage)
     check_tracking_server(resolve_tracking_uri(config.mlflow.tracking_uri, config.work_dir))
     ensure_ray(config.ray)
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
@@ -204,7 +226,13 @@ def run_train(config: TrainConfig) -> TrainResult:
         final = json.loads(export.join(SUMMARY_FILE).read_bytes())  # rank 0 wrote it with the export
         family = FAMILIES[final.pop("family")]
         unet_dir = export.join(family.denoiser_name).uri if config.policy != "locked" else None
-        version = register(config, data, final["step"], run_id, export.join("controlnet").uri, unet_dir, family.name)
+        controlnet_dir = export.join("controlnet").uri if config.policy != "pretrain" else None
+        # A pretrained denoiser is a base model, not a ControlNet: nothing to register as one.
+        version = (
+            register(config, data, final["step"], run_id, controlnet_dir, unet_dir, family.name)
+            if controlnet_dir
+            else None
+        )
     except BaseException:
         tracking.close_run(tracking_uri, run_id, ok=False)
         raise
@@ -214,10 +242,10 @@ def run_train(config: TrainConfig) -> TrainResult:
         steps=int(final.pop("step")),
         metrics=final,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
-        controlnet_dir=export.join("controlnet").uri,
+        controlnet_dir=controlnet_dir,
         unet_dir=unet_dir,
         mlflow_run_id=run_id,
-        registered_model=config.registered_model or None,
+        registered_model=(config.registered_model or None) if controlnet_dir else None,
         model_version=version,
         unet_params_changed=final.pop("unet_params_changed"),
     )

@@ -28,8 +28,39 @@ class TrainDebug(Section):
     )
 
 
+class FidelityCurveConfig(Section):
+    """Control fidelity during training (``fidelity.*``): every ``every`` steps rank 0 generates from a small
+    held-out set, re-annotates and scores it (docs/training.md, "Fidelity curves"); off unless every > 0."""
+
+    every: int = Field(default=0, ge=0, description="Steps between fidelity scores (0: off).")
+    data: PathStr | None = Field(
+        default=None, description="Held-out annotated dataset (not trained on), local or s3://; needed if every > 0."
+    )
+    limit: int = Field(default=16, ge=1, description="Score the held-out dataset's first N rows.")
+    condition_column: str | None = Field(
+        default=None, description="Its condition column. Default: conditioning_image, else cond_<annotator>."
+    )
+    caption_column: str = Field(default="text", description="Its caption column.")
+    annotator: str | None = Field(
+        default=None,
+        description="Annotator that re-annotates the generated images. Default: the one the held-out "
+        "dataset's condition column records (zeroconv annotate records it).",
+    )
+    mask_iou: bool = Field(default=False, description="Fill50K-style data: also score the filled circle's mask IoU.")
+    seed: int = Field(default=0, description="Row i is generated with seed + i, at every scoring alike.")
+    steps: int = Field(default=20, ge=1, description="DDIM steps per image.")
+    guidance_scale: float = Field(default=9.0, ge=0, description="CFG scale.")
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "FidelityCurveConfig":
+        if self.every and not self.data:
+            raise ValueError("fidelity.every > 0 needs fidelity.data: a held-out annotated dataset to score")
+        return self
+
+
 class TrainConfig(JobConfig):
-    """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset."""
+    """Train a ControlNet (and, by policy, parts of the UNet) on an annotated Parquet dataset; or, with
+    policy=pretrain, the base's UNet alone (how ``zeroconv pretrain-base`` makes the shapes base)."""
 
     data: PathStr = Field(
         default="runs/annotated",
@@ -102,10 +133,18 @@ class TrainConfig(JobConfig):
     warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0: off).")
     policy: Policy = Field(
-        default="locked", description="What trains: locked (ControlNet only), unlock_decoder, unlock_full."
+        default="locked",
+        description="What trains: locked (ControlNet only), unlock_decoder, unlock_full; pretrain: no ControlNet, "
+        "every UNet weight at lr (text-to-image pretraining; nothing is registered).",
     )
     prompt_dropout: float = Field(
         default=0.5, ge=0, le=1, description="Probability of replacing a prompt by the empty prompt (paper: 0.5)."
+    )
+    snr_gamma: float = Field(
+        default=0.0, ge=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); 0: plain MSE."
+    )
+    offset_noise: float = Field(
+        default=0.0, ge=0, description="Offset noise: per-channel constant noise of this std (e.g. 0.1); 0: off."
     )
     ema: bool = Field(
         default=False, description="Keep an EMA of the trained weights and export it instead of the raw weights."
@@ -141,6 +180,7 @@ class TrainConfig(JobConfig):
         default=4, ge=0, description="Validation images per grid: the dataset's first rows (0: no grids)."
     )
     validation_steps: int = Field(default=20, ge=1, description="DDIM steps for validation images.")
+    fidelity: FidelityCurveConfig = FidelityCurveConfig()
     mlflow: MLflowConfig = MLflowConfig()
     debug: TrainDebug = TrainDebug()
 
@@ -152,4 +192,10 @@ class TrainConfig(JobConfig):
     def _min_workers_at_most_num_workers(self) -> "TrainConfig":
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
+        return self
+
+    @model_validator(mode="after")
+    def _fidelity_needs_a_controlnet(self) -> "TrainConfig":
+        if self.fidelity.every and self.policy == "pretrain":
+            raise ValueError("fidelity.every scores a ControlNet's control; policy=pretrain trains none (set 0)")
         return self

@@ -39,6 +39,7 @@ from pipelines.data.tensors import batch_tensors, decode_batch
 from pipelines.train_config import TrainConfig
 from pipelines.train_data import SampleStream, TrainFiles
 from pipelines.train_debug import StepHooks
+from pipelines.train_fidelity import FidelityCurve, denoiser_from_weights, pipeline_from_weights
 
 TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocation, first-call overheads
 
@@ -49,8 +50,10 @@ TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocati
 
 
 def build_model(base, config: TrainConfig) -> Controlled:
+    """The denoiser with a new ControlNet; under policy=pretrain the denoiser alone."""
     fam = base.family
-    model = fam.controlled(base, [fam.new_controlnet(base)])
+    fam.check_training(config.policy, config.snr_gamma, config.offset_noise)
+    model = fam.controlled(base, [] if config.policy == "pretrain" else [fam.new_controlnet(base)])
     if config.gradient_checkpointing:
         # The denoiser too: even locked, backward runs through it to reach the ControlNet residuals.
         for module in (model.denoiser, *model.controlnets):
@@ -147,16 +150,16 @@ class EMA:
 
 def validation_images(state: dict, model: Controlled, base, validation: dict, config: TrainConfig) -> np.ndarray:
     """Rank 0: condition | generated grid from full fp32 weights ``state``, fixed prompts and seeds."""
-    from model.inference import build_pipeline, generate
+    from model.inference import generate, text_to_image
     from pipelines.common.tracking import image_grid
 
-    controlnet = type(model.controlnets[0]).from_config(model.controlnets[0].config)
-    controlnet.load_state_dict(sub_state_dict(state, "controlnets.0."))
-    denoiser = type(model.denoiser).from_config(model.denoiser.config)
-    denoiser.load_state_dict(sub_state_dict(state, "denoiser."))
-    device = base.vae.device
-    pipe = build_pipeline(base, [controlnet.to(device)], denoiser.to(device))
     conditions = np.stack([decode_condition(b, channels=3) for b in validation["condition"]])
+    if not len(model.controlnets):  # pretraining: text-to-image, beside the conditions of the rows' images
+        denoiser = denoiser_from_weights(state, model).to(base.device)
+        return image_grid(
+            conditions, text_to_image(base, validation["text"], denoiser, config.seed, config.validation_steps)
+        )
+    pipe = pipeline_from_weights(state, model, base)
     images = generate(pipe, validation["text"], conditions, seed=config.seed, steps=config.validation_steps)
     return image_grid(conditions, images)
 
@@ -258,6 +261,7 @@ class TrainState:
     position: int  # samples consumed by the whole run (all ranks): where the data stream resumes
     meter: Meter
     metrics: dict = field(default_factory=dict)
+    fidelity: FidelityCurve = field(default_factory=FidelityCurve)  # fidelity.every: scores on held-out rows
 
 
 def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
@@ -273,8 +277,16 @@ def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
         )
         prompt = fam.drop_prompts(prompt, state.empty_prompt, config.prompt_dropout)
         prompt = {k: v.to(dtype) for k, v in prompt.items()}
-        controls = fam.control_inputs(base, conditions).to(dtype)
-        loss = fam.loss(engine, base, latents.to(dtype), prompt, [controls])
+        controls = [fam.control_inputs(base, conditions).to(dtype)] if len(state.model.controlnets) else []
+        loss = fam.loss(
+            engine,
+            base,
+            latents.to(dtype),
+            prompt,
+            controls,
+            snr_gamma=config.snr_gamma,
+            offset_noise=config.offset_noise,
+        )
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries
         total += loss.detach()
@@ -308,12 +320,13 @@ def setup(inputs: LoopInputs) -> TrainState:
     batches = SampleStream(
         inputs.files, config.seed, config.shuffle_buffer, rank, world, config.batch_size, position, decode
     )
+    tracker = Tracker(inputs.tracking_uri, inputs.run_id) if rank == 0 else NullTracker()
     return TrainState(
         engine=engine,
         model=model,
         base=base,
         ema=ema,
-        tracker=Tracker(inputs.tracking_uri, inputs.run_id) if rank == 0 else NullTracker(),
+        tracker=tracker,
         console=print if rank == 0 else (lambda line: None),
         hooks=StepHooks(config.debug, resolve(inputs.run_dir, config.storage), rank, world),
         batches=batches,
@@ -321,6 +334,7 @@ def setup(inputs: LoopInputs) -> TrainState:
         step=step,
         position=position,
         meter=Meter(config.effective_batch(world)),
+        fidelity=FidelityCurve.start(config, model, base, engine, tracker, rank, step),
     )
 
 
@@ -337,6 +351,7 @@ def train_loop(inputs: LoopInputs) -> None:
         step, last = state.step, state.step == config.max_steps
         if step % config.log_every == 0 or last:
             log_metrics(state, config.max_steps)
+        state.fidelity.after_step(step, state.engine)
         if config.num_validation and config.validate_every and step % config.validate_every == 0 and not last:
             log_validation(state, inputs)
         if step % config.checkpoint_every == 0 or last:
@@ -377,6 +392,7 @@ def finish(state: TrainState, inputs: LoopInputs) -> None:
         **state.metrics,
         "step": state.step,
         "family": fam.name,
+        **state.fidelity.summary(),
         "steady_samples_per_s": state.meter.steady_samples_per_s(),
         "peak_rss_mb": peak_rss_mb(),
         "unet_params_changed": changed_params(

@@ -29,7 +29,9 @@ from torch import nn
 
 # What trains besides the ControlNets: nothing (the paper's default), the denoiser's decoder side ("unlock SD"),
 # or the whole denoiser; each family says which blocks its decoder side is (``decoder_prefixes`` / ``unlocked``).
-Policy = Literal["locked", "unlock_decoder", "unlock_full"]
+# ``pretrain``: no ControlNet, the denoiser alone and all of it (text-to-image pretraining, as ``zeroconv
+# pretrain-base`` makes the shapes base); only families with ``supports_pretrain``.
+Policy = Literal["locked", "unlock_decoder", "unlock_full", "pretrain"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 
 
@@ -71,6 +73,10 @@ class Family(ABC):
     # The prompt tensors that come from the text (one row per sample): what prompt dropout replaces and what
     # precompute stores; the other prompt tensors depend only on the image size (see complete_prompt).
     text_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    # Whether policy=pretrain (the denoiser alone, text-to-image) and the objective's options (Min-SNR weighting,
+    # offset noise) are implemented for this family: see :meth:`check_training`.
+    supports_pretrain: ClassVar[bool] = False
+    objective_options: ClassVar[tuple[str, ...]] = ()
 
     def load(self, local_dir: Path, source: str, device="cpu", dtype: torch.dtype = torch.float32) -> Base:
         from diffusers import DiffusionPipeline
@@ -128,9 +134,24 @@ class Family(ABC):
 
     @abstractmethod
     def noise(
-        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None
+        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The objective's sampling: (noisy latents, timesteps as the denoiser takes them, target)."""
+        """The objective's sampling: (noisy latents, timesteps as the denoiser takes them, target). ``offset_noise``
+        only where :attr:`objective_options` has it."""
+
+    def loss_weights(self, base: Base, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+        """Per-sample loss weights for ``snr_gamma`` > 0 (Min-SNR), where :attr:`objective_options` has it."""
+        raise ValueError(f"{self.name}: Min-SNR weighting (snr_gamma) is not implemented for this family")
+
+    def check_training(self, policy: str, snr_gamma: float = 0.0, offset_noise: float = 0.0) -> None:
+        """Refuse a policy or objective option this family does not implement (one line naming it)."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown trainability policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if policy == "pretrain" and not self.supports_pretrain:
+            raise ValueError(f"policy=pretrain is not supported for {self.name} base models (only sd)")
+        for option, value in (("snr_gamma", snr_gamma), ("offset_noise", offset_noise)):
+            if value and option not in self.objective_options:
+                raise ValueError(f"{option} is not supported for {self.name} base models (set it to 0)")
 
     def pipeline(self, base: Base, controlnets: Sequence[nn.Module]):
         import diffusers
@@ -155,11 +176,17 @@ class Family(ABC):
         prompt: dict[str, torch.Tensor],
         conditions: Sequence[Any],
         generator: torch.Generator | None = None,
+        snr_gamma: float = 0.0,
+        offset_noise: float = 0.0,
     ) -> torch.Tensor:
-        """One evaluation of the family's objective on clean ``latents`` (from :meth:`encode_images`)."""
-        noisy, timesteps, target = self.noise(base, latents, generator)
+        """One evaluation of the family's objective on clean ``latents`` (from :meth:`encode_images`): MSE against
+        the target, each sample weighted by :meth:`loss_weights` when ``snr_gamma`` > 0."""
+        noisy, timesteps, target = self.noise(base, latents, generator, offset_noise)
         prediction = model(noisy, timesteps, prompt, conditions)
-        return F.mse_loss(prediction.float(), target.float())
+        if snr_gamma <= 0:
+            return F.mse_loss(prediction.float(), target.float())
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        return (per_sample * self.loss_weights(base, timesteps, snr_gamma)).mean()
 
     def drop_prompts(
         self,
@@ -183,18 +210,18 @@ class Family(ABC):
 
     def unlocked(self, name: str, policy: str, denoiser: nn.Module) -> bool:
         """Whether ``denoiser``'s parameter ``name`` trains under ``policy``."""
-        if policy not in POLICIES:
-            raise ValueError(f"unknown trainability policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        return policy == "unlock_full" or (policy == "unlock_decoder" and name.startswith(self.decoder_prefixes))
+        self.check_training(policy)
+        return policy in ("unlock_full", "pretrain") or (
+            policy == "unlock_decoder" and name.startswith(self.decoder_prefixes)
+        )
 
 
 class Controlled(nn.Module):
-    """The frozen denoiser driven by the summed residuals of one or more ControlNets (what trains)."""
+    """The frozen denoiser driven by the summed residuals of one or more ControlNets (what trains); with none, the
+    denoiser alone (policy=pretrain), called the same way so the objective and the train loop serve both."""
 
     def __init__(self, family: Family, denoiser: nn.Module, controlnets: Sequence[nn.Module]):
         super().__init__()
-        if not controlnets:
-            raise ValueError("a controlled model needs at least one ControlNet")
         self.family = family
         self.denoiser = denoiser
         self.controlnets = nn.ModuleList(controlnets)
@@ -211,7 +238,17 @@ class Controlled(nn.Module):
 
 
 def param_groups(model: Controlled, policy: str, lr: float, base_lr: float) -> list[dict]:
-    """Set requires_grad for ``policy``: ControlNets at ``lr``, unlocked denoiser parameters at ``base_lr``."""
+    """Set requires_grad for ``policy``: ControlNets at ``lr``, unlocked denoiser parameters at ``base_lr``
+    (``pretrain``: no ControlNet, the whole denoiser at ``lr``)."""
+    model.family.check_training(policy)
+    if (policy == "pretrain") != (len(model.controlnets) == 0):
+        raise ValueError(
+            f"policy {policy!r} does not fit a model with {len(model.controlnets)} ControlNet(s) "
+            "(pretrain trains the denoiser alone; the other policies train ControlNets)"
+        )
+    if policy == "pretrain":
+        model.denoiser.requires_grad_(True)
+        return [{"name": model.family.denoiser_name, "lr": lr, "params": list(model.denoiser.parameters())}]
     model.controlnets.requires_grad_(True)
     unlocked = []
     for name, param in model.denoiser.named_parameters():

@@ -96,7 +96,9 @@ class Flux(Family):
             single = s if single is None else [a + b for a, b in zip(single, s)]
         return denoiser(**inputs, controlnet_block_samples=double, controlnet_single_block_samples=single)[0]
 
-    def noise(self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None):
+    def noise(
+        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0
+    ):  # no offset noise for flow matching: check_training refuses it
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         config = base.pipe.scheduler.config

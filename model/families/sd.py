@@ -59,6 +59,7 @@ class UNetFamily(Family):
     """What SD and SDXL share: a UNet, ε / v-prediction on a DDPM schedule, pixel conditions."""
 
     denoiser_name = "unet"
+    objective_options = ("snr_gamma", "offset_noise")
     # The UNet's decoder side in diffusers naming (the original code's output_blocks + out): "unlock SD".
     decoder_prefixes = ("up_blocks.", "conv_norm_out.", "conv_out.")
 
@@ -74,17 +75,37 @@ class UNetFamily(Family):
     def scale_latents(self, base: Base, latents: torch.Tensor) -> torch.Tensor:
         return latents * base.vae.config.scaling_factor
 
-    def noise(self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None):
+    def training_scheduler(self, base: Base):
         from diffusers import DDPMScheduler
 
         # The pipeline's scheduler may be any sampler; training noises with DDPM on the same betas.
-        scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+        return DDPMScheduler.from_config(base.pipe.scheduler.config)
+
+    def noise(
+        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0
+    ):
+        """``offset_noise`` > 0 adds that much noise constant over each latent channel, so the model learns to
+        change an image's mean colour too (plain Gaussian noise leaves the lowest frequency almost untouched)."""
+        scheduler = self.training_scheduler(base)
         n = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+        if offset_noise > 0:
+            noise += offset_noise * torch.randn((n, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype)
+        noise = noise.to(latents.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
         timesteps = timesteps.to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         return noisy, timesteps, diffusion_target(scheduler, latents, noise, timesteps)
+
+    def loss_weights(self, base: Base, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma weights (Hang et al. 2023): min(SNR(t), gamma) / SNR(t) for an ε target, / (SNR(t) + 1) for
+        a v target. Caps the weight of the easy, low-noise steps that otherwise dominate the gradient of a model
+        trained from scratch."""
+        scheduler = self.training_scheduler(base)
+        alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        capped = snr.clamp(max=snr_gamma)
+        return capped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else capped / snr
 
     def added_conditions(self, prompt: dict[str, torch.Tensor]) -> dict | None:
         """The UNet's ``added_cond_kwargs`` (SDXL: pooled text and size ids); SD has none."""
@@ -131,6 +152,7 @@ class UNetFamily(Family):
 
 class SD(UNetFamily):
     name = "sd"
+    supports_pretrain = True  # the shapes base (zeroconv pretrain-base) is an SD
     pipeline_names = ("StableDiffusionPipeline",)
     controlnet_class = "ControlNetModel"
     control_pipeline_class = "StableDiffusionControlNetPipeline"

@@ -92,7 +92,9 @@ class SD3(Family):
             return_dict=False,
         )[0]
 
-    def noise(self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None):
+    def noise(
+        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0
+    ):  # no offset noise for flow matching: check_training refuses it
         sigmas = flow_sigmas(latents.shape[0], base.pipe.scheduler.config.shift, generator)
         noisy, target = flow_noise(latents, sigmas, generator)
         return noisy, (sigmas * 1000).to(latents.device, latents.dtype), target

@@ -79,7 +79,8 @@ class RayConfig(Section):
 class BaseModelConfig(Section):
     source: PathStr = Field(
         default="tiny",
-        description="Base Stable Diffusion model: 'tiny' (built in), a local diffusers dir, s3://..., or a hub id.",
+        description="Base Stable Diffusion model: 'tiny' (built in, random weights), 'shapes' (built in, pretrained "
+        "on Fill50K-style circles, 32 px), a local diffusers dir, s3://..., or a hub id.",
     )
 
 

@@ -7,7 +7,8 @@
 * :func:`open_run` (driver) - fail fast on a dead tracking server, create the MLflow run or pick up
   the one an earlier attempt of the same training run left (its id is kept next to the checkpoints),
   and log the resolved config as params.
-* :class:`Tracker` (rank 0 worker) - metrics and validation image grids, by run id, no global state.
+* :class:`Tracker` (rank 0 worker) - metrics, validation image grids and tags by run id, no global state;
+  a metric's history (a resumed run's curve).
 * :func:`close_run` (driver) - mark the run finished or failed.
 * :func:`follow_metric` (driver) - show a running run's steps and loss on a progress bar.
 """
@@ -235,6 +236,12 @@ class NullTracker:
     def log_grid(self, grid: np.ndarray, step: int) -> None:
         pass
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return []
+
 
 class Tracker:
     """Rank 0's handle on the run: metrics by step and validation grids as step-tracked images."""
@@ -253,6 +260,15 @@ class Tracker:
 
     def log_grid(self, grid: np.ndarray, step: int) -> None:
         self.client.log_image(self.run_id, grid, key="validation", step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every value logged for ``key``, by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
 
 
 def image_grid(conditions: np.ndarray, images: np.ndarray) -> np.ndarray:

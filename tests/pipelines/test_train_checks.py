@@ -32,6 +32,22 @@ def test_bad_policy_names_the_choices():
         load_config(TrainConfig, overrides=["policy=unlock_everything"])
 
 
+def test_pretrain_on_a_family_without_it_fails_before_training(tmp_path, fill50k_parquet):
+    """policy=pretrain (and SD's objective options) exist only for some families: a one-line error from the
+    driver, before Ray or MLflow start, not a failure in every worker (retried max_failures times)."""
+    config = TrainConfig(
+        data=str(fill50k_parquet), work_dir=str(tmp_path), policy="pretrain", base_model={"source": "tiny-sd3"}
+    )
+    with pytest.raises(ValueError, match="policy=pretrain is not supported for sd3 base models"):
+        run_train(config)
+    config = TrainConfig(
+        data=str(fill50k_parquet), work_dir=str(tmp_path), snr_gamma=5.0, base_model={"source": "tiny-flux"}
+    )
+    with pytest.raises(ValueError, match="snr_gamma is not supported for flux base models"):
+        run_train(config)
+    assert not (tmp_path / "train").exists()  # nothing started
+
+
 def test_dead_tracking_server_fails_before_training(tmp_path, fill50k_parquet):
     import socket
 
