@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from tests.helpers import free_port, wait_http
+from tests.helpers import RAY_NODE_PORT_FLAGS, free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD_TYPE = "ray.head.default"  # the fake provider tags its head with this type name
@@ -261,18 +261,7 @@ def running_cluster() -> Iterator[FakeCluster]:
     config = cluster_config(port)
     config_path = Path(temp_dir) / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    ports = {
-        flag: free_port()
-        for flag in (
-            "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port",
-            "--runtime-env-agent-port",
-            "--metrics-export-port",
-            "--ray-client-server-port",
-            "--node-manager-port",
-            "--object-manager-port",
-        )
-    }
+    ports = {flag: free_port() for flag in RAY_NODE_PORT_FLAGS}
     command = [
         str(Path(sys.executable).parent / "ray"),
         "start",

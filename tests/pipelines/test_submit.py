@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.common.config import ConfigError
 from pipelines.submit import SubmitConfig, build_entrypoint, run_submit
-from tests.helpers import free_port, running_server
+from tests.helpers import RAY_NODE_PORT_FLAGS, free_port, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,19 +44,7 @@ def ray_head():
     The head sees the venv's `zeroconv` on PATH, as a cluster node that installed the project does."""
     temp_dir = tempfile.mkdtemp(prefix="zc-head-", dir="/tmp")  # short: Unix socket paths are limited
     dashboard = free_port()
-    ports = {
-        flag: free_port()
-        for flag in (
-            "--port",
-            "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port",
-            "--runtime-env-agent-port",
-            "--metrics-export-port",
-            "--ray-client-server-port",
-            "--node-manager-port",
-            "--object-manager-port",
-        )
-    }
+    ports = {flag: free_port() for flag in ("--port", *RAY_NODE_PORT_FLAGS)}
     command = [
         str(Path(sys.executable).parent / "ray"),
         "start",
