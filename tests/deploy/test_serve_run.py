@@ -106,10 +106,15 @@ def test_a_request_whose_replica_dies_is_answered_by_its_replacement(ray_session
         request = threading.Thread(
             target=lambda: answers.append(requests.post(f"{result.url}/v1/generate", json=body, timeout=300))
         )
+        replica_actor = ray.get_actor(replica["name"], namespace=replica["namespace"])
         request.start()
-        time.sleep(3)  # the request reaches the replica and generates (100 steps take longer than this)
-        assert request.is_alive(), "the request finished before its replica could be killed: give it more steps"
-        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        # Kill it the moment it is generating. Serve answers this query on its own thread, so it is not blocked
+        # by the model's work; a fixed sleep was a race on a fast machine (the request finished first).
+        deadline = time.time() + 120
+        while ray.get(replica_actor.get_num_ongoing_requests.remote()) == 0:
+            assert request.is_alive() and time.time() < deadline, "the request never reached the model replica"
+            time.sleep(0.05)
+        ray.kill(replica_actor, no_restart=True)
         request.join(timeout=300)
 
         assert answers and answers[0].status_code == 200, answers and answers[0].text
