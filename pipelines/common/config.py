@@ -21,7 +21,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 C = TypeVar("C", bound="JobConfig")
 
@@ -82,6 +82,16 @@ class BaseModelConfig(Section):
         description="Base Stable Diffusion model: 'tiny' (built in, random weights), 'shapes' (built in, pretrained "
         "on Fill50K-style circles, 32 px), a local diffusers dir, s3://..., or a hub id.",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _local_dir_absolute(cls, source: str) -> str:
+        """A local diffusers directory given relative to where the job starts becomes absolute here: Ray workers
+        run in other directories, where ``./my-base`` is not there."""
+        path = Path(source)
+        if "://" not in source and not path.is_absolute() and (path / "model_index.json").is_file():
+            return str(path.resolve())
+        return source
 
 
 class JobConfig(Section):

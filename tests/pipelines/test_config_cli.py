@@ -198,3 +198,26 @@ def test_promote_outside_the_training_folder_names_the_registry_and_creates_none
     err = capsys.readouterr().err
     assert f"no MLflow registry at {tmp_path}/runs/mlflow.db" in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_relative_base_model_dir_still_loads_after_the_working_directory_changes(
+    tmp_path, monkeypatch, tiny_base_dir
+):
+    """Ray workers run in other directories than the job that parsed the config: ``base_model.source=./my-base``
+    must name the same directory there (the config makes it absolute), not "does not exist"."""
+    import shutil
+
+    from model.base import resolve_base_dir
+    from pipelines.train_config import TrainConfig
+
+    shutil.copytree(tiny_base_dir, tmp_path / "job" / "my-base")
+    monkeypatch.chdir(tmp_path / "job")
+    config = load_config(TrainConfig, overrides=["base_model.source=./my-base", "data=annotated"])
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "worker")  # as a Ray worker
+    assert resolve_base_dir(config.base_model.source) == tmp_path / "job" / "my-base"
+    # Names that are not a local diffusers directory stay as typed.
+    for source in ("tiny", "shapes", "s3://bucket/base", "org/name"):
+        assert (
+            load_config(TrainConfig, overrides=[f"base_model.source={source}", "data=x"]).base_model.source == source
+        )
