@@ -147,6 +147,7 @@ def save_checkpoint(engine, step: int, position: int, metrics: dict, ema=None) -
                 "optimizer_step": optimizer_step(optimizer),
                 "lr_schedule": engine.lr_scheduler.state_dict(),
                 "ema_updates": ema.updates if ema is not None else None,
+                "metrics": metrics,
             }
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -158,14 +159,15 @@ def optimizer_step(optimizer) -> int:
     return max(steps, default=0)
 
 
-def restore_checkpoint(engine, ema=None) -> tuple[int, int]:
+def restore_checkpoint(engine, ema=None) -> tuple[int, int, dict]:
     """Load the latest checkpoint Ray hands this worker group, if any, into this group's partitions;
-    return the step it was taken at and the data position (samples consumed by the run)."""
+    return the step it was taken at, the data position (samples consumed by the run) and the metrics
+    logged with it (what a re-run of a finished training reports: it takes no step of its own)."""
     from safetensors.torch import load_file
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, 0
+        return 0, 0, {}
     with checkpoint.as_directory() as path:
         path = Path(path)
         if not (path / STATE_FILE).exists():
@@ -196,7 +198,7 @@ def restore_checkpoint(engine, ema=None) -> tuple[int, int]:
         group["lr"] = lr
     if ema is not None:
         ema.load_full_weights(ema_weights if ema_weights is not None else weights, state["ema_updates"] or 0)
-    return int(state["step"]), int(state["position"])
+    return int(state["step"]), int(state["position"]), state.get("metrics", {})
 
 
 def master_weights(engine) -> dict[str, torch.Tensor]:

@@ -311,7 +311,7 @@ def setup(inputs: LoopInputs) -> TrainState:
     model = build_model(base, config)
     engine = build_engine(model, config)
     ema = EMA(model.named_parameters(), config.ema_decay) if config.ema else None
-    step, position = restore_checkpoint(engine, ema)
+    step, position, metrics = restore_checkpoint(engine, ema)
     # Ranks draw different noise, timesteps and dropout; a resumed run does not replay the first steps' draws.
     torch.manual_seed(int(np.random.SeedSequence([config.seed, rank, step]).generate_state(1)[0]))
     decode = (
@@ -334,6 +334,7 @@ def setup(inputs: LoopInputs) -> TrainState:
         step=step,
         position=position,
         meter=Meter(config.effective_batch(world)),
+        metrics={k: v for k, v in metrics.items() if k != "step"},
         fidelity=FidelityCurve.start(config, model, base, engine, tracker, rank, step),
     )
 

@@ -122,6 +122,8 @@ def test_zero2_bf16_locked_trains_checkpoints_exports_and_registers(
     # Re-running the finished training registers nothing new: the same version comes back.
     again = run_train(config)
     assert again.model_version == result.model_version and again.mlflow_run_id == result.mlflow_run_id
+    # It takes no step, yet reports the finished run's last metrics (from its checkpoint), not none.
+    assert again.steps == 4 and again.metrics["loss"] == result.metrics["loss"]
     import mlflow
 
     versions = mlflow.MlflowClient(mlflow_server).search_model_versions(f"name = '{config.registered_model}'")
