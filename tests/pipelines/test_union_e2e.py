@@ -141,3 +141,41 @@ def test_union_trains_on_two_columns_exports_evaluates_each_type_and_serves(
         with pytest.raises(RequestError, match=error) as caught:
             request(control_type=control_type)
         assert caught.value.status == 422 and caught.value.field == "controls[0].control_type"
+
+
+@pytest.mark.slow
+def test_union_trains_on_precomputed_latents_with_every_condition_column(
+    annotated, ray_session, mlflow_server, tmp_path
+):
+    """Precompute keeps the cond_* columns (and their annotators); the pick runs before the tensors."""
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+    from pipelines.train import TrainConfig, run_train
+
+    pre = run_precompute(
+        PrecomputeConfig(
+            data=str(annotated),
+            output=str(tmp_path / "pre"),
+            work_dir=str(tmp_path),
+            base_model={"source": "tiny-sdxl"},
+        )
+    )
+    result = run_train(
+        TrainConfig(
+            data=pre.output,
+            work_dir=str(tmp_path / "work"),
+            base_model=BaseModelConfig(source="tiny-sdxl"),
+            union=True,
+            condition_columns=COLUMNS,
+            run_name="pre-union",
+            num_workers=1,
+            cpus_per_worker=1,
+            batch_size=2,
+            max_steps=1,
+            checkpoint_every=1,
+            num_validation=0,
+            registered_model=None,
+            mlflow=MLflowConfig(tracking_uri=mlflow_server, experiment="union-e2e"),
+        )
+    )
+    assert result.steps == 1 and np.isfinite(result.metrics["loss"]) and result.unet_params_changed == []
+    assert json.loads(Path(result.controlnet_dir, "config.json").read_text())["_class_name"] == "ControlNetUnionModel"
