@@ -141,6 +141,10 @@ def test_union_trains_on_two_columns_exports_evaluates_each_type_and_serves(
         with pytest.raises(RequestError, match=error) as caught:
             request(control_type=control_type)
         assert caught.value.status == 422 and caught.value.field == "controls[0].control_type"
+    twice = {"prompt": "a red circle", "controls": [{"image": image}, {"image": image}]}
+    with pytest.raises(RequestError, match="a union ControlNet serves alone") as caught:
+        prepare_job(GenerateRequest.model_validate(twice), store, LimitsConfig())
+    assert caught.value.status == 422
 
 
 @pytest.mark.slow
