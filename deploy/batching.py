@@ -54,6 +54,7 @@ def run_batch(store: ModelStore, jobs: list[Job]) -> list:
                 negative_prompt=first.negative_prompt,
                 guess_mode=first.guess_mode,
                 should_stop=abandoned,
+                control_mode=first.control_modes[0],  # a union ControlNet serves alone
             )
             versions = [ModelVersion(name=m.name, version=m.version) for m in served]
             for i, image in zip(indices, images):

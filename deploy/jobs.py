@@ -30,6 +30,7 @@ class Job:
     models: tuple[str, ...]
     conditions: list[np.ndarray]  # one uint8 (H, W, 3) per control
     scales: tuple[float, ...]
+    control_modes: tuple[int | None, ...]  # per control: a union ControlNet's condition type, else None
     steps: int
     guidance_scale: float
     seed: int
@@ -44,6 +45,7 @@ class Job:
         return (
             self.models,
             self.scales,
+            self.control_modes,
             self.steps,
             self.guidance_scale,
             self.width,
@@ -122,6 +124,12 @@ def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -
                 f"annotator {annotator.name!r} needs width and height multiples of {annotator.size_multiple} "
                 f"(its network's stride), got {width}x{height}",
             )
+    modes = tuple(
+        control_mode(c, m, a, store, f"controls[{i}]")
+        for i, (c, m, (_, _, a)) in enumerate(zip(req.controls, served, inputs))
+    )
+    if len(served) > 1 and any(mode is not None for mode in modes):
+        raise RequestError("controls", "a union ControlNet serves alone: send it as the only control")
     conditions = []
     for _, image, annotator in inputs:
         image = resize(image, width, height)
@@ -134,6 +142,7 @@ def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -
         models=tuple(m.name for m in served),
         conditions=conditions,
         scales=tuple(c.scale for c in req.controls),
+        control_modes=modes,
         steps=steps,
         guidance_scale=guidance,
         seed=seed,
@@ -141,6 +150,37 @@ def prepare_job(req: GenerateRequest, store: ModelStore, limits: LimitsConfig) -
         height=height,
         guess_mode=req.guess_mode,
     )
+
+
+def control_mode(control, model, annotator, store: ModelStore, where: str) -> int | None:
+    """A union ControlNet's condition type for this control: as named (``control_type``), else the type of the
+    annotator that made it on the server, else the model's only trained type; one it was not trained on is a
+    422. None for other ControlNets (which refuse a control_type)."""
+    field, trained = f"{where}.control_type", sorted(set(model.control_modes))
+    if not trained:
+        if control.control_type is not None:
+            raise RequestError(field, f"{field} applies to union ControlNets; model {model.name!r} is not one")
+        return None
+    types = store.base.family.union_types
+    names = ", ".join(types[m] for m in trained)
+    if control.control_type is not None:
+        if control.control_type not in types:
+            raise RequestError(field, f"{field}: unknown type {control.control_type!r}; {model.name!r} takes {names}")
+        mode = types.index(control.control_type)
+    elif annotator is not None:
+        try:
+            mode = store.base.family.union_mode(annotator.name)
+        except ValueError as exc:
+            raise RequestError(f"{where}.annotator", str(exc)) from None
+    elif len(trained) == 1:
+        mode = trained[0]
+    else:
+        raise RequestError(field, f"{field} is required for union model {model.name!r}: one of {names}")
+    if mode not in trained:
+        raise RequestError(
+            field, f"model {model.name!r} was not trained on {types[mode]!r} conditions; it takes {names}"
+        )
+    return mode
 
 
 def output_size(

@@ -83,6 +83,11 @@ class Control(_Body):
         default=None, description="Annotator for source_image; default: the one the model was trained with."
     )
     scale: float = Field(default=1.0, description="Conditioning scale of this ControlNet.")
+    control_type: str | None = Field(
+        default=None,
+        description="Union ControlNets only: the condition's type (openpose, depth, hed, canny, normal, segment); "
+        "default: source_image's annotator's type, or the model's only trained type.",
+    )
 
 
 class GenerateRequest(_Body):
@@ -126,6 +131,7 @@ class ModelInfo(BaseModel):
     annotator: dict | None
     inference: dict
     own_unet: bool
+    control_types: list[str] | None = None  # a union ControlNet: the types it was trained on
 
 
 def parse_request(body: bytes) -> GenerateRequest:

@@ -38,6 +38,11 @@ class ServedModel:
         """The base model family it was trained for (recorded by training; None for older registrations)."""
         return self.metadata.get("family")
 
+    @property
+    def control_modes(self) -> list[int]:
+        """A union ControlNet's trained control types (indexes), one per trained condition column; else []."""
+        return [entry["control_mode"] for entry in self.metadata.get("union", [])]
+
     def info(self, default: bool) -> ModelInfo:
         return ModelInfo(
             name=self.name,
@@ -48,6 +53,7 @@ class ServedModel:
             annotator=self.metadata.get("annotator"),
             inference=self.metadata.get("inference", {}),
             own_unet=self.unet is not None,
+            control_types=sorted({e["control_type"] for e in self.metadata["union"]}) if self.control_modes else None,
         )
 
 

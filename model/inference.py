@@ -144,6 +144,7 @@ def generate(
     negative_prompt: str | None = None,
     guess_mode: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    control_mode: int | None = None,
 ) -> np.ndarray:
     """Images for ``prompts`` under ``conditions`` -> uint8 (N, H, W, 3).
 
@@ -154,6 +155,8 @@ def generate(
     float summation order (on CPU a few pixels may differ by one level between batch sizes).
     ``should_stop`` is asked after every denoising step; when it answers True, GenerationStopped is
     raised instead of finishing (a served request that timed out frees the model at once).
+    ``control_mode``: a union ControlNet's condition type (an index into the family's ``union_types``), which
+    the union pipeline needs and other pipelines refuse.
     """
     multi = isinstance(conditions, (list, tuple))
     per_net = list(conditions) if multi else [conditions]
@@ -175,6 +178,23 @@ def generate(
         return tensors
 
     accepted = inspect.signature(pipe.__call__).parameters
+    if ("control_mode" in accepted) != (control_mode is not None):
+        raise ValueError(
+            "a union ControlNet needs control_mode (the condition's type)"
+            if control_mode is None
+            else f"control_mode={control_mode} applies to union ControlNets only"
+        )
+    if control_mode is not None and n > 1:
+        # The union ControlNet's fusion transformer attends across the batch axis (diffusers' MultiheadAttention
+        # without batch_first): several images in one call would mix their conditions. One call per image.
+        one = dict(steps=steps, guidance_scale=guidance_scale, conditioning_scale=conditioning_scale)
+        one |= dict(negative_prompt=negative_prompt, guess_mode=guess_mode, should_stop=should_stop)
+        return np.concatenate(
+            [
+                generate(pipe, [p], np.asarray(conditions)[i : i + 1], [s], control_mode=control_mode, **one)
+                for i, (p, s) in enumerate(zip(prompts, seeds))
+            ]
+        )
     images = [t.to(device, dtype) for t in tensors] if multi else tensors[0].to(device, dtype)
     options = dict(
         prompt=list(prompts),
@@ -192,6 +212,8 @@ def generate(
     )
     if guess_mode:
         options["guess_mode"] = True
+    if control_mode is not None:
+        options["control_mode"] = [control_mode]
     # The SD3 and Flux pipelines sample the condition's VAE posterior from torch's global RNG: seed it too.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeds[0])

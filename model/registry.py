@@ -43,6 +43,7 @@ OPTIONAL_INPUTS = {
     "guidance_scale": "double",
     "conditioning_scale": "double",
     "negative_prompt": "string",
+    "control_mode": "long",  # union ControlNets: the condition's type (default: the first trained column's)
 }
 
 
@@ -70,6 +71,13 @@ def _array_to_png_b64(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _control_mode(row: dict, metadata: dict) -> int | None:
+    """A union ControlNet's condition type for this row (default: its first trained column's); None otherwise."""
+    union = metadata.get("union")
+    mode = _optional(row, "control_mode", union[0]["control_mode"] if union else None)
+    return None if mode is None else int(mode)
 
 
 def _optional(row: dict, column: str, default):
@@ -118,6 +126,7 @@ class ControlNetPyfunc(mlflow.pyfunc.PythonModel):
                 guidance_scale=float(_optional(row, "guidance_scale", defaults.guidance_scale)),
                 conditioning_scale=float(_optional(row, "conditioning_scale", defaults.conditioning_scale)),
                 negative_prompt=_optional(row, "negative_prompt", None) or None,
+                control_mode=_control_mode(row, self.metadata),
             )[0]
             images.append(_array_to_png_b64(image))
         return pd.DataFrame({"image": images})

@@ -172,11 +172,127 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+@dataclass
+class Target:
+    """One condition type to score: a plain ControlNet has one; a union ControlNet one per trained column, each
+    with its own annotator (re-annotating generated images) and control mode (what the pipeline is told)."""
+
+    prefix: str  # of its metric names: "" or "<annotator>/"
+    annotator: dict
+    condition_column: str | None
+    control_mode: int | None = None
+
+
+def targets_of(config: EvaluateConfig, metadata: dict, name: str) -> list[Target]:
+    union = metadata.get("union")
+    if union:
+        if config.condition_column:
+            raise ValueError(f"{name} is a union ControlNet: each of its columns is scored; unset condition_column")
+        return [Target(f"{e['annotator']['name']}/", e["annotator"], e["column"], e["control_mode"]) for e in union]
+    spec = metadata.get("annotator")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(
+            f"{name} does not say which annotator made its conditions "
+            "(no 'annotator' in its metadata), so its outputs cannot be re-annotated and scored"
+        )
+    return [Target("", spec, config.condition_column)]
+
+
+@dataclass
+class Scored:
+    """One target's outcome: the protocol settings, the rows, and every per-sample output column."""
+
+    target: Target
+    scoring: fidelity.Scoring
+    settings: dict
+    rows: object  # pyarrow Table of the held-out rows
+    results: dict[str, list]
+
+    @property
+    def score_keys(self) -> list[str]:
+        return [k for k in self.results if k != "index" and not k.endswith(("generated", "reannotated"))]
+
+
+def score_target(config: EvaluateConfig, resolved, target: Target, tracking_uri: str) -> Scored:
+    """Generate, re-annotate and score the held-out rows of one target's condition column."""
+    from model.inference import InferenceDefaults
+
+    spec = target.annotator
+    column, rows = read_heldout(
+        config.model_copy(update={"condition_column": target.condition_column}), spec["name"], config.storage
+    )
+    defaults = InferenceDefaults.recorded(resolved.metadata)
+    steps = config.steps or defaults.steps
+    guidance = config.guidance_scale if config.guidance_scale is not None else defaults.guidance_scale
+    scoring = fidelity.Scoring(
+        annotator=spec["name"],
+        protocol=config.protocol,
+        edge_tolerance=config.edge_tolerance,
+        edge_threshold=config.edge_threshold,
+        pose_tolerance=config.pose_tolerance,
+        mask_iou=config.mask_iou,
+    )
+    settings = {
+        "data": resolve(config.data, config.storage).uri,
+        "condition_column": column,
+        "samples": rows.num_rows,
+        "ids_sha256": hashlib.sha256("\n".join(rows.column("id").to_pylist()).encode()).hexdigest(),
+        "seed": config.seed,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "annotator": {k: spec.get(k) for k in ("name", "version", "params")},
+        **({"control_mode": target.control_mode} if target.control_mode is not None else {}),
+        **scoring.settings(),
+    }
+    job = EvalJob(
+        model_name=config.model,
+        model_version=resolved.version,
+        controlnet_dir=str(resolved.controlnet_dir),
+        unet_dir=str(resolved.unet_dir) if resolved.unet_dir else None,
+        base_model=resolved.base_model,
+        tracking_uri=tracking_uri,
+        annotator=spec,
+        scoring=scoring,
+        steps=steps,
+        guidance_scale=guidance,
+        baseline=config.baseline,
+        storage=config.storage,
+        control_mode=target.control_mode,
+    )
+    return Scored(target, scoring, settings, rows, _score_on_ray(config, job, rows))
+
+
+def log_target(client, run_id: str, scored: Scored, config: EvaluateConfig) -> None:
+    """The per-sample table and the grid of one target (under evaluation/<annotator>/ for a union model)."""
+    rows, results, folder = scored.rows, scored.results, scored.target.prefix
+    table = {
+        "index": results["index"],
+        "id": rows.column("id").to_pylist(),
+        "text": rows.column("text").to_pylist(),
+        "seed": rows.column("seed").to_pylist(),
+        **{k: results[k] for k in scored.score_keys},
+    }
+    client.log_table(run_id, table, artifact_file=TABLE_ARTIFACT.replace("evaluation/", f"evaluation/{folder}"))
+    conditions = rows.column("condition").to_pylist()
+    image_columns = ["generated", "reannotated"] + (
+        ["baseline_generated", "baseline_reannotated"] if config.baseline else []
+    )
+    channels = int(scored.target.annotator.get("channels", 3))
+    grid_rows = [
+        [decode_condition(conditions[i], channels=channels)] + [decode_rgb(results[c][i]) for c in image_columns]
+        for i in range(min(config.grid_samples, rows.num_rows))
+    ]
+    if grid_rows:
+        grid = GRID_ARTIFACT.replace("evaluation/", f"evaluation/{folder}")
+        client.log_image(run_id, evaluation_grid(grid_rows), artifact_file=grid)
+
+
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
+    """Score a registered ControlNet; a union ControlNet on each of its condition types, one after the other
+    (metrics ``fidelity/<annotator>/...``; its headline is the mean of the types' headlines, ``union_mean``)."""
     import mlflow
     from mlflow.entities import Metric
 
-    from model.inference import InferenceDefaults
     from model.registry import resolve_model
     from pipelines.common.tracking import connect, resolve_tracking_uri
 
@@ -186,82 +302,31 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     download = tempfile.mkdtemp(prefix="zc-evaluate-")
     try:
         resolved = resolve_model(config.model, alias=config.alias, version=config.version, dest=download)
-        spec = resolved.metadata.get("annotator")
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ValueError(
-                f"{config.model} v{resolved.version} does not say which annotator made its conditions "
-                "(no 'annotator' in its metadata), so its outputs cannot be re-annotated and scored"
-            )
-        column, rows = read_heldout(config, spec["name"], config.storage)
-        defaults = InferenceDefaults.recorded(resolved.metadata)
-        steps = config.steps or defaults.steps
-        guidance = config.guidance_scale if config.guidance_scale is not None else defaults.guidance_scale
-        scoring = fidelity.Scoring(
-            annotator=spec["name"],
-            protocol=config.protocol,
-            edge_tolerance=config.edge_tolerance,
-            edge_threshold=config.edge_threshold,
-            pose_tolerance=config.pose_tolerance,
-            mask_iou=config.mask_iou,
-        )
-        settings = {
-            "data": resolve(config.data, config.storage).uri,
-            "condition_column": column,
-            "samples": rows.num_rows,
-            "ids_sha256": hashlib.sha256("\n".join(rows.column("id").to_pylist()).encode()).hexdigest(),
-            "seed": config.seed,
-            "steps": steps,
-            "guidance_scale": guidance,
-            "annotator": {k: spec.get(k) for k in ("name", "version", "params")},
-            **scoring.settings(),
-        }
-        protocol = protocol_of(settings)
-        job = EvalJob(
-            model_name=config.model,
-            model_version=resolved.version,
-            controlnet_dir=str(resolved.controlnet_dir),
-            unet_dir=str(resolved.unet_dir) if resolved.unet_dir else None,
-            base_model=resolved.base_model,
-            tracking_uri=tracking_uri,
-            annotator=spec,
-            scoring=scoring,
-            steps=steps,
-            guidance_scale=guidance,
-            baseline=config.baseline,
-            storage=config.storage,
-        )
-        results = _score_on_ray(config, job, rows)
+        targets = targets_of(config, resolved.metadata, f"{config.model} v{resolved.version}")
+        scored = [score_target(config, resolved, target, tracking_uri) for target in targets]
     finally:
         shutil.rmtree(download, ignore_errors=True)
 
-    headline = scoring.headline
-    score_keys = [k for k in results if k not in ("index",) and not k.endswith(("generated", "reannotated"))]
-    metrics = {k: _mean(results[k]) for k in score_keys}
+    metrics: dict[str, float] = {}
+    for one in scored:  # baseline ones keep their prefix first: baseline_canny/edge_f1
+        metrics.update({_prefixed(one.target.prefix, k): _mean(one.results[k]) for k in one.score_keys})
+    if len(scored) == 1:
+        headline, settings = scored[0].scoring.headline, scored[0].settings
+    else:
+        headline, settings = "union_mean", {"union": [one.settings for one in scored]}
+        for prefix in ("", "baseline_"):
+            values = [metrics.get(prefix + one.target.prefix + one.scoring.headline) for one in scored]
+            if all(v is not None for v in values):
+                metrics[prefix + headline] = _mean(values)
+    protocol = protocol_of(settings)
+    samples = sum(one.rows.num_rows for one in scored)
     record = FidelityRecord(
         score=metrics[headline],
         metric=headline,
         protocol=protocol,
-        samples=rows.num_rows,
+        samples=samples,
         baseline_score=metrics.get("baseline_" + headline),
     )
-
-    table = {
-        "index": results["index"],
-        "id": rows.column("id").to_pylist(),
-        "text": rows.column("text").to_pylist(),
-        "seed": rows.column("seed").to_pylist(),
-        **{k: results[k] for k in score_keys},
-    }
-    shown = range(min(config.grid_samples, rows.num_rows))
-    conditions = rows.column("condition").to_pylist()
-    image_columns = ["generated", "reannotated"] + (
-        ["baseline_generated", "baseline_reannotated"] if config.baseline else []
-    )
-    grid_rows = [
-        [decode_condition(conditions[i], channels=int(spec.get("channels", 3)))]
-        + [decode_rgb(results[c][i]) for c in image_columns]
-        for i in shown
-    ]
 
     mlflow_metrics = {f"fidelity/{k}": v for k, v in metrics.items()}
     mlflow_metrics.update({"fidelity/score": record.score, "fidelity/samples": float(record.samples)})
@@ -272,23 +337,27 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     now = int(time.time() * 1000)
     client.log_batch(resolved.run_id, metrics=[Metric(k, v, now, 0) for k, v in mlflow_metrics.items()])
     client.log_dict(resolved.run_id, {"protocol": protocol, "headline": headline, **settings}, PROTOCOL_ARTIFACT)
-    client.log_table(resolved.run_id, table, artifact_file=TABLE_ARTIFACT)
-    if grid_rows:
-        client.log_image(resolved.run_id, evaluation_grid(grid_rows), artifact_file=GRID_ARTIFACT)
+    for one in scored:
+        log_target(client, resolved.run_id, one, config)
     record_fidelity(config.model, resolved.version, record)
     return EvaluateResult(
         model=config.model,
         version=resolved.version,
         run_id=resolved.run_id,
-        annotator=spec["name"],
+        annotator=", ".join(one.scoring.annotator for one in scored),
         metric=headline,
         score=record.score,
         baseline_score=record.baseline_score,
         metrics=metrics,
-        samples=rows.num_rows,
+        samples=samples,
         protocol=protocol,
         seconds=time.perf_counter() - started,
     )
+
+
+def _prefixed(prefix: str, key: str) -> str:
+    """canny/ + baseline_edge_f1 -> baseline_canny/edge_f1: baseline metrics keep one leading marker."""
+    return f"baseline_{prefix}{key[len('baseline_') :]}" if key.startswith("baseline_") else prefix + key
 
 
 def _score_on_ray(config: EvaluateConfig, job: EvalJob, rows) -> dict[str, list]:

@@ -35,6 +35,7 @@ class EvalJob:
     guidance_scale: float
     baseline: bool
     storage: StorageConfig
+    control_mode: int | None = None  # a union ControlNet: the type of the conditions scored
 
 
 def generate_and_score(
@@ -48,11 +49,12 @@ def generate_and_score(
     guidance_scale: float,
     conditioning_scale: float | list[float] = 1.0,
     references: np.ndarray | None = None,
+    control_mode: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
     """Generate one image per (prompt, condition, seed), re-annotate it, score it against its condition
     (or ``references``, e.g. when ``conditions`` is a list, one per composed ControlNet): (images,
-    re-annotations, one score dict per sample). Evaluation, training's fidelity curve and
-    bench/bench_experiments.py use this."""
+    re-annotations, one score dict per sample); ``control_mode`` for a union ControlNet. Evaluation, training's
+    fidelity curve and bench/bench_experiments.py use this."""
     from model.inference import generate
 
     images = generate(
@@ -63,6 +65,7 @@ def generate_and_score(
         steps=steps,
         guidance_scale=guidance_scale,
         conditioning_scale=conditioning_scale,
+        control_mode=control_mode,
     )
     maps = annotator(images)
     references = conditions if references is None else references
@@ -126,6 +129,7 @@ class FidelityScorer:
                 job.steps,
                 job.guidance_scale,
                 conditioning_scale,
+                control_mode=job.control_mode,
             )
             for key in scores[0]:
                 out[prefix + key] = np.array([s[key] for s in scores], dtype=np.float64)

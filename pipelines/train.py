@@ -25,8 +25,8 @@ from model.families import FAMILIES
 from pipelines.checkpoint import SUMMARY_FILE
 from pipelines.common.config import ConfigError, flatten
 from pipelines.common.storage import download_dir, is_s3, resolve
-from pipelines.data.dataset import DatasetInfo, inspect_dataset
-from pipelines.data.schema import ANNOTATED_FORMAT, MANIFEST, PROMPT_PREFIX, TENSOR_COLUMNS
+from pipelines.data.dataset import DatasetInfo, annotator_spec, inspect_dataset, open_dataset
+from pipelines.data.schema import ANNOTATED_FORMAT, CONDITION_PREFIX, MANIFEST, PROMPT_PREFIX, TENSOR_COLUMNS
 from pipelines.train_config import TrainConfig
 
 
@@ -153,6 +153,44 @@ def check_base_supports(config: TrainConfig) -> None:
         family_of(base_dir).check_training(config.policy, config.snr_gamma, config.offset_noise)
 
 
+def resolve_union(config: TrainConfig) -> tuple[TrainConfig, list[dict]]:
+    """union=true: the condition columns (as named, or every cond_<annotator> column of the dataset), each with
+    the annotator spec its field records and that annotator's union control mode (the family's one map); and
+    the config with them filled in, condition_column being the first (validation rows, the recorded annotator)."""
+    from model.families import family_of
+    from model.families import resolve as resolve_base
+
+    family = family_of(resolve_base(config.base_model.source, config.storage))
+    if not family.union_types:
+        raise ValueError(f"union=true: {family.name} base models have no ControlNet-Union (only sdxl)")
+    schema = open_dataset(config.data, config.storage)[2].schema
+    columns = config.condition_columns or [c for c in schema.names if c.startswith(CONDITION_PREFIX)]
+    if not columns:
+        raise ValueError(
+            f"union=true: dataset {config.data!r} has no {CONDITION_PREFIX}<annotator> columns (annotate with several "
+            f"annotators, or name the columns in condition_columns); its columns are {', '.join(schema.names)}"
+        )
+    missing = [c for c in columns if c not in schema.names]
+    if missing or len(set(columns)) < len(columns):
+        what = f"has no column {', '.join(map(repr, missing))}" if missing else "names a column twice"
+        raise ValueError(
+            f"condition_columns: dataset {config.data!r} {what}; its columns are {', '.join(schema.names)}"
+        )
+    union = []
+    for column in columns:
+        spec = annotator_spec(schema, column)
+        if not spec or not spec.get("name"):
+            raise ValueError(
+                f"union=true: column {column!r} of {config.data!r} does not record the annotator that made it "
+                "(zeroconv annotate records it), so its union type is unknown"
+            )
+        mode = family.union_mode(spec["name"])
+        union.append(
+            {"column": column, "annotator": spec, "control_mode": mode, "control_type": family.union_types[mode]}
+        )
+    return config.model_copy(update={"condition_column": columns[0], "condition_columns": columns}), union
+
+
 def run_train(config: TrainConfig) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -166,6 +204,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     from pipelines.train_loop import LoopInputs, train_loop
 
     # Everything a user can get wrong fails here, before a worker starts.
+    config, union = resolve_union(config) if config.union else (config, [])
     data = inspect_dataset(config)
     check_annotation_finished(config)
     check_base_supports(config)
@@ -189,7 +228,7 @@ def run_train(config: TrainConfig) -> TrainResult:
         # A precomputed dataset's prompt tensors: text_embedding plus the family's others (prompt_*).
         prompts = [c for c in data.columns if c.startswith(PROMPT_PREFIX)] if precomputed else []
         columns = [*(TENSOR_COLUMNS if precomputed else (data.image_column,)), *prompts, data.caption_column]
-        columns += [config.condition_column] + (["id"] if "id" in data.columns else [])
+        columns += (config.condition_columns or [config.condition_column]) + (["id"] if "id" in data.columns else [])
         inputs = LoopInputs(
             config=config,
             files=TrainFiles.open(
@@ -198,7 +237,8 @@ def run_train(config: TrainConfig) -> TrainResult:
             tracking_uri=tracking_uri,
             run_id=run_id,
             run_dir=run_dir.uri,
-            validation=data.validation,
+            validation={**data.validation, "control_mode": union[0]["control_mode"] if union else None},
+            union_modes=[entry["control_mode"] for entry in union],
             scaling_factor=data.scaling_factor,
             resolution=data.resolution[::-1],  # (width, height) -> (height, width)
         )
@@ -229,7 +269,7 @@ def run_train(config: TrainConfig) -> TrainResult:
         controlnet_dir = export.join("controlnet").uri if config.policy != "pretrain" else None
         # A pretrained denoiser is a base model, not a ControlNet: nothing to register as one.
         version = (
-            register(config, data, final["step"], run_id, controlnet_dir, unet_dir, family.name)
+            register(config, data, final["step"], run_id, controlnet_dir, unet_dir, family.name, union)
             if controlnet_dir
             else None
         )
@@ -277,9 +317,11 @@ def register(
     controlnet_uri: str,
     unet_uri: str | None,
     family: str,
+    union: list[dict],
 ) -> str | None:
     """Log the export as a pyfunc model on the training run; register it with alias 'candidate' - once:
-    re-running a finished training returns the version it registered."""
+    re-running a finished training returns the version it registered. A union model records each condition
+    column with its annotator and control mode (``union``); ``annotator`` is then the first column's."""
     import mlflow
 
     from model.inference import InferenceDefaults
@@ -296,6 +338,7 @@ def register(
         "inference": vars(InferenceDefaults()),
         "resolution": list(data.resolution),
         "policy": config.policy,
+        **({"union": union} if union else {}),
         "training": {"run_name": config.run_name, "steps": steps, "mlflow_run_id": run_id},
     }
     with tempfile.TemporaryDirectory(prefix="zeroconv-register-") as tmp:

@@ -73,6 +73,16 @@ class TrainConfig(JobConfig):
         description="Column holding the condition images: 'conditioning_image' for one annotator, "
         "'cond_<annotator>' for several. Also accepted as conditioning_image_column (diffusers' name).",
     )
+    union: bool = Field(
+        default=False,
+        description="ControlNet-Union (SDXL bases): one ControlNet trained on several condition columns, each "
+        "sample on one of them (a seeded pick) with its type, from the column's annotator (docs/families/sdxl.md).",
+    )
+    condition_columns: list[str] = Field(
+        default_factory=list,
+        description="union=true: the condition columns to train on (e.g. [cond_canny, cond_midas]). "
+        "Default: every cond_<annotator> column of the dataset.",
+    )
     image_column: str = Field(
         default="image", description="Column holding the images: binary, or Hugging Face Image structs."
     )
@@ -192,6 +202,16 @@ class TrainConfig(JobConfig):
     def _min_workers_at_most_num_workers(self) -> "TrainConfig":
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
+        return self
+
+    @model_validator(mode="after")
+    def _union_options(self) -> "TrainConfig":
+        if self.condition_columns and not self.union:
+            raise ValueError("condition_columns applies to union=true (one ControlNet, several columns)")
+        if self.union and self.policy == "pretrain":
+            raise ValueError("union=true trains a ControlNet; policy=pretrain trains none")
+        if self.union and self.fidelity.every:
+            raise ValueError("fidelity.every is not supported with union=true yet (set 0; evaluate scores each type)")
         return self
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.data.dataset import canonical
+from pipelines.data.tensors import PICKED, decode_batch, pick_conditions
 
 BLOCKS_CACHED = 2  # a micro-batch near a block boundary draws from two blocks
 
@@ -130,8 +132,9 @@ def to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
 class SampleStream:
     """Endless micro-batches for one rank, starting at global stream position ``start``.
 
-    ``transform`` turns a batch of raw columns into what the step consumes (e.g. decoding images); the
-    ``id`` column, when the dataset has one, is passed through as ``ids`` for the debug recorder."""
+    ``transform`` turns a batch of raw columns into what the step consumes (e.g. decoding images); it also gets
+    ``positions``, each row's global stream position (what union training seeds its pick with). The ``id``
+    column, when the dataset has one, is passed through as ``ids`` for the debug recorder."""
 
     def __init__(
         self,
@@ -173,7 +176,25 @@ class SampleStream:
             parts.append(self._block(epoch, block).slice(row, 1))
         batch = to_numpy(pa.concat_tables(parts))
         ids = batch.pop("id", None)
-        batch = self.transform(batch) if self.transform else batch
+        if self.transform:
+            batch = self.transform({**batch, "positions": positions})
         if ids is not None:
             batch["ids"] = ids
         return batch
+
+
+def stream_transform(
+    union_columns: list[str], condition_column: str, seed: int, precomputed: bool
+) -> Callable[[dict], dict] | None:
+    """What the stream does to a batch of raw columns: union training (``union_columns``) first picks each row's
+    condition column; rows that are not precomputed get their images decoded."""
+    steps = [partial(pick_conditions, columns=union_columns, seed=seed)] if union_columns else []
+    if not precomputed:
+        steps.append(partial(decode_batch, condition_column=PICKED if union_columns else condition_column))
+    return partial(_apply, steps) if steps else None
+
+
+def _apply(steps: list[Callable[[dict], dict]], batch: dict) -> dict:
+    for step in steps:
+        batch = step(batch)
+    return batch

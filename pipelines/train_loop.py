@@ -16,7 +16,6 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -35,9 +34,9 @@ from pipelines.checkpoint import (
 )
 from pipelines.common.dtypes import torch_dtype
 from pipelines.common.images import decode_condition
-from pipelines.data.tensors import batch_tensors, decode_batch
+from pipelines.data.tensors import PICKED, PICKED_INDEX, batch_tensors
 from pipelines.train_config import TrainConfig
-from pipelines.train_data import SampleStream, TrainFiles
+from pipelines.train_data import SampleStream, TrainFiles, stream_transform
 from pipelines.train_debug import StepHooks
 from pipelines.train_fidelity import FidelityCurve, denoiser_from_weights, pipeline_from_weights
 
@@ -53,7 +52,8 @@ def build_model(base, config: TrainConfig) -> Controlled:
     """The denoiser with a new ControlNet; under policy=pretrain the denoiser alone."""
     fam = base.family
     fam.check_training(config.policy, config.snr_gamma, config.offset_noise)
-    model = fam.controlled(base, [] if config.policy == "pretrain" else [fam.new_controlnet(base)])
+    union = {"union": True} if config.union else {}  # resolve_union refused families without one
+    model = fam.controlled(base, [] if config.policy == "pretrain" else [fam.new_controlnet(base, **union)])
     if config.gradient_checkpointing:
         # The denoiser too: even locked, backward runs through it to reach the ControlNet residuals.
         for module in (model.denoiser, *model.controlnets):
@@ -160,7 +160,14 @@ def validation_images(state: dict, model: Controlled, base, validation: dict, co
             conditions, text_to_image(base, validation["text"], denoiser, config.seed, config.validation_steps)
         )
     pipe = pipeline_from_weights(state, model, base)
-    images = generate(pipe, validation["text"], conditions, seed=config.seed, steps=config.validation_steps)
+    images = generate(
+        pipe,
+        validation["text"],
+        conditions,
+        seed=config.seed,
+        steps=config.validation_steps,
+        control_mode=validation.get("control_mode"),
+    )
     return image_grid(conditions, images)
 
 
@@ -235,9 +242,10 @@ class LoopInputs:
     tracking_uri: str
     run_id: str
     run_dir: str  # storage_path/run_name: checkpoints live here (through Ray), the export under export/
-    validation: dict  # {"text": [...], "condition": [PNG bytes, ...]}: the fixed validation rows
+    validation: dict  # {"text": [...], "condition": [PNG bytes, ...], "control_mode": union type or None}
     scaling_factor: float | None  # set for a precomputed dataset (latent posteriors + text embeddings)
     resolution: tuple[int, int] = (0, 0)  # the dataset's (height, width): size-dependent prompt tensors
+    union_modes: list[int] = field(default_factory=list)  # union=true: the control mode of each condition column
 
     @property
     def export_uri(self) -> str:
@@ -272,12 +280,16 @@ def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
     for _ in range(config.grad_accum):
         batch = next(state.batches)
         state.hooks.on_batch(state.step + 1, batch.pop("ids", None))
+        picked = batch.pop(PICKED_INDEX, None)  # union: which condition column each sample trains on
+        column = PICKED if picked is not None else config.condition_column
         latents, prompt, conditions = batch_tensors(
-            batch, base, config.condition_column, inputs.scaling_factor, engine.device, state.empty_prompt
+            batch, base, column, inputs.scaling_factor, engine.device, state.empty_prompt
         )
         prompt = fam.drop_prompts(prompt, state.empty_prompt, config.prompt_dropout)
         prompt = {k: v.to(dtype) for k, v in prompt.items()}
         controls = [fam.control_inputs(base, conditions).to(dtype)] if len(state.model.controlnets) else []
+        if picked is not None:
+            controls = [fam.union_control(controls[0], torch.as_tensor(np.asarray(inputs.union_modes)[picked]))]
         loss = fam.loss(
             engine,
             base,
@@ -314,11 +326,20 @@ def setup(inputs: LoopInputs) -> TrainState:
     step, position, metrics = restore_checkpoint(engine, ema)
     # Ranks draw different noise, timesteps and dropout; a resumed run does not replay the first steps' draws.
     torch.manual_seed(int(np.random.SeedSequence([config.seed, rank, step]).generate_state(1)[0]))
-    decode = (
-        None if inputs.scaling_factor is not None else partial(decode_batch, condition_column=config.condition_column)
-    )
     batches = SampleStream(
-        inputs.files, config.seed, config.shuffle_buffer, rank, world, config.batch_size, position, decode
+        inputs.files,
+        config.seed,
+        config.shuffle_buffer,
+        rank,
+        world,
+        config.batch_size,
+        position,
+        stream_transform(
+            config.condition_columns if config.union else [],
+            config.condition_column,
+            config.seed,
+            precomputed=inputs.scaling_factor is not None,
+        ),
     )
     tracker = Tracker(inputs.tracking_uri, inputs.run_id) if rank == 0 else NullTracker()
     return TrainState(

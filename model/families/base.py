@@ -77,6 +77,9 @@ class Family(ABC):
     # offset noise) are implemented for this family: see :meth:`check_training`.
     supports_pretrain: ClassVar[bool] = False
     objective_options: ClassVar[tuple[str, ...]] = ()
+    # ControlNet-Union: one ControlNet for several condition types, each sample saying its type (an index into
+    # these names); empty for families without one. See :meth:`union_mode`.
+    union_types: ClassVar[tuple[str, ...]] = ()
 
     def load(self, local_dir: Path, source: str, device="cpu", dtype: torch.dtype = torch.float32) -> Base:
         from diffusers import DiffusionPipeline
@@ -152,6 +155,14 @@ class Family(ABC):
         for option, value in (("snr_gamma", snr_gamma), ("offset_noise", offset_noise)):
             if value and option not in self.objective_options:
                 raise ValueError(f"{option} is not supported for {self.name} base models (set it to 0)")
+
+    def union_mode(self, annotator: str) -> int:
+        """The union control type (index into :attr:`union_types`) of conditions made by ``annotator``."""
+        raise ValueError(f"union training is not supported for {self.name} base models (only sdxl)")
+
+    def union_control(self, control: torch.Tensor, types: torch.Tensor) -> Any:
+        """A union ControlNet's input: the condition (from :meth:`control_inputs`) plus each sample's type."""
+        raise ValueError(f"union training is not supported for {self.name} base models (only sdxl)")
 
     def pipeline(self, base: Base, controlnets: Sequence[nn.Module]):
         import diffusers

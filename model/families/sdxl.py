@@ -4,11 +4,13 @@ Prompts: the penultimate hidden states of CLIP-L and CLIP-G concatenated (the st
 plus CLIP-G's pooled projection and six "time ids" (original size, crop top-left, target size) that the UNet
 embeds next to the timestep. Objective and policies as SD's. ControlNet-Union (``union=True``): one ControlNet
 for several condition types; each sample says which type its condition is (an index into
-:data:`UNION_TYPES`, the order of the published xinsir union model).
+:data:`UNION_TYPES`, the order of the published xinsir union model), and the type of an annotator's maps is
+:data:`UNION_TYPE_OF_ANNOTATOR`.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +21,19 @@ from model.families.base import Base
 from model.families.sd import UNetFamily, condition_embedding_channels
 
 UNION_TYPES = ("openpose", "depth", "hed", "canny", "normal", "segment")
+# The one map annotator -> union type. xinsir's model card names the slots: 0 openpose, 1 depth, 2 thick lines
+# (hed, pidi, scribble, ted), 3 thin lines (canny, lineart, anime lineart, mlsd), 4 normal, 5 segment.
+# An annotator missing here (e.g. content_shuffle) has no slot and cannot train a union ControlNet.
+UNION_TYPE_OF_ANNOTATOR = {
+    "openpose": "openpose",
+    "midas": "depth",
+    "hed": "hed",
+    "canny": "canny",
+    "lineart": "canny",
+    "lineart_standard": "canny",
+    "mlsd": "canny",
+    "normalbae": "normal",
+}
 TINY_VERSION = "1"
 
 
@@ -39,11 +54,21 @@ class SDXL(UNetFamily):
     controlnet_class = "ControlNetModel"
     control_pipeline_class = "StableDiffusionXLControlNetPipeline"
     text_keys = ("prompt_embeds", "text_embeds")
+    union_types = UNION_TYPES
 
     def new_controlnet(self, base: Base, union: bool = False, conditioning_channels: int = 3) -> nn.Module:
         if union:
             return union_from_unet(base.denoiser, condition_embedding_channels(base.pipe.vae_scale_factor))
         return super().new_controlnet(base, conditioning_channels=conditioning_channels)
+
+    def union_mode(self, annotator: str) -> int:
+        if annotator not in UNION_TYPE_OF_ANNOTATOR:
+            known = ", ".join(f"{a} ({t})" for a, t in UNION_TYPE_OF_ANNOTATOR.items())
+            raise ValueError(f"annotator {annotator!r} has no ControlNet-Union type; annotators with one: {known}")
+        return UNION_TYPES.index(UNION_TYPE_OF_ANNOTATOR[annotator])
+
+    def union_control(self, control: torch.Tensor, types: torch.Tensor) -> Union:
+        return Union(control, types.to(control.device))
 
     def encode_prompts(self, base: Base, prompts: Sequence[str], size: tuple[int, int], crop=(0, 0), original=None):
         """``original``: the image's size before resizing (default ``size``); ``crop``: where the crop began."""
@@ -69,15 +94,16 @@ class SDXL(UNetFamily):
         if not isinstance(control, Union):
             return super().control_residuals(net, noisy, timesteps, control, scale, **kwargs)
         types = torch.nn.functional.one_hot(control.types, net.config.num_control_type)
-        return net(
-            noisy,
-            timesteps,
-            controlnet_cond=[control.image.to(noisy.dtype)],
-            control_type=types.to(noisy.dtype),
-            control_type_idx=[control.types],  # per sample: indexes the task embedding row-wise
-            conditioning_scale=[scale],
-            **kwargs,
-        )
+        with samples_apart(net, noisy.shape[0]):
+            return net(
+                noisy,
+                timesteps,
+                controlnet_cond=[control.image.to(noisy.dtype)],
+                control_type=types.to(noisy.dtype),
+                control_type_idx=[control.types],  # per sample: indexes the task embedding row-wise
+                conditioning_scale=[scale],
+                **kwargs,
+            )
 
     def pipeline(self, base: Base, controlnets: Sequence[nn.Module]):
         from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
@@ -87,6 +113,26 @@ class SDXL(UNetFamily):
             pipe.set_progress_bar_config(disable=True)
             return pipe
         return super().pipeline(base, controlnets)
+
+
+@contextmanager
+def samples_apart(net: nn.Module, n: int):
+    """Keep each of ``n`` samples to itself in a union ControlNet's condition-fusion transformer.
+
+    diffusers builds its layers with ``nn.MultiheadAttention`` without ``batch_first``, so they attend across the
+    batch axis and the samples of a batch (with their different condition types) would mix. A diagonal mask gives
+    every sample what it gets alone - what the stock union pipeline computes for one image, whose two CFG halves
+    are identical rows."""
+    mask = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
+    layers = list(net.transformer_layes)
+    saved = [layer.attn_mask for layer in layers]
+    for layer in layers:
+        layer.attn_mask = mask
+    try:
+        yield
+    finally:
+        for layer, original in zip(layers, saved):
+            layer.attn_mask = original
 
 
 def union_from_unet(unet: nn.Module, embedding_channels: tuple[int, ...]) -> nn.Module:

@@ -50,6 +50,7 @@ class TrainingData(Protocol):
     image_column: str
     caption_column: str
     condition_column: str
+    condition_columns: list[str]  # several (union training): all are checked; condition_column is the first
     batch_size: int
     num_workers: int
     num_validation: int
@@ -144,8 +145,9 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
     columns = schema.names
     precomputed = set(TENSOR_COLUMNS) <= set(columns)
     image, caption, condition = config.image_column, config.caption_column, config.condition_column
-    fields = {caption: "caption_column", condition: "condition_column", image: "image_column"}
-    needed = [caption, condition, *(() if precomputed else (image,))]
+    conditions = config.condition_columns or [condition]
+    fields = {caption: "caption_column", **{c: "condition_column" for c in conditions}, image: "image_column"}
+    needed = [caption, *conditions, *(() if precomputed else (image,))]
     missing = [c for c in needed if c not in columns]
     if missing:
         raise ValueError(

@@ -6,6 +6,7 @@ This module is where they become torch tensors:
 * images      uint8 (N, H, W, 3)  -> float (N, 3, H, W) in [-1, 1]   (the VAE's input range)
 * conditions  uint8 (N, H, W, C)  -> float (N, 3, H, W) in [0, 1]    (what ControlNet was trained on)
 * precomputed rows (VAE posterior mean/std, prompt tensors) -> one latent sample per step
+* union training: each row's condition picked from several columns (:func:`pick_conditions`)
 """
 
 from __future__ import annotations
@@ -95,12 +96,30 @@ def encoded_tensors(base, images: torch.Tensor, prompts: list[str], conditions: 
     return fam.encode_images(base, images).to(images.device), prompt, conditions
 
 
+PICKED = "condition"  # pick_conditions' output: each row's chosen condition (encoded bytes)
+PICKED_INDEX = "condition_index"  # ... and which of the columns it came from
+
+
+def pick_conditions(batch: dict[str, np.ndarray], columns: list[str], seed: int) -> dict[str, np.ndarray]:
+    """Union training: each row trains on one of its condition ``columns``, picked from (seed, the row's position
+    in the training stream; ``positions``, as pipelines.train_data's stream gives them). So a resumed run, on any
+    number of workers, picks as the first run did, while each epoch (other positions) draws afresh. The columns
+    are replaced by PICKED (bytes) and PICKED_INDEX (index into ``columns``)."""
+    picks = np.array([np.random.default_rng([seed, int(p)]).integers(len(columns)) for p in batch["positions"]])
+    out = {k: v for k, v in batch.items() if k not in columns}
+    out[PICKED] = np.array([batch[columns[k]][i] for i, k in enumerate(picks)], dtype=object)
+    out[PICKED_INDEX] = picks
+    return out
+
+
 def decode_batch(batch: dict[str, np.ndarray], condition_column: str) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: encoded bytes -> uint8 NHWC image and 3-channel condition."""
+    """Ray Data ``map_batches`` function: encoded bytes -> uint8 NHWC image and 3-channel condition (and the
+    picked column's index, when :func:`pick_conditions` ran first)."""
     return {
         "image": np.stack([decode_rgb(b) for b in batch["image"]]),
         "condition": np.stack([decode_condition(b, channels=3) for b in batch[condition_column]]),
         "text": batch["text"],
+        **({PICKED_INDEX: batch[PICKED_INDEX]} if PICKED_INDEX in batch else {}),
     }
 
 

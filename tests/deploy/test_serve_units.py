@@ -174,3 +174,34 @@ def test_a_request_error_crosses_from_a_replica_to_the_gateway_whole():
 
     error = pickle.loads(pickle.dumps(RequestError("controls[0].image", "not valid base64", 400)))
     assert (error.field, error.message, error.status) == ("controls[0].image", "not valid base64", 400)
+
+
+def test_union_control_type_comes_from_the_request_the_annotator_or_the_models_only_type():
+    from types import SimpleNamespace
+
+    from deploy.jobs import control_mode
+    from deploy.schemas import Control
+    from deploy.store import ServedModel
+    from model.families import FAMILIES
+
+    store = SimpleNamespace(base=SimpleNamespace(family=FAMILIES["sdxl"]))  # what control_mode reads of a store
+    union = [{"control_mode": 3, "control_type": "canny"}, {"control_mode": 1, "control_type": "depth"}]
+    both = ServedModel("u", "1", None, None, None, {"union": union})
+    plain = ServedModel("p", "1", None, None, None, {})
+    midas, shuffle = SimpleNamespace(name="midas"), SimpleNamespace(name="content_shuffle")
+
+    assert control_mode(Control(control_type="depth"), both, None, store, "controls[0]") == 1
+    assert control_mode(Control(), both, midas, store, "controls[0]") == 1  # source_image's annotator
+    only_canny = ServedModel("c", "1", None, None, None, {"union": union[:1]})
+    assert control_mode(Control(), only_canny, None, store, "controls[0]") == 3
+    assert control_mode(Control(), plain, None, store, "controls[0]") is None
+    refused = [
+        (Control(), both, None, "controls[0].control_type", "is required for union model 'u': one of depth, canny"),
+        (Control(control_type="canny"), plain, None, "controls[0].control_type", "applies to union ControlNets"),
+        (Control(), both, shuffle, "controls[0].annotator", "'content_shuffle' has no ControlNet-Union type"),
+        (Control(control_type="hed"), both, None, "controls[0].control_type", "was not trained on 'hed'"),
+    ]
+    for control, model, annotator, field, message in refused:
+        with pytest.raises(RequestError, match=message) as caught:
+            control_mode(control, model, annotator, store, "controls[0]")
+        assert (caught.value.field, caught.value.status) == (field, 422)

@@ -95,7 +95,15 @@ def test_union_controlnet_identity_with_a_type_per_sample():
         nudged(net)
         canny = model(noisy, timesteps, prompt, [Union(controls, torch.tensor([3, 3]))])
         depth = model(noisy, timesteps, prompt, [Union(controls, torch.tensor([1, 1]))])
+        mixed = model(noisy, timesteps, prompt, [Union(controls, types)])
+        # A batch of mixed types: each sample gets exactly what it gets alone, with its own type (diffusers' fusion
+        # transformer attends across the batch axis; unmasked, the two samples would mix).
+        alone = [
+            model(noisy[i : i + 1], timesteps[i : i + 1], {k: v[i : i + 1] for k, v in prompt.items()}, [one])
+            for i, one in enumerate([Union(controls[:1], types[:1]), Union(controls[1:], types[1:])])
+        ]
     assert not torch.equal(canny, depth)
+    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="one condition-type index per sample"):
         Union(controls, torch.tensor([3]))
 
@@ -113,3 +121,39 @@ def test_union_controlnet_generates_with_the_stock_union_pipeline(tmp_path):
     assert type(ours) is type(stock)
     # control_image for the union pipeline is a list, one per condition type used
     np.testing.assert_array_equal(generate(ours, "sdxl", "control_image", control_mode=mode), images)
+
+
+def test_union_types_come_from_one_annotator_map_and_other_families_refuse_union():
+    sdxl = base_of("sdxl").family
+    assert [sdxl.union_mode(a) for a in ("openpose", "midas", "hed", "canny", "lineart_standard", "normalbae")] == [
+        0,
+        1,
+        2,
+        3,
+        3,
+        4,
+    ]
+    with pytest.raises(ValueError, match="annotator 'content_shuffle' has no ControlNet-Union type"):
+        sdxl.union_mode("content_shuffle")
+    sd = base_of("sd").family
+    with pytest.raises(ValueError, match="union training is not supported for sd base models"):
+        sd.union_mode("canny")
+
+
+def test_union_generation_needs_its_control_mode_and_a_batch_equals_one_by_one():
+    from model.inference import generate
+
+    base = base_of("sdxl")
+    pipe = base.family.pipeline(base, [nudged(base.family.new_controlnet(base, union=True))])
+    conditions = np.zeros((2, 64, 64, 3), np.uint8)
+    conditions[0, 16:48, 16:48], conditions[1, 8:24, 8:56] = 255, 255
+    prompts = ["a red circle", "a blue square"]
+    with pytest.raises(ValueError, match="a union ControlNet needs control_mode"):
+        generate(pipe, prompts[:1], conditions[:1], steps=2)
+    batch = generate(pipe, prompts, conditions, seed=[3, 4], steps=2, control_mode=3)
+    alone = [
+        generate(pipe, [p], conditions[i : i + 1], seed=[3 + i], steps=2, control_mode=3)
+        for i, p in enumerate(prompts)
+    ]
+    np.testing.assert_array_equal(batch, np.concatenate(alone))
+    assert not np.array_equal(batch, generate(pipe, prompts, conditions, seed=[3, 4], steps=2, control_mode=1))

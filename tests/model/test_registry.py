@@ -124,6 +124,7 @@ def test_registered_model_carries_code_requirements_signature_and_base(registere
         "guidance_scale": False,
         "conditioning_scale": False,
         "negative_prompt": False,
+        "control_mode": False,
     }
     assert info.signature.outputs.input_names() == ["image"]
 
