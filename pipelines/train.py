@@ -26,7 +26,15 @@ from pipelines.checkpoint import SUMMARY_FILE
 from pipelines.common.config import ConfigError, flatten
 from pipelines.common.storage import download_dir, is_s3, resolve
 from pipelines.data.dataset import DatasetInfo, annotator_spec, inspect_dataset, open_dataset
-from pipelines.data.schema import ANNOTATED_FORMAT, CONDITION_PREFIX, MANIFEST, PROMPT_PREFIX, TENSOR_COLUMNS
+from pipelines.data.schema import (
+    ANNOTATED_FORMAT,
+    CONDITION_PREFIX,
+    MANIFEST,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
+    PROMPT_PREFIX,
+    TENSOR_COLUMNS,
+)
 from pipelines.train_config import TrainConfig
 
 
@@ -228,7 +236,9 @@ def run_train(config: TrainConfig) -> TrainResult:
         # A precomputed dataset's prompt tensors: text_embedding plus the family's others (prompt_*).
         prompts = [c for c in data.columns if c.startswith(PROMPT_PREFIX)] if precomputed else []
         columns = [*(TENSOR_COLUMNS if precomputed else (data.image_column,)), *prompts, data.caption_column]
-        columns += (config.condition_columns or [config.condition_column]) + (["id"] if "id" in data.columns else [])
+        columns += config.condition_columns or [config.condition_column]
+        # Optional: ids (the debug hooks' sample log) and the original image sizes (SDXL's size conditioning).
+        columns += [c for c in ("id", ORIGINAL_WIDTH, ORIGINAL_HEIGHT) if c in data.columns]
         inputs = LoopInputs(
             config=config,
             files=TrainFiles.open(

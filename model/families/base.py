@@ -105,6 +105,13 @@ class Family(ABC):
         comes from ``empty``, the empty prompt encoded at the training size."""
         return {**{k: v for k, v in empty.items() if k not in self.text_keys}, **text}
 
+    def with_image_sizes(
+        self, prompt: dict[str, torch.Tensor], original_sizes: torch.Tensor, size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """The prompt of images that were ``original_sizes`` ((N, 2) width, height) before annotate scaled and
+        centre-cropped them to ``size`` (height, width). Only families conditioned on sizes (SDXL) use it."""
+        return prompt
+
     def encode_images(
         self, base: Base, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:

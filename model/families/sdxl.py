@@ -19,6 +19,7 @@ from torch import nn
 
 from model.families.base import Base
 from model.families.sd import UNetFamily, condition_embedding_channels
+from pipelines.common.images import crop_top_left
 
 UNION_TYPES = ("openpose", "depth", "hed", "canny", "normal", "segment")
 # The one map annotator -> union type. xinsir's model card names the slots: 0 openpose, 1 depth, 2 thick lines
@@ -77,6 +78,17 @@ class SDXL(UNetFamily):
         )
         time_ids = torch.tensor([*(original or size), *crop, *size], dtype=embeds.dtype, device=embeds.device)
         return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), 6)}
+
+    def with_image_sizes(
+        self, prompt: dict[str, torch.Tensor], original_sizes: torch.Tensor, size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """SDXL's micro-conditioning from each image's real history: its original (height, width) and where the
+        centre crop began in the scaled image (SDXL paper, section 2.2), instead of the training size and (0, 0)."""
+        rows = [
+            [int(h), int(w), *crop_top_left((int(w), int(h)), min(size)), *size] for w, h in original_sizes.tolist()
+        ]
+        time_ids = torch.tensor(rows, dtype=prompt["time_ids"].dtype, device=prompt["time_ids"].device)
+        return {**prompt, "time_ids": time_ids}
 
     def complete_prompt(
         self, text: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]

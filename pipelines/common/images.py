@@ -144,6 +144,14 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(square, (size, size), interpolation=interpolation)
 
 
+def crop_top_left(original_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """Where :func:`resize_center_crop`'s square begins, as (top, left) pixels of the image scaled to ``size``
+    on its short side, for an original of (width, height): SDXL's ``crops_coords_top_left``."""
+    width, height = original_size
+    side = min(width, height)
+    return round((height - side) // 2 * size / side), round((width - side) // 2 * size / side)
+
+
 def _load_upright(img: Image.Image) -> Image.Image:
     """Decode the pixels (this is where truncation shows) and apply the EXIF orientation."""
     try:

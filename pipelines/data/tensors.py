@@ -7,6 +7,8 @@ This module is where they become torch tensors:
 * conditions  uint8 (N, H, W, C)  -> float (N, 3, H, W) in [0, 1]    (what ControlNet was trained on)
 * precomputed rows (VAE posterior mean/std, prompt tensors) -> one latent sample per step
 * union training: each row's condition picked from several columns (:func:`pick_conditions`)
+* each image's size before annotate resized it (``original_width`` / ``original_height``, when the rows have them)
+  -> the family's size conditioning (SDXL's micro-conditioning: ``fam.with_image_sizes``)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from pipelines.common.images import decode_condition, decode_rgb
-from pipelines.data.schema import LATENT_MEAN, LATENT_STD, prompt_column
+from pipelines.data.schema import LATENT_MEAN, LATENT_STD, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, prompt_column
 
 
 def image_tensor(images: np.ndarray) -> torch.Tensor:
@@ -119,7 +121,7 @@ def decode_batch(batch: dict[str, np.ndarray], condition_column: str) -> dict[st
         "image": np.stack([decode_rgb(b) for b in batch["image"]]),
         "condition": np.stack([decode_condition(b, channels=3) for b in batch[condition_column]]),
         "text": batch["text"],
-        **({PICKED_INDEX: batch[PICKED_INDEX]} if PICKED_INDEX in batch else {}),
+        **{k: batch[k] for k in (PICKED_INDEX, ORIGINAL_WIDTH, ORIGINAL_HEIGHT) if k in batch},
     }
 
 
@@ -139,8 +141,14 @@ def batch_tensors(
     empty_prompt: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """(latents, prompt tensors, conditions): through the frozen VAE and text encoders from a decoded
-    batch, or sampled from the stored posteriors of a precomputed one (``scaling_factor`` set)."""
+    batch, or sampled from the stored posteriors of a precomputed one (``scaling_factor`` set). Rows that
+    record their original size get the family's size conditioning for it."""
     if scaling_factor is not None:
-        return precomputed_tensors(batch, base, condition_column, empty_prompt, device)
-    images, conditions, prompts = to_tensors(batch, device)
-    return encoded_tensors(base, images, prompts, conditions)
+        latents, prompt, conditions = precomputed_tensors(batch, base, condition_column, empty_prompt, device)
+    else:
+        images, conditions, prompts = to_tensors(batch, device)
+        latents, prompt, conditions = encoded_tensors(base, images, prompts, conditions)
+    if ORIGINAL_WIDTH in batch and ORIGINAL_HEIGHT in batch:
+        original_sizes = torch.from_numpy(np.stack([batch[ORIGINAL_WIDTH], batch[ORIGINAL_HEIGHT]], axis=1))
+        prompt = base.family.with_image_sizes(prompt, original_sizes, tuple(conditions.shape[-2:]))
+    return latents, prompt, conditions

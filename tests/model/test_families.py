@@ -282,3 +282,35 @@ def test_stored_text_tensors_complete_to_the_encoded_prompt(family):
     completed = fam.complete_prompt({k: full[k] for k in fam.text_keys}, empty)
     assert completed.keys() == full.keys()
     assert all(torch.equal(completed[k], full[k]) for k in full)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_rows_original_sizes_become_sdxl_micro_conditioning(family):
+    """Annotated rows record each image's size before annotate scaled and centre-cropped it; SDXL's time ids
+    (original h, w, crop top, left, target h, w) come from them, per row. SD has no size conditioning."""
+    import numpy as np
+
+    from pipelines.data.tensors import batch_tensors
+
+    base = base_of(family)
+    rows = {
+        "image": np.zeros((3, 64, 64, 3), np.uint8),
+        "condition": np.zeros((3, 64, 64, 3), np.uint8),
+        "text": np.array(["a red circle"] * 3, dtype=object),
+        "original_width": np.array([1024, 768, 64], np.int32),
+        "original_height": np.array([768, 1024, 64], np.int32),
+    }
+    _, prompt, _ = batch_tensors(rows, base, "condition", None, torch.device("cpu"), {})
+    without = {k: v for k, v in rows.items() if not k.startswith("original_")}
+    _, plain, _ = batch_tensors(without, base, "condition", None, torch.device("cpu"), {})
+    if family == "sd":
+        assert prompt.keys() == plain.keys() and all(torch.equal(prompt[k], plain[k]) for k in prompt)
+        return
+    # 1024x768 scaled to 85x64: the centre square begins 128 px in, 11 px (10.67) of the scaled image.
+    assert prompt["time_ids"].tolist() == [
+        [768, 1024, 0, 11, 64, 64],
+        [1024, 768, 11, 0, 64, 64],
+        [64, 64, 0, 0, 64, 64],
+    ]
+    assert plain["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 3  # no sizes recorded: the training size
+    assert torch.equal(prompt["prompt_embeds"], plain["prompt_embeds"])

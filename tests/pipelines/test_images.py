@@ -195,3 +195,18 @@ def test_shrinking_stays_close_to_an_antialiased_reference(side):
     reference = np.asarray(Image.fromarray(noisy).resize((256, 256), Image.LANCZOS)).astype(float)
     mse = np.mean((resize_center_crop(noisy, 256) - reference) ** 2)
     assert 10 * np.log10(255**2 / mse) > 36  # nearest-neighbour (~23 dB), or bilinear at 2x and beyond, fall below
+
+
+def test_crop_top_left_is_where_resize_center_crop_begins_in_the_scaled_image():
+    """SDXL's crops_coords_top_left for annotate's scale-then-centre-crop: checked against a marker column."""
+    import numpy as np
+
+    from pipelines.common.images import crop_top_left, resize_center_crop
+
+    assert crop_top_left((120, 80), 40) == (0, 10)  # 120x80 -> 60x40; the 40x40 square starts 10 px in
+    assert crop_top_left((80, 120), 40) == (10, 0)
+    assert crop_top_left((64, 64), 32) == (0, 0)
+    # The scaled image's columns 10.. are what the crop keeps: a bright column at scaled x = 10 lands at crop x 0.
+    image = np.zeros((80, 120), np.uint8)
+    image[:, 20:22] = 255  # original x 20-21 -> scaled x 10
+    assert resize_center_crop(image, 40)[:, 0].mean() > 100 and resize_center_crop(image, 40)[:, 5].mean() < 10
