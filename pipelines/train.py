@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -271,7 +274,8 @@ def run_train(config: TrainConfig) -> TrainResult:
             console.progress(config.max_steps, "train", "step") as bar,
             tracking.follow_metric(tracking_uri, run_id, bar),
         ):
-            result = trainer.fit()
+            with sigint_restored():
+                result = trainer.fit()
         export = run_dir.join("export")
         final = json.loads(export.join(SUMMARY_FILE).read_bytes())  # rank 0 wrote it with the export
         family = FAMILIES[final.pop("family")]
@@ -299,6 +303,19 @@ def run_train(config: TrainConfig) -> TrainResult:
         model_version=version,
         unet_params_changed=final.pop("unet_params_changed"),
     )
+
+
+@contextmanager
+def sigint_restored():
+    """Ray Train's ``fit`` installs its own Ctrl-C handler in the driver (abort the run) and leaves it there: a
+    process that goes on after training (the pipeline, the demo, a notebook) would then never see a
+    KeyboardInterrupt again. Put back what was there before."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def recorded_base_model(source: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import base64
+import signal
 import socket
 import threading
 import time
@@ -142,6 +143,10 @@ def _interrupt_when_serving(url: str) -> None:
 
 def test_ctrl_c_removes_only_its_own_application(ray_session, registry):
     from ray import serve
+
+    # Ctrl-C must still be Python's: a handler left behind (Ray Train's fit leaves one; zeroconv's train puts
+    # Python's back) would swallow the interrupt below and this test would wait forever.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     registry("serve-ctrl-c", seed=5)
     port = _free_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,10 @@ def test_zero2_bf16_locked_trains_checkpoints_exports_and_registers(
     config = train_config(
         tmp_path, fill50k_parquet, mlflow_server, zero_stage=2, policy="locked", precision="bf16", checkpoint_every=1
     )
+    ctrl_c = signal.getsignal(signal.SIGINT)
     result = run_train(config)
+    # Ray Train's fit installs its own Ctrl-C handler in the driver; after training, Ctrl-C is Python's again.
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
 
     assert result.steps == 4
     assert metric_steps(mlflow_server, result.mlflow_run_id) == [1, 2, 3, 4]
