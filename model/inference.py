@@ -178,7 +178,9 @@ def generate(
         return tensors
 
     accepted = inspect.signature(pipe.__call__).parameters
-    if ("control_mode" in accepted) != (control_mode is not None):
+    # Not from the signature: Flux's pipeline takes control_mode too (for Flux union models), plain ones refuse it.
+    union = type(getattr(pipe, "controlnet", None)).__name__ == "ControlNetUnionModel"
+    if union != (control_mode is not None):
         raise ValueError(
             "a union ControlNet needs control_mode (the condition's type)"
             if control_mode is None

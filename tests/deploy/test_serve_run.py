@@ -146,7 +146,8 @@ def test_ctrl_c_removes_only_its_own_application(ray_session, registry):
 
     # Ctrl-C must still be Python's: a handler left behind (Ray Train's fit leaves one; zeroconv's train puts
     # Python's back) would swallow the interrupt below and this test would wait forever.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    handler = signal.getsignal(signal.SIGINT)
+    assert handler is signal.default_int_handler, f"SIGINT handler left by an earlier test: {handler!r}"
 
     registry("serve-ctrl-c", seed=5)
     port = _free_port()
