@@ -130,6 +130,22 @@ def job_runtime_env(config: SubmitConfig) -> dict:
     return runtime_env
 
 
+AGENT_WAIT_S = 120  # how long a head may answer "No available agent to submit job, please try again later"
+
+
+def submit_when_ready(client, **job) -> str:
+    """``client.submit_job``, waiting out a head whose job agent is not up yet (a head that has just started,
+    or a busy one): Ray answers that with a 500 that says to try again later."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def run_submit(config: SubmitConfig) -> SubmitResult:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -142,7 +158,8 @@ def run_submit(config: SubmitConfig) -> SubmitResult:
             f"cannot reach the Ray Jobs API at {address} ({exc}); is the cluster up and "
             "`ray dashboard ray_cluster.yaml` running?"
         ) from None
-    job_id = client.submit_job(
+    job_id = submit_when_ready(
+        client,
         entrypoint=entrypoint,
         runtime_env=job_runtime_env(config),
         submission_id=config.submission_id,

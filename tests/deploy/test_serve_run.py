@@ -144,10 +144,9 @@ def _interrupt_when_serving(url: str) -> None:
 def test_ctrl_c_removes_only_its_own_application(ray_session, registry):
     from ray import serve
 
-    # Ctrl-C must still be Python's: a handler left behind (Ray Train's fit leaves one; zeroconv's train puts
-    # Python's back) would swallow the interrupt below and this test would wait forever.
-    handler = signal.getsignal(signal.SIGINT)
-    assert handler is signal.default_int_handler, f"SIGINT handler left by an earlier test: {handler!r}"
+    # Ctrl-C as in a terminal: Python's handler. A pytest started in the background by a shell ignores SIGINT
+    # (SIG_IGN), and then the interrupt below would do nothing and this test would wait forever.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     registry("serve-ctrl-c", seed=5)
     port = _free_port()
@@ -178,6 +177,7 @@ def test_ctrl_c_removes_only_its_own_application(ray_session, registry):
         assert "zc-ctrl-c" not in applications and "bystander" in applications
         assert requests.get(f"http://127.0.0.1:{port}/bystander", timeout=30).text == "still here"
     finally:
+        signal.signal(signal.SIGINT, previous)
         serve.shutdown()
 
 
