@@ -45,17 +45,17 @@ class DemoConfig(JobConfig):
     images: int = Field(default=2000, ge=8, description="synthetic training images (plus 4 broken files)")
     heldout: int = Field(default=32, ge=1, description="held-out images for evaluation")
     train_steps: int = Field(
-        default=300,
+        default=1000,
         ge=1,
-        description="training steps (300 fit the ~10-minute budget on 2 CPU cores: ~30 samples/s through Ray Train; "
-        "control needs thousands: see README)",
+        description="training steps (on the shapes base v2, 1000 gave edge F1 0.56 vs 0.29 without control; "
+        "~15-20 min on 2 CPU cores: see README)",
     )
     batch_size: int = Field(default=32, ge=1, description="training batch")
     lr: float = Field(
-        default=5e-4, gt=0, description="ControlNet learning rate (higher than the paper's 1e-5: a short CPU run)"
+        default=1e-3, gt=0, description="ControlNet learning rate (higher than the paper's 1e-5: a short CPU run)"
     )
     fidelity_every: int = Field(
-        default=100, ge=0, description="training steps between fidelity scores on the held-out set (0: off)"
+        default=250, ge=0, description="training steps between fidelity scores on the held-out set (0: off)"
     )
     guidance_scale: float = Field(default=5.0, ge=0, description="CFG scale for evaluation, the grid and serving")
     sampling_steps: int = Field(default=20, ge=1, description="DDIM steps for evaluation, the grid and serving")
