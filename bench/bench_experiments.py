@@ -46,7 +46,8 @@ class Settings:
     sizes: tuple[int, ...] = (250, 1000, 4000)
     steps: int = 1500
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
+    timestep_sampling: str = "cubic"  # the demo's recipe
     heldout: int = 32
     sampling_steps: int = 20
     guidance_scale: float = 5.0
@@ -73,6 +74,7 @@ def train(settings: Settings, data: Path, work: Path, name: str, condition_colum
             batch_size=settings.batch_size,
             max_steps=settings.steps,
             lr=settings.lr,
+            timestep_sampling=settings.timestep_sampling,
             seed=settings.seed,
             checkpoint_every=settings.steps,
             log_every=max(1, settings.steps // 20),
@@ -247,6 +249,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(defaults.sizes), help="training set sizes")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per ControlNet")
     parser.add_argument("--batch", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--timestep-sampling", default=defaults.timestep_sampling, choices=("uniform", "cubic"))
     parser.add_argument("--heldout", type=int, default=defaults.heldout, help="held-out images scored")
     parser.add_argument("--compose-size", type=int, default=defaults.compose_size)
     parser.add_argument("--work", default=None, help="keep everything here (default: a temp dir)")
@@ -256,6 +260,8 @@ def main() -> None:
         sizes=tuple(args.sizes),
         steps=args.steps,
         batch_size=args.batch,
+        lr=args.lr,
+        timestep_sampling=args.timestep_sampling,
         heldout=args.heldout,
         compose_size=args.compose_size,
         curve_every=max(1, args.steps // 6),

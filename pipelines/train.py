@@ -157,11 +157,13 @@ def scaling_config(config: TrainConfig, resources: dict[str, float]):
 def check_base_supports(config: TrainConfig) -> None:
     """policy=pretrain and the objective's options exist only for some families (Family.check_training): fail here,
     in one line, not in every worker. Only when one is asked for: naming the family resolves the base's files."""
-    if config.policy == "pretrain" or config.snr_gamma or config.offset_noise:
+    if config.policy == "pretrain" or config.snr_gamma or config.offset_noise or config.timestep_sampling != "uniform":
         from model.families import family_of, resolve
 
         base_dir = resolve(config.base_model.source, config.storage)
-        family_of(base_dir).check_training(config.policy, config.snr_gamma, config.offset_noise)
+        family_of(base_dir).check_training(
+            config.policy, config.snr_gamma, config.offset_noise, config.timestep_sampling
+        )
 
 
 def resolve_union(config: TrainConfig) -> tuple[TrainConfig, list[dict]]:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
-from model.families.base import Policy
+from model.families.base import Policy, TimestepSampling
 from pipelines.common.config import BaseModelConfig, JobConfig, MLflowConfig, PathStr, Section
 
 LRSchedule = Literal["constant_with_warmup", "cosine"]
@@ -155,6 +155,11 @@ class TrainConfig(JobConfig):
     )
     offset_noise: float = Field(
         default=0.0, ge=0, description="Offset noise: per-channel constant noise of this std (e.g. 0.1); 0: off."
+    )
+    timestep_sampling: TimestepSampling = Field(
+        default="uniform",
+        description="Where training timesteps fall: uniform (diffusers' train_controlnet.py), or cubic, "
+        "t = (1 - u^3) T, mostly high noise where layout is decided (T2I-Adapter); DDPM families (sd, sdxl) only.",
     )
     ema: bool = Field(
         default=False, description="Keep an EMA of the trained weights and export it instead of the raw weights."

@@ -51,7 +51,7 @@ TIMING_WARMUP_STEPS = 2  # steps after (re)start left out of samples/s: allocati
 def build_model(base, config: TrainConfig) -> Controlled:
     """The denoiser with a new ControlNet; under policy=pretrain the denoiser alone."""
     fam = base.family
-    fam.check_training(config.policy, config.snr_gamma, config.offset_noise)
+    fam.check_training(config.policy, config.snr_gamma, config.offset_noise, config.timestep_sampling)
     union = {"union": True} if config.union else {}  # resolve_union refused families without one
     model = fam.controlled(base, [] if config.policy == "pretrain" else [fam.new_controlnet(base, **union)])
     if config.gradient_checkpointing:
@@ -298,6 +298,7 @@ def train_step(state: TrainState, inputs: LoopInputs) -> torch.Tensor:
             controls,
             snr_gamma=config.snr_gamma,
             offset_noise=config.offset_noise,
+            timestep_sampling=config.timestep_sampling,
         )
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and the lr schedule on accumulation boundaries

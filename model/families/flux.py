@@ -97,8 +97,13 @@ class Flux(Family):
         return denoiser(**inputs, controlnet_block_samples=double, controlnet_single_block_samples=single)[0]
 
     def noise(
-        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0
-    ):  # no offset noise for flow matching: check_training refuses it
+        self,
+        base: Base,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        offset_noise: float = 0.0,
+        timestep_sampling: str = "uniform",
+    ):  # flow matching: no offset noise, logit-normal noise levels only (check_training refuses the others)
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         config = base.pipe.scheduler.config

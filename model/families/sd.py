@@ -59,7 +59,7 @@ class UNetFamily(Family):
     """What SD and SDXL share: a UNet, ε / v-prediction on a DDPM schedule, pixel conditions."""
 
     denoiser_name = "unet"
-    objective_options = ("snr_gamma", "offset_noise")
+    objective_options = ("snr_gamma", "offset_noise", "timestep_sampling")
     # The UNet's decoder side in diffusers naming (the original code's output_blocks + out): "unlock SD".
     decoder_prefixes = ("up_blocks.", "conv_norm_out.", "conv_out.")
 
@@ -82,17 +82,28 @@ class UNetFamily(Family):
         return DDPMScheduler.from_config(base.pipe.scheduler.config)
 
     def noise(
-        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0
+        self,
+        base: Base,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        offset_noise: float = 0.0,
+        timestep_sampling: str = "uniform",
     ):
         """``offset_noise`` > 0 adds that much noise constant over each latent channel, so the model learns to
-        change an image's mean colour too (plain Gaussian noise leaves the lowest frequency almost untouched)."""
+        change an image's mean colour too (plain Gaussian noise leaves the lowest frequency almost untouched).
+        ``timestep_sampling``: see :data:`model.families.base.TIMESTEP_SAMPLINGS`."""
         scheduler = self.training_scheduler(base)
         n = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
         if offset_noise > 0:
             noise += offset_noise * torch.randn((n, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype)
         noise = noise.to(latents.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+        steps = scheduler.config.num_train_timesteps
+        if timestep_sampling == "cubic":
+            u = torch.rand(n, generator=generator)
+            timesteps = ((1 - u**3) * steps).long().clamp(max=steps - 1)
+        else:
+            timesteps = torch.randint(0, steps, (n,), generator=generator)
         timesteps = timesteps.to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         return noisy, timesteps, diffusion_target(scheduler, latents, noise, timesteps)

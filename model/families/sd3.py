@@ -93,8 +93,13 @@ class SD3(Family):
         )[0]
 
     def noise(
-        self, base: Base, latents: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0
-    ):  # no offset noise for flow matching: check_training refuses it
+        self,
+        base: Base,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        offset_noise: float = 0.0,
+        timestep_sampling: str = "uniform",
+    ):  # flow matching: no offset noise, logit-normal noise levels only (check_training refuses the others)
         sigmas = flow_sigmas(latents.shape[0], base.pipe.scheduler.config.shift, generator)
         noisy, target = flow_noise(latents, sigmas, generator)
         return noisy, (sigmas * 1000).to(latents.device, latents.dtype), target

@@ -79,3 +79,23 @@ def test_flow_families_refuse_sd_objective_options(name):
     with pytest.raises(ValueError, match=f"offset_noise is not supported for {name}"):
         FAMILIES[name].check_training("locked", offset_noise=0.1)
     FAMILIES["sdxl"].check_training("locked", snr_gamma=5.0, offset_noise=0.1)  # SDXL shares SD's objective
+
+
+def test_cubic_timestep_sampling_puts_most_draws_at_high_noise(tiny_base):
+    fam = tiny_base.family
+    latents = torch.zeros(4096, 4, 1, 1)
+    _, uniform, _ = fam.noise(tiny_base, latents, torch.Generator().manual_seed(0))
+    _, cubic, _ = fam.noise(tiny_base, latents, torch.Generator().manual_seed(0), timestep_sampling="cubic")
+    assert 0 <= int(cubic.min()) and int(cubic.max()) <= 999 and cubic.dtype == torch.long
+    # t = (1 - u^3) T: P(t >= T/2) = P(u^3 <= 1/2) = 0.794; uniform gives 0.5.
+    assert float((uniform >= 500).float().mean()) == pytest.approx(0.5, abs=0.03)
+    assert float((cubic >= 500).float().mean()) == pytest.approx(0.5 ** (1 / 3), abs=0.03)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_families_refuse_cubic_timestep_sampling(name):
+    with pytest.raises(ValueError, match=f"timestep_sampling=cubic is not supported for {name}"):
+        FAMILIES[name].check_training("locked", timestep_sampling="cubic")
+    FAMILIES["sdxl"].check_training("locked", timestep_sampling="cubic")
+    with pytest.raises(ValueError, match="unknown timestep_sampling 'cubic2'"):
+        FAMILIES["sd"].check_training("locked", timestep_sampling="cubic2")
