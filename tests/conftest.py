@@ -13,6 +13,7 @@ Helpers that tests import themselves (free ports, servers stopped by PID) are in
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -169,6 +170,20 @@ def fill50k_parquet(session_tmp) -> Path:
 class Isolated(NamedTuple):
     python: Path  # run it with cwd outside the repository
     env: dict[str, str]  # this environment without PYTHONPATH, the venv's bin first on PATH
+
+    def run_json(self, code: str, *args: str, cwd: Path, **env: str) -> dict:
+        """Run ``code`` (a script printing a JSON line last) in this Python, isolated (``-I``), from ``cwd``
+        with extra ``env``; assert it exits 0 and return what its last line says."""
+        done = subprocess.run(
+            [self.python, "-I", "-c", code, *map(str, args)],
+            cwd=cwd,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import torch
 
 # The script's loading contract, step by step (tokenizer, text-encoder class from the config's
@@ -38,16 +35,7 @@ print(json.dumps({"class": text_encoder_class, "ids": ids[0, :5].tolist(), "hidd
 
 
 def test_diffusers_train_controlnet_script_contract_loads_the_tiny_base(tiny_base, without_zeroconv, tmp_path):
-    done = subprocess.run(
-        [without_zeroconv.python, "-I", "-c", LOAD_LIKE_TRAIN_CONTROLNET, str(tiny_base.local_dir)],
-        cwd=tmp_path,
-        env=without_zeroconv.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = without_zeroconv.run_json(LOAD_LIKE_TRAIN_CONTROLNET, tiny_base.local_dir, cwd=tmp_path)
     # the one text-encoder class the script accepts for SD 1.x
     assert result["class"] == "CLIPTextModel"
     assert result["ids"] == [49406, 320, 736, 7117, 49407]

@@ -7,7 +7,6 @@ import ast
 import base64
 import io
 import json
-import subprocess
 import sys
 from importlib.metadata import packages_distributions, version
 from pathlib import Path
@@ -148,17 +147,14 @@ def test_registered_model_carries_code_requirements_signature_and_base(registere
 def test_loads_and_predicts_where_zeroconv_is_not_installed(registered, without_zeroconv, mlflow_server, tmp_path):
     row, expected, _ = registered
     cache = tmp_path / "cache"
-    env = dict(without_zeroconv.env, MLFLOW_TRACKING_URI=mlflow_server, ZEROCONV_CACHE=str(cache))
-    done = subprocess.run(
-        [without_zeroconv.python, "-I", "-c", LOAD_AND_PREDICT, MODEL_URI, json.dumps(row)],
+    result = without_zeroconv.run_json(
+        LOAD_AND_PREDICT,
+        MODEL_URI,
+        json.dumps(row),
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        MLFLOW_TRACKING_URI=mlflow_server,
+        ZEROCONV_CACHE=str(cache),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     # zeroconv's code came from the model, not from the repository or an install
     assert "/code/model/" in result["model_module"] and not result["model_module"].startswith(str(Path.cwd()))
     image = _decode(result["image"])

@@ -209,16 +209,7 @@ def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(
     assert len(client.search_model_versions("name='pipeline-test'")) == 2  # one version per generation
 
     # Both batches load in stock `datasets`, rows only (no rejects), images as Image features.
-    done = subprocess.run(
-        [without_zeroconv.python, "-I", "-c", LOAD_ANNOTATED_BATCHES, str(annotated), str(tmp_path / "hf")],
-        cwd=tmp_path,
-        env=without_zeroconv.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = without_zeroconv.run_json(LOAD_ANNOTATED_BATCHES, annotated, tmp_path / "hf", cwd=tmp_path)
     rows = ds.dataset([str(p) for p in sorted(annotated.glob("*/data/*.parquet"))]).to_table(columns=["id"])
     assert loaded["ids"] == sorted(rows.column("id").to_pylist()) and len(loaded["ids"]) == 10  # 6 + 4 accepted
     assert loaded["features"] == {"image": "Image", "conditioning_image": "Image"} and loaded["size"] == [RES, RES]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -101,16 +100,7 @@ def test_union_trains_on_two_columns_exports_evaluates_each_type_and_serves(
     ]
 
     # Export: stock ControlNetUnionModel + StableDiffusionXLControlNetUnionPipeline, without zeroconv.
-    done = subprocess.run(
-        [without_zeroconv.python, "-I", "-c", STOCK_UNION, result.controlnet_dir, str(resolve("tiny-sdxl"))],
-        cwd=tmp_path,
-        env=without_zeroconv.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    stock = json.loads(done.stdout.strip().splitlines()[-1])
+    stock = without_zeroconv.run_json(STOCK_UNION, result.controlnet_dir, resolve("tiny-sdxl"), cwd=tmp_path)
     assert stock == {"class": "ControlNetUnionModel", "shape": [1, RES, RES, 3], "finite": True, "trained": True}
 
     # Evaluate: each column scored with its own annotator; the headline is the mean of the types' headlines.
