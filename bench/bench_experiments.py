@@ -243,6 +243,8 @@ def log_to_mlflow(report: dict, work: Path) -> str:
 
 
 def main() -> None:
+    from model.families.base import TIMESTEP_SAMPLINGS
+
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=defaults.base, help="base model (shapes: the pretrained 32 px demo base)")
@@ -250,7 +252,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per ControlNet")
     parser.add_argument("--batch", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--timestep-sampling", default=defaults.timestep_sampling, choices=("uniform", "cubic"))
+    parser.add_argument("--timestep-sampling", default=defaults.timestep_sampling, choices=TIMESTEP_SAMPLINGS)
     parser.add_argument("--heldout", type=int, default=defaults.heldout, help="held-out images scored")
     parser.add_argument("--compose-size", type=int, default=defaults.compose_size)
     parser.add_argument("--work", default=None, help="keep everything here (default: a temp dir)")
