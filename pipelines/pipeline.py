@@ -1,15 +1,19 @@
 """``zeroconv pipeline run CONFIG``: the recurring pipeline, every stage in order, every stage idempotent.
 
-    annotate  each batch of the input not annotated yet   -> <annotate.output>/<batch>/data/train-*.parquet
-    train     continue training on everything annotated   -> checkpoints; a new model version, alias candidate
-    evaluate  that version on the held-out set            -> fidelity metrics and version tags (MLflow)
-    promote   candidate -> champion if it scores better   -> the alias Serve follows moves
+    annotate    each batch of the input not annotated yet -> <annotate.output>/<batch>/data/train-*.parquet
+    precompute  (precompute.enabled) each batch's VAE latents and caption embeddings, once
+                                                          -> <precompute.output>/<batch>/data/train-*.parquet
+    train       continue training on everything annotated (or precomputed)
+                                                          -> checkpoints; a new model version, alias candidate
+    evaluate    that version on the held-out set          -> fidelity metrics and version tags (MLflow)
+    promote     candidate -> champion if it scores better -> the alias Serve follows moves
 
 New images arrive as batches: one sub-folder (or one .parquet / .tar file) per delivery under
 ``annotate.input``. Annotate fixes a batch's shard plan when it first sees it, so a grown input is
 new batches, and a scheduled run annotates only those (each batch's finished shards are skipped).
 
-Train, evaluate and promote follow the annotated data: a new set of batches is a new *generation*.
+Train, evaluate and promote follow the annotated data: a new set of batches is a new *generation*. Precompute,
+like annotate, runs on every batch and skips the shards it has written, so only a new batch is encoded.
 The ledger ``<work_dir>/pipeline/state.json`` records what each finished step of the current
 generation produced, so a re-run skips finished steps and resumes the one that stopped (training
 from its last checkpoint: same ``train.run_name`` and ``storage_path``). A generation trains
@@ -32,12 +36,24 @@ from pipelines.common.config import JobConfig, MLflowConfig, Section
 from pipelines.common.storage import Location, resolve
 from pipelines.common.tracking import resolve_tracking_uri
 from pipelines.evaluate import EvaluateConfig, run_evaluate
+from pipelines.precompute import PrecomputeConfig, run_precompute
 from pipelines.promote import PromoteConfig, run_promote
 from pipelines.train import TrainConfig, run_train
 
 SHARED = ("work_dir", "storage", "ray", "mlflow")  # set once at the top, inherited by every stage
 BATCH_FILE_EXTENSIONS = (".parquet", ".tar")
 LEDGER = "pipeline/state.json"
+
+
+class PipelinePrecompute(PrecomputeConfig):
+    """The precompute stage inside the pipeline: off unless ``enabled``; it reads each annotated batch and
+    encodes it with the train stage's base model (its own ``data`` and ``base_model`` are not used)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Encode each annotated batch once (VAE latents + caption embeddings) and train on that: "
+        "the same objective, without the VAE and text encoder in every step.",
+    )
 
 
 class PipelineConfig(JobConfig):
@@ -49,6 +65,9 @@ class PipelineConfig(JobConfig):
     mlflow: MLflowConfig = MLflowConfig()
     annotate: AnnotateConfig = Field(
         default_factory=AnnotateConfig, description="annotate stage; input holds one sub-folder per batch"
+    )
+    precompute: PipelinePrecompute = Field(
+        default_factory=PipelinePrecompute, description="precompute stage (precompute.enabled=true to run it)"
     )
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="train stage; max_steps: steps added per new generation"
@@ -84,8 +103,11 @@ def inherit(section: Section, shared: Section, names: tuple[str, ...]) -> Sectio
 def resolved_stages(config: PipelineConfig) -> PipelineConfig:
     """The config with the shared settings pushed into every stage, and the stages wired to each other."""
     stages = {
-        name: inherit(getattr(config, name), config, SHARED) for name in ("annotate", "train", "evaluate", "promote")
+        name: inherit(getattr(config, name), config, SHARED)
+        for name in ("annotate", "precompute", "train", "evaluate", "promote")
     }
+    # Training refuses data precomputed with another base: precompute with the one train loads.
+    stages["precompute"] = stages["precompute"].model_copy(update={"base_model": stages["train"].base_model})
     model = stages["train"].registered_model
     stages["evaluate"] = stages["evaluate"].model_copy(update={"model": model})
     stages["promote"] = stages["promote"].model_copy(update={"model": model})
@@ -179,7 +201,7 @@ class PipelineResult:
             f"{', '.join(new) or 'none'}, {self.annotated} inputs) in {self.seconds:.0f} s"
         ]
         for step, outcome in self.steps.items():
-            lines.append(f"  {step:<9} {'' if step in self.ran else '(done before) '}{outcome}")
+            lines.append(f"  {step:<10} {'' if step in self.ran else '(done before) '}{outcome}")
         return "\n".join(lines)
 
 
@@ -215,16 +237,23 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         ran=["annotate"],
     )
 
-    # 2. Train: continue the run up to this generation's target (fixed before it starts, so a re-run resumes).
+    # 2. Precompute (precompute.enabled): every batch; finished shards are skipped, so only new batches cost.
+    train_data = annotated_root
+    if config.precompute.enabled:
+        train_data, encoded = config.precompute.output_uri(), 0
+        for name in batches:
+            print(f"[pipeline] precompute {name}", flush=True)
+            batch = {"data": f"{annotated_root.rstrip('/')}/{name}", "output": f"{train_data.rstrip('/')}/{name}"}
+            encoded += run_precompute(config.precompute.model_copy(update=batch)).rows_written
+        result.steps["precompute"] = f"{encoded} rows encoded in {len(batches)} batches -> {train_data}"
+        result.ran.append("precompute")
+
+    # 3. Train: continue the run up to this generation's target (fixed before it starts, so a re-run resumes).
     if "train" not in state:
         state.setdefault("train_target", state["trained_steps"] + config.train.max_steps)
         ledger.save()
-        print(
-            f"[pipeline] train {config.train.run_name} to step {state['train_target']} on {annotated_root}", flush=True
-        )
-        trained = run_train(
-            config.train.model_copy(update={"data": annotated_root, "max_steps": state["train_target"]})
-        )
+        print(f"[pipeline] train {config.train.run_name} to step {state['train_target']} on {train_data}", flush=True)
+        trained = run_train(config.train.model_copy(update={"data": train_data, "max_steps": state["train_target"]}))
         state["train"] = {"version": trained.model_version, "steps": trained.steps, "run_id": trained.mlflow_run_id}
         state["trained_steps"] = trained.steps
         ledger.save()
@@ -235,7 +264,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         f"{state['train']['steps']} steps of run {config.train.run_name!r}"
     )
 
-    # 3. Evaluate that version on the held-out set.
+    # 4. Evaluate that version on the held-out set.
     if "evaluate" not in state:
         print(f"[pipeline] evaluate {config.evaluate.model} v{version} on {config.evaluate.data}", flush=True)
         evaluated = run_evaluate(config.evaluate.model_copy(update={"version": version}))
@@ -251,7 +280,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         "" if e["baseline"] is None else f" (no control: {e['baseline']:.4f})"
     )
 
-    # 4. Promote: the candidate alias (set by train) to champion if it beats the champion.
+    # 5. Promote: the candidate alias (set by train) to champion if it beats the champion.
     if "promote" not in state:
         print(f"[pipeline] promote {config.promote.model} candidate", flush=True)
         promoted = run_promote(config.promote)

@@ -28,11 +28,10 @@ from model.families import FAMILIES
 from pipelines.checkpoint import SUMMARY_FILE
 from pipelines.common.config import ConfigError, flatten
 from pipelines.common.storage import download_dir, is_s3, resolve
-from pipelines.data.dataset import DatasetInfo, annotator_spec, inspect_dataset, open_dataset
+from pipelines.data.dataset import DatasetInfo, annotator_spec, dataset_manifests, inspect_dataset, open_dataset
 from pipelines.data.schema import (
     ANNOTATED_FORMAT,
     CONDITION_PREFIX,
-    MANIFEST,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
     PROMPT_PREFIX,
@@ -84,19 +83,18 @@ class TrainResult:
 
 
 def check_annotation_finished(config: TrainConfig) -> None:
-    """An annotated dataset whose ``zeroconv annotate`` run stopped part-way is refused (it would silently
-    train on a part of the data), unless ``allow_incomplete_data``."""
-    manifest_file = resolve(config.data, config.storage).join(MANIFEST)
-    if config.allow_incomplete_data or not manifest_file.exists():
+    """An annotated dataset (or batch folder of one) whose ``zeroconv annotate`` run stopped part-way is
+    refused (it would silently train on a part of the data), unless ``allow_incomplete_data``."""
+    if config.allow_incomplete_data:
         return
-    manifest = json.loads(manifest_file.read_bytes())
-    if manifest.get("format") == ANNOTATED_FORMAT and manifest.get("status") != "complete":
-        shards = manifest.get("shards", {})
-        raise ValueError(
-            f"dataset {config.data!r} is not finished: its annotate manifest says {manifest.get('status')!r} "
-            f"({shards.get('done', '?')} of {shards.get('total', '?')} shards); re-run 'zeroconv annotate' to "
-            "finish it, or set allow_incomplete_data=true"
-        )
+    for folder, manifest in dataset_manifests(config.data, config.storage).items():
+        if manifest.get("format") == ANNOTATED_FORMAT and manifest.get("status") != "complete":
+            shards = manifest.get("shards", {})
+            raise ValueError(
+                f"dataset {folder!r} is not finished: its annotate manifest says {manifest.get('status')!r} "
+                f"({shards.get('done', '?')} of {shards.get('total', '?')} shards); re-run 'zeroconv annotate' "
+                "to finish it, or set allow_incomplete_data=true"
+            )
 
 
 def resolve_config(config: TrainConfig, has_gpu_nodes: bool) -> TrainConfig:

@@ -132,6 +132,29 @@ def read_manifest(data: str, storage: StorageConfig | None = None) -> dict:
     return manifest if manifest.get("format") == PRECOMPUTED_FORMAT else {}
 
 
+def dataset_manifests(data: str, storage: StorageConfig | None = None) -> dict[str, dict]:
+    """folder -> manifest (``_manifest.json``, written by annotate and precompute) of a dataset folder,
+    or, for a folder without one whose sub-folders are datasets (the pipeline's ``<root>/<batch>/``), of
+    each sub-folder ({} for a sub-folder without one). Nothing for a file or a folder of loose files."""
+    import pyarrow.fs as pafs
+
+    location = resolve(data, storage)
+    if location.join(MANIFEST).exists():
+        return {location.uri: json.loads(location.join(MANIFEST).read_bytes())}
+    if not location.is_dir():
+        return {}
+    entries = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=False))
+    folders = [
+        location.join(info.base_name)
+        for info in sorted(entries, key=lambda i: i.base_name)
+        if info.type == pafs.FileType.Directory and not info.base_name.startswith(("_", "."))
+    ]
+    return {
+        folder.uri: json.loads(folder.join(MANIFEST).read_bytes()) if folder.join(MANIFEST).exists() else {}
+        for folder in folders
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks before training
 # ---------------------------------------------------------------------------------------------
@@ -206,20 +229,22 @@ def inspect_dataset(config: TrainingData) -> DatasetInfo:
 
 
 def check_precomputed(config: TrainingData) -> float:
-    """A precomputed dataset must be complete and made with this base model; returns its VAE scaling factor."""
-    manifest = read_manifest(config.data, config.storage)
-    if manifest.get("status") != "complete":
-        raise ValueError(
-            f"dataset {config.data!r} has precomputed tensor columns but no complete precompute manifest; "
-            "finish 'zeroconv precompute' (re-run it to resume) or train on the annotated data"
-        )
-    made_with = manifest["job"]["base_model"]
-    if made_with != config.base_model.source:
-        raise ValueError(
-            f"dataset {config.data!r} was precomputed with base model {made_with!r}, not "
-            f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again"
-        )
-    return float(manifest["scaling_factor"])
+    """A precomputed dataset (or every batch folder of one) must be complete and made with this base
+    model; returns its VAE scaling factor."""
+    manifests = dataset_manifests(config.data, config.storage) or {config.data: {}}
+    for folder, manifest in manifests.items():
+        if manifest.get("format") != PRECOMPUTED_FORMAT or manifest.get("status") != "complete":
+            raise ValueError(
+                f"dataset {folder!r} has precomputed tensor columns but no complete precompute manifest; "
+                "finish 'zeroconv precompute' (re-run it to resume) or train on the annotated data"
+            )
+        made_with = manifest["job"]["base_model"]
+        if made_with != config.base_model.source:
+            raise ValueError(
+                f"dataset {folder!r} was precomputed with base model {made_with!r}, not "
+                f"{config.base_model.source!r}: set base_model.source={made_with} or precompute again"
+            )
+    return float(next(iter(manifests.values()))["scaling_factor"])  # one base model: one scaling factor
 
 
 def annotator_spec(schema: pa.Schema, column: str) -> dict | None:

@@ -49,7 +49,11 @@ def test_reduced_demo_writes_grid_and_fidelity_summary(tmp_path, ray_session, ti
     version = client.get_model_version_by_alias(MODEL_NAME, "candidate")
     assert str(version.version) == fidelity["model_version"]
     # The demo's recipe reached the training run (cubic sampling brought control sooner: docs/experiments.md).
-    assert client.get_run(version.run_id).data.params["timestep_sampling"] == "cubic"
+    params = client.get_run(version.run_id).data.params
+    assert params["timestep_sampling"] == "cubic"
+    # It trained on the precomputed latents (the VAE and text encoder ran once, not in every step).
+    assert params["data"] == str(tmp_path / "demo" / "precomputed")
+    assert summary["pipeline"]["precompute"].startswith("16 rows encoded in 1 batches")
     artifacts = [a.path for a in client.list_artifacts(version.run_id, "demo")]
     assert GRID_ARTIFACT in artifacts
     # The training run's fidelity curve, scored at steps 2 and 4, and evaluate's own score (step 0) live on the

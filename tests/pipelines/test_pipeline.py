@@ -170,41 +170,50 @@ def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(
 
     incoming = tmp_path / "incoming"
     write_image_folder(incoming / "2026-11-01", n=6, size=RES, seed=0)  # + 4 broken inputs (rejected)
-    config = pipeline_config(tmp_path, incoming, annotate_heldout(tmp_path))
+    # Precompute on: training reads each batch's latents, and a new batch is the only one encoded.
+    config = pipeline_config(tmp_path, incoming, annotate_heldout(tmp_path), **{"precompute.enabled": True})
 
     first = run_pipeline(config)
     assert first.batches == {"2026-11-01": 10}
-    assert first.ran == ["annotate", "train", "evaluate", "promote"]
+    assert first.ran == ["annotate", "precompute", "train", "evaluate", "promote"]
+    assert first.steps["precompute"].startswith("6 rows encoded in 1 batches")
     ledger = json.loads((tmp_path / "work" / "pipeline" / "state.json").read_text())
     assert ledger["train"]["version"] == "1" and ledger["trained_steps"] == 2
     assert "promoted pipeline-test v1 to champion" in str(first)
-    annotated = tmp_path / "work" / "annotated"
+    annotated, precomputed = tmp_path / "work" / "annotated", tmp_path / "work" / "precomputed"
     before = annotated_files(annotated)
+    encoded_before = {p.name: p.stat().st_mtime_ns for p in precomputed.glob("2026-11-01/data/train-*.parquet")}
+    assert encoded_before
 
     # The next scheduled run with nothing new: no image read, nothing trained, evaluated or promoted.
     idle = run_pipeline(config)
-    assert idle.batches == {"2026-11-01": 0} and idle.ran == ["annotate"] and idle.generation == first.generation
+    assert idle.batches == {"2026-11-01": 0} and idle.generation == first.generation
+    assert idle.ran == ["annotate", "precompute"] and idle.steps["precompute"].startswith("0 rows encoded")
 
     # New images arrive as a new batch. This run fails at evaluation (its held-out set is missing) ...
     write_image_folder(incoming / "2026-11-02", n=4, size=RES, seed=1, broken=False)
-    broken = pipeline_config(tmp_path, incoming, str(tmp_path / "no-heldout"))
+    broken = pipeline_config(tmp_path, incoming, str(tmp_path / "no-heldout"), **{"precompute.enabled": True})
     with pytest.raises(FileNotFoundError):
         run_pipeline(broken)
     # ... and the re-run resumes there: the batch and the training of that run are not done again.
     second = run_pipeline(config)
     assert second.batches == {"2026-11-01": 0, "2026-11-02": 0}  # annotated by the failed run, once
-    assert second.ran == ["annotate", "evaluate", "promote"]
+    assert second.ran == ["annotate", "precompute", "evaluate", "promote"]
+    assert second.steps["precompute"].startswith("0 rows encoded in 2 batches")  # the failed run encoded it
     assert second.generation != first.generation
     after = annotated_files(annotated)
     assert {k: v for k, v in after.items() if k in before} == before  # old shards never rewritten
     new_files = set(after) - set(before)
     assert new_files and {f.split("/")[0] for f in new_files} == {"2026-11-02"}
+    assert {p.name: p.stat().st_mtime_ns for p in precomputed.glob("2026-11-01/data/train-*.parquet")} == encoded_before
+    assert list(precomputed.glob("2026-11-02/data/train-*.parquet"))
 
     ledger = json.loads((tmp_path / "work" / "pipeline" / "state.json").read_text())
     assert ledger["train"]["version"] == "2" and ledger["trained_steps"] == 4  # continued: 2 more steps
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     v2 = client.get_model_version("pipeline-test", "2")
+    assert client.get_run(v2.run_id).data.params["data"] == str(precomputed)  # trained on both encoded batches
     assert "fidelity.score" in v2.tags and "promotion.decision" in v2.tags
     assert len(client.search_model_versions("name='pipeline-test'")) == 2  # one version per generation
 

@@ -223,6 +223,30 @@ def test_precomputed_dataset_must_match_the_base_model(tmp_path):
         inspect_dataset(TrainConfig(data=str(tmp_path), batch_size=1))
 
 
+def test_a_root_of_precomputed_batches_is_checked_batch_by_batch(tmp_path):
+    """The pipeline's layout: <root>/<batch>/ per batch, each with its own precompute manifest."""
+    from pipelines.data.schema import MANIFEST, PRECOMPUTED_FORMAT
+
+    table = fill50k_table(4, size=64).drop_columns(["image"])
+    for name in ("latent_mean", "latent_std", "text_embedding"):
+        table = table.append_column(name, pa.array([[0.0]] * 4))
+    manifest = {"format": PRECOMPUTED_FORMAT, "status": "complete", "job": {"base_model": "tiny"}}
+    for batch, scaling_factor in (("2026-11-01", 0.5), ("2026-11-02", 0.5)):
+        (tmp_path / batch).mkdir()
+        pq.write_table(table, tmp_path / batch / "train-00000-of-00001.parquet")
+        (tmp_path / batch / MANIFEST).write_text(json.dumps({**manifest, "scaling_factor": scaling_factor}))
+    config = TrainConfig(data=str(tmp_path), batch_size=1)
+    assert inspect_dataset(config).scaling_factor == 0.5
+    assert inspect_dataset(config).rows == 8  # both batches
+
+    second = tmp_path / "2026-11-02" / MANIFEST
+    second.write_text(json.dumps({**manifest, "job": {"base_model": "other"}, "scaling_factor": 0.5}))
+    with pytest.raises(ValueError, match=r"2026-11-02' was precomputed with base model 'other', not 'tiny'"):
+        inspect_dataset(config)
+    second.unlink()  # a batch whose precompute never finished
+    with pytest.raises(ValueError, match=r"2026-11-02' has precomputed tensor columns but no complete"):
+        inspect_dataset(config)
+
 def test_base_model_under_home_is_recorded_with_home_expanded(tmp_path, monkeypatch):
     from pipelines.train import recorded_base_model
 
