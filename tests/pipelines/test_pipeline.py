@@ -64,6 +64,11 @@ def annotated_files(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("data/train-*.parquet"))}
 
 
+def encoded_files(batch: Path) -> dict[str, float]:
+    """A precomputed batch's shards -> their modification times."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(batch.glob("data/train-*.parquet"))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Config: one place for shared settings, stages wired to each other
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(
     assert "promoted pipeline-test v1 to champion" in str(first)
     annotated, precomputed = tmp_path / "work" / "annotated", tmp_path / "work" / "precomputed"
     before = annotated_files(annotated)
-    encoded_before = {p.name: p.stat().st_mtime_ns for p in precomputed.glob("2026-11-01/data/train-*.parquet")}
+    encoded_before = encoded_files(precomputed / "2026-11-01")
     assert encoded_before
 
     # The next scheduled run with nothing new: no image read, nothing trained, evaluated or promoted.
@@ -205,8 +210,8 @@ def test_scheduled_runs_do_only_new_work_and_resume_after_a_failure(
     assert {k: v for k, v in after.items() if k in before} == before  # old shards never rewritten
     new_files = set(after) - set(before)
     assert new_files and {f.split("/")[0] for f in new_files} == {"2026-11-02"}
-    assert {p.name: p.stat().st_mtime_ns for p in precomputed.glob("2026-11-01/data/train-*.parquet")} == encoded_before
-    assert list(precomputed.glob("2026-11-02/data/train-*.parquet"))
+    assert encoded_files(precomputed / "2026-11-01") == encoded_before  # the old batch was not encoded again
+    assert encoded_files(precomputed / "2026-11-02")
 
     ledger = json.loads((tmp_path / "work" / "pipeline" / "state.json").read_text())
     assert ledger["train"]["version"] == "2" and ledger["trained_steps"] == 4  # continued: 2 more steps

@@ -247,6 +247,7 @@ def test_a_root_of_precomputed_batches_is_checked_batch_by_batch(tmp_path):
     with pytest.raises(ValueError, match=r"2026-11-02' has precomputed tensor columns but no complete"):
         inspect_dataset(config)
 
+
 def test_base_model_under_home_is_recorded_with_home_expanded(tmp_path, monkeypatch):
     from pipelines.train import recorded_base_model
 
