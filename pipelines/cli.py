@@ -28,15 +28,17 @@ from pipelines.stages import STAGES, load_stage
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError)
 
 
-def _field_help(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _field_help(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
+    """One line per leaf field: key=default and its description. A section's defaults are the values of the
+    section's own default (the demo's base_model is 'shapes', not BaseModelConfig's 'tiny')."""
     lines = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        default = getattr(defaults, name) if defaults is not None else field.get_default(call_default_factory=True)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.extend(_field_help(ann, key + "."))
+            lines.extend(_field_help(ann, key + ".", default if isinstance(default, BaseModel) else None))
             continue
-        default = field.get_default(call_default_factory=True)
         desc = field.description or ""
         lines.append(f"  {key}={default!r}".ljust(44) + f" {desc}")
     return lines

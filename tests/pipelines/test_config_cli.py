@@ -161,6 +161,8 @@ def test_cli_stage_help_and_bad_override_without_traceback():
     run = [sys.executable, "-m", "pipelines.cli"]
     helped = subprocess.run(run + ["demo", "--help"], capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "fields" in helped.stdout and "work_dir" in helped.stdout
+    # A section's defaults are the job's own: the demo runs on 'shapes' (BaseModelConfig alone says 'tiny').
+    assert "  base_model.source='shapes' " in helped.stdout
     bad = subprocess.run(run + ["demo", "no_such_field=1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "no_such_field: unknown field" in bad.stderr and "Traceback" not in bad.stderr
