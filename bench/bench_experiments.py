@@ -8,7 +8,8 @@
    (the filled disc, ``cond_mask``), trained separately on the same images, then used alone and summed
    (diffusers' MultiControlNet: residuals add) on the same prompts and seeds.
 
-Every ControlNet is trained by ``run_train`` (Ray Train + DeepSpeed) on a locked base; every score is
+Each training set is encoded once by ``run_precompute`` (VAE latents + caption embeddings, as the demo
+does), and every ControlNet is trained by ``run_train`` (Ray Train + DeepSpeed) on a locked base; every score is
 ``zeroconv evaluate``'s: generate -> re-annotate with canny -> edge F1 (2 px tolerance) against the true
 outline, and the circle-mask IoU (``pipelines.evaluate_worker.generate_and_score``).
 
@@ -54,6 +55,19 @@ class Settings:
     curve_every: int = 250
     compose_size: int = 1000  # images the two composed ControlNets train on
     seed: int = 0
+
+
+def encode(settings: Settings, data: Path) -> Path:
+    """``data`` precomputed once (``zeroconv precompute``): every run on it skips the VAE and text encoder."""
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+
+    output = data.with_name(f"{data.name}-precomputed")
+    run_precompute(
+        PrecomputeConfig(
+            data=str(data), output=str(output), work_dir=str(data.parent), base_model={"source": settings.base}
+        )
+    )
+    return output
 
 
 def train(settings: Settings, data: Path, work: Path, name: str, condition_column: str, heldout: Path | None):
@@ -153,7 +167,7 @@ def run_experiments(settings: Settings, work: Path) -> dict:
 
     by_size = []
     for n in settings.sizes:
-        data = write_fill50k_parquet(work / f"data-{n}", n, resolution, settings.seed, shards=1, mask=True)
+        data = encode(settings, write_fill50k_parquet(work / f"data-{n}", n, resolution, settings.seed, 1, mask=True))
         run_started = time.perf_counter()
         result = train(settings, data, work, f"size-{n}", "conditioning_image", heldout_dir)
         without, with_control = score(settings, {"edges": result.controlnet_dir}, heldout, [set(), {"edges"}])
@@ -171,8 +185,11 @@ def run_experiments(settings: Settings, work: Path) -> dict:
         if n == settings.compose_size:
             edges_dir, compose_data = result.controlnet_dir, data
     if settings.compose_size not in settings.sizes:
-        compose_data = write_fill50k_parquet(
-            work / f"data-{settings.compose_size}", settings.compose_size, resolution, settings.seed, 1, mask=True
+        compose_data = encode(
+            settings,
+            write_fill50k_parquet(
+                work / f"data-{settings.compose_size}", settings.compose_size, resolution, settings.seed, 1, mask=True
+            ),
         )
         edges_dir = train(settings, compose_data, work, "compose-edges", "conditioning_image", None).controlnet_dir
     mask_dir = train(settings, compose_data, work, "compose-mask", MASK_COLUMN, None).controlnet_dir

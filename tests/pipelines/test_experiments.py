@@ -46,6 +46,14 @@ def test_reduced_experiments_compute_their_report(tmp_path, ray_session, tiny_ba
     assert composed[()]["mask_iou"] == sizes[-1]["no_control"]["mask_iou"]
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # Every ControlNet trained on its set's precomputed latents (encoded once, not in every step).
+    trained = client.search_runs([client.get_experiment_by_name("zeroconv-experiments").experiment_id])
+    data = {run.info.run_name: run.data.params["data"] for run in trained if run.info.run_id != run_id}
+    assert data == {
+        "size-8": str(tmp_path / "data-8-precomputed"),
+        "size-16": str(tmp_path / "data-16-precomputed"),
+        "compose-mask": str(tmp_path / "data-16-precomputed"),
+    }
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"experiments.json", "experiments.png"} <= artifacts
     history = client.get_metric_history(run_id, "size/edge_f1")
