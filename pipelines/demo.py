@@ -48,7 +48,7 @@ class DemoConfig(JobConfig):
         default=2000,
         ge=1,
         description="training steps (on the shapes base control jumps between ~1000 and ~1500 steps; 2000 gave "
-        "edge F1 0.80 vs 0.29 without control in ~13 min on 2 CPU cores: see README)",
+        "edge F1 0.80 vs 0.29 without control in ~13-14 min on 2 CPU cores: see README)",
     )
     batch_size: int = Field(default=32, ge=1, description="training batch")
     lr: float = Field(

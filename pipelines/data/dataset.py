@@ -138,9 +138,14 @@ def dataset_manifests(data: str, storage: StorageConfig | None = None) -> dict[s
     each sub-folder ({} for a sub-folder without one). Nothing for a file or a folder of loose files."""
     import pyarrow.fs as pafs
 
+    def manifest_of(folder: Location) -> dict | None:
+        file = folder.join(MANIFEST)
+        return json.loads(file.read_bytes()) if file.exists() else None
+
     location = resolve(data, storage)
-    if location.join(MANIFEST).exists():
-        return {location.uri: json.loads(location.join(MANIFEST).read_bytes())}
+    own = manifest_of(location)
+    if own is not None:
+        return {location.uri: own}
     if not location.is_dir():
         return {}
     entries = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=False))
@@ -149,10 +154,7 @@ def dataset_manifests(data: str, storage: StorageConfig | None = None) -> dict[s
         for info in sorted(entries, key=lambda i: i.base_name)
         if info.type == pafs.FileType.Directory and not info.base_name.startswith(("_", "."))
     ]
-    return {
-        folder.uri: json.loads(folder.join(MANIFEST).read_bytes()) if folder.join(MANIFEST).exists() else {}
-        for folder in folders
-    }
+    return {folder.uri: manifest_of(folder) or {} for folder in folders}
 
 
 # ---------------------------------------------------------------------------------------------
