@@ -123,15 +123,6 @@ def open_dataset(uri: str, storage: StorageConfig | None = None, what: str = "da
     return loc, "parquet", dataset, list(dataset.files)
 
 
-def read_manifest(data: str, storage: StorageConfig | None = None) -> dict:
-    """The precompute manifest of a dataset folder (scaling factor, shapes, base model), or {} if none."""
-    file = resolve(data, storage).join(MANIFEST)
-    if not file.exists():
-        return {}
-    manifest = json.loads(file.read_bytes())
-    return manifest if manifest.get("format") == PRECOMPUTED_FORMAT else {}
-
-
 def dataset_manifests(data: str, storage: StorageConfig | None = None) -> dict[str, dict]:
     """folder -> manifest (``_manifest.json``, written by annotate and precompute) of a dataset folder,
     or, for a folder without one whose sub-folders are datasets (the pipeline's ``<root>/<batch>/``), of

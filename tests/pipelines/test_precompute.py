@@ -12,11 +12,12 @@ import torch
 
 from pipelines.common.config import ConfigError, load_config
 from pipelines.common.images import decode_rgb
-from pipelines.data.dataset import read_manifest
+from pipelines.data.dataset import dataset_manifests
 from pipelines.data.schema import (
     DATA_DIR,
     EMPTY_PROMPT_FILE,
     MANIFEST,
+    PRECOMPUTED_FORMAT,
     REJECTS_DIR,
     image_column_from_bytes,
     shard_file_name,
@@ -100,7 +101,8 @@ def test_tensors_are_the_encoders_outputs(precomputed, fill50k_parquet, tiny_bas
     assert torch.allclose(
         empty, tiny_base.family.encode_prompts(tiny_base, [""], (64, 64))["prompt_embeds"], atol=1e-6
     )
-    manifest = read_manifest(str(output))
+    (manifest,) = dataset_manifests(str(output)).values()
+    assert manifest["format"] == PRECOMPUTED_FORMAT
     assert manifest["status"] == "complete" and manifest["rows"] == 32
     assert manifest["scaling_factor"] == tiny_base.vae.config.scaling_factor and manifest["family"] == "sd"
     assert manifest["tensors"]["text_embedding"]["shape"] == [77, 32]
