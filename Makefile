@@ -21,9 +21,11 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/zeroconv demo
 
-# Two runs: the suite (one local Ray), then the cluster group on its own simulated multi-node cluster.
+# Two runs: the suite, then the cluster group on its own simulated multi-node cluster.
+# The suite runs in two pytest-xdist workers, each with its own local Ray, MLflow server and temp dirs; a
+# file's tests stay together (module fixtures start once). On 2 cores: 36 min instead of 44.
 test: $(BIN)/.installed lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 	# Simulated nodes race Ray's fixed 30 s start-up limits on a 2-core machine: a failed test gets one re-run.
 	$(BIN)/python -m pytest -m cluster tests/cluster || $(BIN)/python -m pytest -m cluster tests/cluster --last-failed
 
