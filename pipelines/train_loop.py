@@ -384,9 +384,12 @@ def train_loop(inputs: LoopInputs) -> None:
 
 def log_metrics(state: TrainState, max_steps: int) -> None:
     """All ranks call (the loss is averaged across them); rank 0's tracker and console record it."""
+    # DeepSpeed reports the norm only from its ZeRO / fp16 / bf16 optimizers; plain fp32 at stage 0 clips
+    # without keeping it, and a logged 0 would read as "no gradient".
+    grad_norm = state.engine.get_global_grad_norm()
     state.metrics = {
         **state.meter.window(),
-        "grad_norm": float(state.engine.get_global_grad_norm() or 0.0),
+        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
         **learning_rates(state.engine),
     }
     state.tracker.log_metrics(state.metrics, state.step)
