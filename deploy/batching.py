@@ -40,6 +40,14 @@ def run_batch(store: ModelStore, jobs: list[Job]) -> list:
             if abandoned():
                 raise GenerationStopped("abandoned before it started")
             served = [models[name] for name in first.models]
+            logger.info(
+                "generating %d request(s) with %s: %d steps at %dx%d",
+                len(group),
+                [f"{m.name}/{m.version}" for m in served],
+                first.steps,
+                first.width,
+                first.height,
+            )
             pipe = store.pipeline(served)
             per_net = [np.stack([job.conditions[k] for job in group]) for k in range(len(served))]
             multi = len(served) > 1

@@ -109,19 +109,22 @@ def test_a_request_whose_replica_dies_is_answered_by_its_replacement(ray_session
         )
         replica_actor = ray.get_actor(replica["name"], namespace=replica["namespace"])
         request.start()
-        # Kill it the moment it is generating. Serve answers this query on its own thread, so it is not blocked
-        # by the model's work; a fixed sleep was a race on a fast machine (the request finished first).
+        # Kill it the moment it is generating, as its own log says. Two earlier signals were races: a fixed sleep
+        # (the request finished first on a fast machine), and the replica's ongoing-request count, which already
+        # counts the slot Serve's router reserves before sending - a kill then is retried by the router itself.
+        serve_logs = Path(ray._private.worker._global_node.get_logs_dir_path(), "serve")
         deadline = time.time() + 120
-        while ray.get(replica_actor.get_num_ongoing_requests.remote()) == 0:
+        while not any(
+            "generating 1 request(s)" in p.read_text()
+            for p in serve_logs.glob(f"replica_{app_name}_ControlNetServer_*.log")
+        ):
             assert request.is_alive() and time.time() < deadline, "the request never reached the model replica"
             time.sleep(0.05)
         ray.kill(replica_actor, no_restart=True)
         request.join(timeout=300)
 
         assert answers and answers[0].status_code == 200, answers and answers[0].text
-        gateway_logs = Path(ray._private.worker._global_node.get_logs_dir_path(), "serve").glob(
-            f"replica_{app_name}_Gateway_*.log"
-        )
+        gateway_logs = serve_logs.glob(f"replica_{app_name}_Gateway_*.log")
         assert any("model replica lost" in p.read_text() for p in gateway_logs)  # it was retried, not luck
     finally:
         serve.shutdown()
