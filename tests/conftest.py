@@ -7,6 +7,7 @@
 * ``fill50k_parquet`` - a small annotated dataset in the training schema
 * ``session_tmp``   - the run's temp folder (zc-test-*, holds ZEROCONV_CACHE), removed when the run ends
 * ``without_zeroconv`` - a Python with every installed library but not zeroconv (hand-off tests)
+* ``random_weights`` - ``random_weights(*files) -> dir``: annotator networks' weights, random, in their real formats
 
 Helpers that tests import themselves (free ports, servers stopped by PID) are in ``tests/helpers.py``.
 """
@@ -25,6 +26,7 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.annotator_weights import random_weights  # noqa: F401  (a fixture, offered to every test)
 from tests.helpers import running_mlflow_server
 
 # Set before anything imports ray/mlflow/huggingface: loopback only, offline, fail fast.

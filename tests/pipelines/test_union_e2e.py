@@ -16,7 +16,7 @@ from pipelines.common.config import BaseModelConfig, MLflowConfig
 
 RES = 64
 NAME = "e2e-union"
-COLUMNS = ["cond_canny", "cond_lineart_standard"]  # the two offline annotators: both thin lines (union type 3)
+COLUMNS = ["cond_canny", "cond_hed"]  # two union types: canny is thin lines (3), hed thick lines (2)
 
 # Run with a Python that cannot import zeroconv: stock classes only, as a diffusers user would.
 STOCK_UNION = """
@@ -37,14 +37,16 @@ print(json.dumps({"class": type(net).__name__, "shape": list(out.shape), "finite
 
 
 @pytest.fixture(scope="module")
-def annotated(ray_session, tmp_path_factory) -> Path:
-    """Fill50K-style images annotated with canny and lineart_standard (one cond_<annotator> column each)."""
+def annotated(ray_session, tmp_path_factory, random_weights) -> Path:
+    """Fill50K-style images annotated with canny and hed (one cond_<annotator> column each); hed's network has
+    random weights (offline), recorded by source and checksum like real ones, so evaluate and serve load them."""
     from pipelines.annotate import AnnotateConfig, run_annotate
     from pipelines.data.synthetic import write_image_folder
 
     root = tmp_path_factory.mktemp("union-data")
     images = write_image_folder(root / "images", n=8, size=RES, seed=0, broken=False)
-    annotators = [{"name": "canny"}, {"name": "lineart_standard"}]
+    hed_weights = str(random_weights("ControlNetHED.pth"))
+    annotators = [{"name": "canny"}, {"name": "hed", "params": {"weights_source": hed_weights}}]
     config = AnnotateConfig(
         input=str(images), output=str(root / "annotated"), resolution=RES, min_side=32, annotators=annotators
     )
@@ -96,7 +98,7 @@ def test_union_trains_on_two_columns_exports_evaluates_each_type_and_serves(
     union = resolved.metadata["union"]
     assert [(u["column"], u["annotator"]["name"], u["control_mode"]) for u in union] == [
         ("cond_canny", "canny", 3),
-        ("cond_lineart_standard", "lineart_standard", 3),
+        ("cond_hed", "hed", 2),
     ]
 
     # Export: stock ControlNetUnionModel + StableDiffusionXLControlNetUnionPipeline, without zeroconv.
@@ -107,14 +109,14 @@ def test_union_trains_on_two_columns_exports_evaluates_each_type_and_serves(
     overrides = dict(data=annotated, model=NAME, alias="candidate", limit=2, grid_samples=1, steps=2)
     overrides |= {"mlflow.tracking_uri": mlflow_server, "mlflow.experiment": "union-e2e", "compute.batch_size": 2}
     scored = run_evaluate(load_config(EvaluateConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
-    per_type = [scored.metrics["canny/edge_f1"], scored.metrics["lineart_standard/edge_f1"]]
+    per_type = [scored.metrics["canny/edge_f1"], scored.metrics["hed/edge_f1"]]
     assert scored.metric == "union_mean" and scored.samples == 4
     assert scored.score == pytest.approx(np.mean(per_type)) and all(0.0 <= v <= 1.0 for v in per_type)
-    assert "baseline_canny/edge_f1" in scored.metrics and scored.annotator == "canny, lineart_standard"
+    assert "baseline_canny/edge_f1" in scored.metrics and scored.annotator == "canny, hed"
 
     # Serve: a union request (the type as named, or the model's only trained one) through the request path.
     store = ModelStore(ServeConfig(models=[NAME], alias="candidate", mlflow={"tracking_uri": mlflow_server}), "cpu")
-    assert store.models[NAME].info(True).control_types == ["canny"]
+    assert store.models[NAME].info(True).control_types == ["canny", "hed"]
     condition = np.zeros((RES, RES, 3), np.uint8)
     condition[16:48, 16:48] = 255
     image = base64.b64encode(encode_png(condition)).decode()
@@ -123,15 +125,19 @@ def test_union_trains_on_two_columns_exports_evaluates_each_type_and_serves(
         body = {"prompt": "a red circle", "steps": 2, "seed": 1, "controls": [{"image": image, **control}]}
         return prepare_job(GenerateRequest.model_validate(body), store, LimitsConfig())
 
-    named, default = request(control_type="canny"), request()
-    assert named.control_modes == default.control_modes == (3,)
-    (png, versions, _), _ = run_batch(store, [named, default])
-    assert decode_rgb(png).shape == (RES, RES, 3) and versions[0].name == NAME
-    for control_type, error in (("depth", "was not trained on 'depth'"), ("sketch", "unknown type 'sketch'")):
+    hed, canny = request(control_type="hed"), request(control_type="canny")
+    assert (hed.control_modes, canny.control_modes) == ((2,), (3,))
+    answers = run_batch(store, [hed, canny])  # two types: two groups, each with its own mode
+    assert [(decode_rgb(png).shape, versions[0].name) for png, versions, _ in answers] == [((RES, RES, 3), NAME)] * 2
+    for control_type, error in (
+        (None, "control_type is required for union model 'e2e-union': one of hed, canny"),  # two types: name one
+        ("depth", "was not trained on 'depth'"),
+        ("sketch", "unknown type 'sketch'"),
+    ):
         with pytest.raises(RequestError, match=error) as caught:
             request(control_type=control_type)
         assert caught.value.status == 422 and caught.value.field == "controls[0].control_type"
-    twice = {"prompt": "a red circle", "controls": [{"image": image}, {"image": image}]}
+    twice = {"prompt": "a red circle", "controls": [{"image": image, "control_type": "canny"}] * 2}
     with pytest.raises(RequestError, match="a union ControlNet serves alone") as caught:
         prepare_job(GenerateRequest.model_validate(twice), store, LimitsConfig())
     assert caught.value.status == 422
