@@ -35,11 +35,15 @@ RAY_NODE_PORT_FLAGS = (
 )
 
 
+class ServerExited(RuntimeError):
+    """A server process ended before it answered."""
+
+
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+            raise ServerExited(f"server exited with {proc.returncode} before {url} answered")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:
@@ -70,7 +74,11 @@ def running_server(command: list[str], env: dict, log_path: Path, ready_url: str
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_http(ready_url, timeout=timeout, proc=proc)
+            try:
+                wait_http(ready_url, timeout=timeout, proc=proc)
+            except ServerExited as exc:  # say why: the failure is in its log, which the caller may delete
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise ServerExited(f"{exc}; the end of {log_path.name}:\n{tail}") from None
             yield proc
         finally:
             (stop or stop_process)(proc)

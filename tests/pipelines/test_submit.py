@@ -3,6 +3,7 @@ command's exit status is the job's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import pytest
 
 from pipelines.common.config import ConfigError
 from pipelines.submit import SubmitConfig, build_entrypoint, run_submit
-from tests.helpers import RAY_NODE_PORT_FLAGS, free_port, running_server
+from tests.helpers import RAY_NODE_PORT_FLAGS, ServerExited, free_port, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,12 +38,8 @@ def _stop_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=15)
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A separate one-node Ray cluster with the Jobs API (dashboard) on loopback ports of its own.
-
-    The head sees the venv's `zeroconv` on PATH, as a cluster node that installed the project does."""
-    temp_dir = tempfile.mkdtemp(prefix="zc-head-", dir="/tmp")  # short: Unix socket paths are limited
+def _head_command(temp_dir: str) -> tuple[list[str], str]:
+    """`ray start --head` on fresh free loopback ports; the command and the dashboard's address."""
     dashboard = free_port()
     ports = {flag: free_port() for flag in ("--port", *RAY_NODE_PORT_FLAGS)}
     command = [
@@ -65,6 +62,30 @@ def ray_head():
         str(256 * 2**20),
         *[str(x) for pair in ports.items() for x in pair],
     ]
+    return command, f"http://127.0.0.1:{dashboard}"
+
+
+def _stop_leftovers(temp_dir: str) -> None:
+    """Kill the processes of a head that failed to start: `ray start` exits, its GCS or raylet may not. Found
+    by PID through this head's own temp dir on their command lines, nothing broader."""
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in leftovers:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leftovers, timeout=15)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A separate one-node Ray cluster with the Jobs API (dashboard) on loopback ports of its own.
+
+    The head sees the venv's `zeroconv` on PATH, as a cluster node that installed the project does. Its nine
+    ports are picked free here and bound by Ray moments later; meanwhile the suite's other Ray clusters open
+    connections from ephemeral ports, so one can be taken (CI saw `ray start` exit 1): a head that exits before
+    it answers is started again on new ports, up to 3 times."""
+    temp_dir = tempfile.mkdtemp(prefix="zc-head-", dir="/tmp")  # short: Unix socket paths are limited
     env = dict(
         os.environ,
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
@@ -72,11 +93,20 @@ def ray_head():
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )
     env.pop("RAY_ADDRESS", None)
-    address = f"http://127.0.0.1:{dashboard}"
     try:
-        with running_server(
-            command, env, Path(temp_dir) / "head.log", f"{address}/api/version", timeout=120, stop=_stop_tree
-        ):
+        with contextlib.ExitStack() as running:
+            for attempt in range(1, 4):
+                command, address = _head_command(temp_dir)
+                log = Path(temp_dir) / f"head-{attempt}.log"
+                try:
+                    running.enter_context(
+                        running_server(command, env, log, f"{address}/api/version", timeout=120, stop=_stop_tree)
+                    )
+                    break
+                except ServerExited:
+                    _stop_leftovers(temp_dir)
+                    if attempt == 3:
+                        raise
             yield address
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
