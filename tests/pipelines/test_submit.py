@@ -24,18 +24,21 @@ from tests.helpers import RAY_NODE_PORT_FLAGS, ServerExited, free_port, running_
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """Kill the `ray start --block` process and every process it started (found by parentage, by PID)."""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
+def _kill(processes: list[psutil.Process]) -> None:
+    for p in processes:
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family, timeout=15)
+    psutil.wait_procs(processes, timeout=15)
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """Kill the `ray start --block` process and every process it started (found by parentage, by PID)."""
+    try:
+        _kill([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return
 
 
 def _head_command(temp_dir: str) -> tuple[list[str], str]:
@@ -68,13 +71,7 @@ def _head_command(temp_dir: str) -> tuple[list[str], str]:
 def _stop_leftovers(temp_dir: str) -> None:
     """Kill the processes of a head that failed to start: `ray start` exits, its GCS or raylet may not. Found
     by PID through this head's own temp dir on their command lines, nothing broader."""
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-    for p in leftovers:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(leftovers, timeout=15)
+    _kill([p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])])
 
 
 @pytest.fixture(scope="module")
