@@ -23,7 +23,7 @@ demo: $(BIN)/.installed
 
 # Two runs: the suite, then the cluster group on its own simulated multi-node cluster.
 # The suite runs in two pytest-xdist workers, each with its own local Ray, MLflow server and temp dirs; a
-# file's tests stay together (module fixtures start once). On 2 cores: 34 min instead of 44.
+# file's tests stay together (module fixtures start once). On 2 cores: 34 min instead of 44 (19 min on a faster machine).
 test: $(BIN)/.installed lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 	# Simulated nodes race Ray's fixed 30 s start-up limits on a 2-core machine: a failed test gets one re-run.

@@ -53,7 +53,8 @@ class DemoConfig(JobConfig):
         default=2000,
         ge=1,
         description="training steps (on the shapes base control jumps between ~1000 and ~1750 steps; 2000 gave "
-        "edge F1 0.80-0.90 vs 0.29 without control in ~11-12 min on 2 CPU cores, 1500 as little as 0.67: see README)",
+        "edge F1 0.78-0.90 vs 0.29 without control in 7-12 min on 2 CPU cores, by machine; 1500 as little as "
+        "0.67: see README)",
     )
     batch_size: int = Field(default=32, ge=1, description="training batch")
     lr: float = Field(

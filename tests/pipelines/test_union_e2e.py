@@ -114,7 +114,7 @@ def test_union_trains_on_two_columns_exports_evaluates_each_type_and_serves(
     assert scored.score == pytest.approx(np.mean(per_type)) and all(0.0 <= v <= 1.0 for v in per_type)
     assert "baseline_canny/edge_f1" in scored.metrics and scored.annotator == "canny, hed"
 
-    # Serve: a union request (the type as named, or the model's only trained one) through the request path.
+    # Serve: union requests of each trained type (named: the model has two) through the request path.
     store = ModelStore(ServeConfig(models=[NAME], alias="candidate", mlflow={"tracking_uri": mlflow_server}), "cpu")
     assert store.models[NAME].info(True).control_types == ["canny", "hed"]
     condition = np.zeros((RES, RES, 3), np.uint8)
